@@ -1,0 +1,1 @@
+"""Relational storage: table definitions and engine setup (SQLite or PostgreSQL)."""

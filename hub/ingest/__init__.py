@@ -1,0 +1,1 @@
+"""Bulk import of FHIR content from files: Bundles, NDJSON, gzip, folders."""

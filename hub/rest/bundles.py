@@ -1,0 +1,76 @@
+"""Building response Bundles from stored JSON without parsing it again.
+
+Owns: searchset and history Bundle assembly, and paging links.
+Calls: orjson.  Called by: the interactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import urlencode
+
+import orjson
+
+from hub.store import StoredResource
+from hub.store.records import instant
+
+
+def page_link(base: str, path: str, params: Sequence[tuple[str, str]], offset: int, count: int) -> str:
+    kept = [(k, v) for k, v in params if k not in ("_offset", "_count")]
+    kept += [("_count", str(count)), ("_offset", str(offset))]
+    return f"{base}/{path}?{urlencode(kept)}"
+
+
+def paging_links(
+    base: str, path: str, params: Sequence[tuple[str, str]], offset: int, count: int, has_more: bool
+) -> list[dict[str, str]]:
+    links = [{"relation": "self", "url": page_link(base, path, params, offset, count)}]
+    if offset > 0:
+        links.append({"relation": "previous", "url": page_link(base, path, params, max(offset - count, 0), count)})
+    if has_more:
+        links.append({"relation": "next", "url": page_link(base, path, params, offset + count, count)})
+    return links
+
+
+def _head(bundle_type: str, total: int | None, links: list[dict[str, str]]) -> bytes:
+    head: dict[str, object] = {"resourceType": "Bundle", "type": bundle_type}
+    if total is not None:
+        head["total"] = total
+    head["link"] = links
+    return orjson.dumps(head)[:-1]
+
+
+def searchset(
+    base: str,
+    matches: Sequence[tuple[str, str, bytes]],
+    total: int | None,
+    links: list[dict[str, str]],
+    outcome: dict[str, object] | None = None,
+) -> bytes:
+    entries = [
+        b'{"fullUrl":' + orjson.dumps(f"{base}/{t}/{i}") + b',"resource":' + content + b',"search":{"mode":"match"}}'
+        for t, i, content in matches
+    ]
+    if outcome is not None:
+        entries.append(b'{"resource":' + orjson.dumps(outcome) + b',"search":{"mode":"outcome"}}')
+    return _head("searchset", total, links) + b',"entry":[' + b",".join(entries) + b"]}"
+
+
+def history(base: str, versions: Sequence[StoredResource], total: int, links: list[dict[str, str]]) -> bytes:
+    entries = []
+    for v in versions:
+        request = {
+            "method": "DELETE" if v.deleted else ("POST" if v.version == 1 else "PUT"),
+            "url": f"{v.res_type}" if v.version == 1 and not v.deleted else f"{v.res_type}/{v.res_id}",
+        }
+        response = {
+            "status": "204" if v.deleted else ("201" if v.version == 1 else "200"),
+            "etag": v.etag,
+            "lastModified": instant(v.last_updated),
+        }
+        entry = b'{"fullUrl":' + orjson.dumps(f"{base}/{v.res_type}/{v.res_id}")
+        if v.content is not None:
+            entry += b',"resource":' + v.content
+        entry += b',"request":' + orjson.dumps(request) + b',"response":' + orjson.dumps(response) + b"}"
+        entries.append(entry)
+    return _head("history", total, links) + b',"entry":[' + b",".join(entries) + b"]}"

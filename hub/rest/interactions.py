@@ -1,0 +1,205 @@
+"""One function per FHIR REST interaction: read, vread, create, update, delete, history, search.
+
+Owns: the HTTP-level semantics of each interaction (status codes, headers, Prefer,
+conditional variants). Each function is (context, connection, request) -> response.
+Calls: the store, the search engine, bundle builders.  Called by: the router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from hub.errors import Issue, bad_request, conflict, operation_outcome, precondition_failed
+from hub.rest import bundles
+from hub.rest.messages import FhirRequest, FhirResponse
+from hub.search import engine as search_engine
+from hub.search.dates import DateFormatError, date_range, from_micros
+from hub.search.registry import Registry
+from hub.store import Store, StoredResource
+
+
+@dataclass
+class Context:
+    store: Store
+    registry: Registry
+    base_url: str
+    default_count: int = 20
+    max_count: int = 1000
+
+
+def _resource_headers(ctx: Context, stored: StoredResource) -> dict[str, str]:
+    return {
+        "ETag": stored.etag,
+        "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
+        "Location": f"{ctx.base_url}/{stored.res_type}/{stored.res_id}/_history/{stored.version}",
+    }
+
+
+def respond_with(ctx: Context, request: FhirRequest, stored: StoredResource, status: int, message: str) -> FhirResponse:
+    headers = _resource_headers(ctx, stored)
+    preference = request.prefer("return")
+    if preference == "minimal":
+        return FhirResponse(status, None, headers)
+    if preference == "OperationOutcome":
+        return FhirResponse(status, orjson.dumps(operation_outcome([Issue("informational", message, "information")])), headers)
+    return FhirResponse(status, stored.content, headers)
+
+
+def _body_for(request: FhirRequest, res_type: str) -> dict[str, Any]:
+    body = request.json_body()
+    if body["resourceType"] != res_type:
+        raise bad_request(f"The body is a {body['resourceType']}, but the URL names {res_type}")
+    return body
+
+
+# --- reads -------------------------------------------------------------------------------
+
+
+def read(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str) -> FhirResponse:
+    stored = ctx.store.get(conn, res_type, res_id)
+    headers = _resource_headers(ctx, stored)
+    del headers["Location"]
+    if request.header("if-none-match") == stored.etag:
+        return FhirResponse(304, None, headers)
+    return FhirResponse(200, stored.content, headers)
+
+
+def vread(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str, vid: str) -> FhirResponse:
+    if not vid.isdigit():
+        raise bad_request(f"Version id must be a number, not {vid!r}")
+    stored = ctx.store.get_version(conn, res_type, res_id, int(vid))
+    headers = _resource_headers(ctx, stored)
+    del headers["Location"]
+    return FhirResponse(200, stored.content, headers)
+
+
+def _since(request: FhirRequest) -> datetime | None:
+    values = [v for k, v in request.query if k == "_since"]
+    if not values:
+        return None
+    try:
+        return from_micros(date_range(values[-1])[0])
+    except DateFormatError as exc:
+        raise bad_request(f"_since: {exc}") from None
+
+
+def _paging(ctx: Context, request: FhirRequest) -> tuple[int, int]:
+    count, offset = ctx.default_count, 0
+    for key, value in request.query:
+        if key in ("_count", "_offset"):
+            if not value.isdigit():
+                raise bad_request(f"{key} must be a non-negative integer")
+            if key == "_count":
+                count = min(int(value), ctx.max_count)
+            else:
+                offset = int(value)
+    return count, offset
+
+
+def history(
+    ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str | None, res_id: str | None
+) -> FhirResponse:
+    count, offset = _paging(ctx, request)
+    versions, total = ctx.store.history(
+        conn, res_type=res_type, res_id=res_id, since=_since(request), count=count, offset=offset
+    )
+    path = "/".join(p for p in (res_type, res_id, "_history") if p)
+    links = bundles.paging_links(ctx.base_url, path, request.query, offset, count, offset + len(versions) < total)
+    return FhirResponse(200, bundles.history(ctx.base_url, versions, total, links))
+
+
+def search(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str) -> FhirResponse:
+    lenient = request.prefer("handling") == "lenient"
+    query = search_engine.parse(
+        ctx.registry,
+        res_type,
+        request.query,
+        base_url=ctx.base_url,
+        lenient=lenient,
+        default_count=ctx.default_count,
+        max_count=ctx.max_count,
+    )
+    result = search_engine.execute(conn, query)
+    links = bundles.paging_links(ctx.base_url, res_type, query.used, query.offset, query.count, result.has_more)
+    outcome = operation_outcome(query.ignored) if query.ignored else None
+    return FhirResponse(200, bundles.searchset(ctx.base_url, result.matches, result.total, links, outcome))
+
+
+# --- writes ------------------------------------------------------------------------------
+
+
+def create(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str) -> FhirResponse:
+    body = _body_for(request, res_type)
+    condition = request.header("if-none-exist")
+    if condition:
+        existing = search_engine.find_ids(conn, ctx.registry, res_type, _query_pairs(condition), ctx.base_url)
+        if len(existing) > 1:
+            raise precondition_failed(f"If-None-Exist '{condition}' matches more than one {res_type}")
+        if existing:
+            stored = ctx.store.get(conn, res_type, existing[0])
+            return respond_with(ctx, request, stored, 200, f"{res_type}/{existing[0]} already exists; nothing created")
+    body.pop("id", None)
+    stored = ctx.store.create(conn, body, request.assigned_id)
+    return respond_with(ctx, request, stored, 201, f"Created {res_type}/{stored.res_id}")
+
+
+def update(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str) -> FhirResponse:
+    body = _body_for(request, res_type)
+    if body.get("id") != res_id:
+        raise bad_request(f"The body's id ({body.get('id')!r}) must equal the id in the URL ({res_id!r})")
+    stored, created = ctx.store.update(conn, res_type, res_id, body, if_match=request.if_match())
+    status = 201 if created else 200
+    return respond_with(ctx, request, stored, status, f"{'Created' if created else 'Updated'} {res_type}/{res_id}")
+
+
+def conditional_update(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str) -> FhirResponse:
+    body = _body_for(request, res_type)
+    matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, ctx.base_url)
+    if len(matches) > 1:
+        raise precondition_failed(f"The conditional update matches more than one {res_type}")
+    if matches:
+        if body.get("id") not in (None, matches[0]):
+            raise bad_request(f"The body's id {body['id']!r} differs from the match {matches[0]!r}")
+        body["id"] = matches[0]
+        return update(ctx, conn, request, res_type, matches[0])
+    if body.get("id"):
+        if _exists(ctx, conn, res_type, body["id"]):
+            # R4: no match, but the body's id exists -> 409 rather than overwrite it.
+            raise conflict(f"{res_type}/{body['id']} exists but does not match the update's criteria")
+        return update(ctx, conn, request, res_type, body["id"])
+    stored = ctx.store.create(conn, body, request.assigned_id)
+    return respond_with(ctx, request, stored, 201, f"Created {res_type}/{stored.res_id}")
+
+
+def _exists(ctx: Context, conn: sa.Connection, res_type: str, res_id: str) -> bool:
+    from hub.store.reader import current_row
+
+    row = current_row(conn, res_type, res_id)
+    return row is not None and not row.deleted
+
+
+def delete(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str) -> FhirResponse:
+    deleted = ctx.store.delete(conn, res_type, res_id)
+    headers = {"ETag": deleted.etag} if deleted else {}
+    return FhirResponse(204, None, headers)
+
+
+def conditional_delete(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str) -> FhirResponse:
+    matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, ctx.base_url)
+    if len(matches) > 1:
+        raise precondition_failed(f"The conditional delete matches more than one {res_type}")
+    if matches:
+        return delete(ctx, conn, request, res_type, matches[0])
+    return FhirResponse(204)
+
+
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    return parse_qsl(query.lstrip("?"), keep_blank_values=True)

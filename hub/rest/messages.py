@@ -1,0 +1,75 @@
+"""The request and response of one FHIR interaction.
+
+Owns: header parsing that every interaction shares (Prefer, If-Match, ETags).
+Calls: nothing.  Called by: the router, the interactions, the web adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from hub.errors import bad_request
+
+FHIR_JSON = "application/fhir+json"
+_ETAG_RE = re.compile(r'^(?:W/)?"?(\d+)"?$')
+
+
+@dataclass
+class FhirRequest:
+    method: str
+    path: str  # below the FHIR base, without leading slash: "Patient/123/_history"
+    query: list[tuple[str, str]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes | None = None
+    parsed_body: dict[str, Any] | None = None  # set when the caller already parsed the JSON
+    # Set by a transaction for a POST whose id it chose up front (so references could point to it).
+    assigned_id: str | None = None
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def json_body(self) -> dict[str, Any]:
+        if self.parsed_body is not None:
+            return self.parsed_body
+        if not self.body:
+            raise bad_request("The request has no body")
+        try:
+            document = orjson.loads(self.body)
+        except orjson.JSONDecodeError as exc:
+            raise bad_request(f"The body is not valid JSON: {exc}") from None
+        if not isinstance(document, dict) or not isinstance(document.get("resourceType"), str):
+            raise bad_request("The body must be a FHIR resource: a JSON object with resourceType")
+        self.parsed_body = document
+        return document
+
+    def prefer(self, key: str) -> str | None:
+        """A token of the Prefer header, e.g. prefer('return') -> 'minimal'."""
+        for part in (self.header("prefer") or "").split(";"):
+            for item in part.split(","):
+                name, _, value = item.strip().partition("=")
+                if name.strip().lower() == key:
+                    return value.strip().strip('"')
+        return None
+
+    def if_match(self) -> int | None:
+        return parse_etag(self.header("if-match"))
+
+
+def parse_etag(value: str | None) -> int | None:
+    if value is None:
+        return None
+    match = _ETAG_RE.match(value.strip())
+    if not match:
+        raise bad_request(f"Malformed ETag {value!r}; expected W/\"<version>\"")
+    return int(match.group(1))
+
+
+@dataclass
+class FhirResponse:
+    status: int
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,98 @@
+"""Routing a FHIR request to its interaction, inside a database transaction.
+
+Owns: the URL grammar below the FHIR base and which interaction answers which method.
+Calls: interactions, transaction processing, the capability statement.
+Called by: the web adapter (``hub.api``) and Bundle processing (per entry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+import sqlalchemy as sa
+
+from hub.errors import FhirError, not_allowed, not_found
+from hub.rest import interactions as ix
+from hub.rest.capability import capability_statement
+from hub.rest.messages import FhirRequest, FhirResponse
+from hub.validation import is_resource_type
+
+Handler = Callable[[sa.Connection], FhirResponse]
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+class FhirRouter:
+    def __init__(self, ctx: ix.Context) -> None:
+        self.ctx = ctx
+        self._capability: bytes | None = None
+
+    def handle(self, request: FhirRequest) -> FhirResponse:
+        """Answer one request in its own database transaction; errors become OperationOutcome."""
+        try:
+            if request.path.strip("/") == "metadata":
+                return FhirResponse(200, self.capability())
+            if request.path.strip("/") == "" and request.method == "POST":
+                from hub.rest.transaction import process_bundle
+
+                return process_bundle(self, request)
+            handler = self.route(request)
+            session = self.ctx.store.read() if request.method in _READ_METHODS else self.ctx.store.write()
+            with session as conn:
+                return handler(conn)
+        except FhirError as error:
+            return error_response(error)
+
+    def handle_in(self, conn: sa.Connection, request: FhirRequest) -> FhirResponse:
+        """Answer a request inside the caller's transaction (Bundle entries). Errors propagate."""
+        return self.route(request)(conn)
+
+    def capability(self) -> bytes:
+        if self._capability is None:
+            self._capability = orjson.dumps(capability_statement(self.ctx.registry, self.ctx.base_url))
+        return self._capability
+
+    def route(self, request: FhirRequest) -> Handler:
+        ctx, method = self.ctx, request.method
+        parts = [p for p in request.path.strip("/").split("/") if p]
+        if not parts:
+            raise not_allowed(f"{method} is not supported at the server base")
+        if parts == ["_history"] and method == "GET":
+            return lambda conn: ix.history(ctx, conn, request, None, None)
+        res_type = parts[0]
+        if not is_resource_type(res_type):
+            raise not_found(f"Unknown resource type '{res_type}'")
+        rest = parts[1:]
+        if not rest:
+            handlers: dict[str, Handler] = {
+                "GET": lambda conn: ix.search(ctx, conn, request, res_type),
+                "POST": lambda conn: ix.create(ctx, conn, request, res_type),
+                "PUT": lambda conn: ix.conditional_update(ctx, conn, request, res_type),
+                "DELETE": lambda conn: ix.conditional_delete(ctx, conn, request, res_type),
+            }
+        elif rest == ["_search"]:
+            handlers = {"POST": lambda conn: ix.search(ctx, conn, request, res_type)}
+        elif rest == ["_history"]:
+            handlers = {"GET": lambda conn: ix.history(ctx, conn, request, res_type, None)}
+        elif len(rest) == 1:
+            res_id = rest[0]
+            handlers = {
+                "GET": lambda conn: ix.read(ctx, conn, request, res_type, res_id),
+                "PUT": lambda conn: ix.update(ctx, conn, request, res_type, res_id),
+                "DELETE": lambda conn: ix.delete(ctx, conn, request, res_type, res_id),
+            }
+        elif len(rest) == 2 and rest[1] == "_history":
+            handlers = {"GET": lambda conn: ix.history(ctx, conn, request, res_type, rest[0])}
+        elif len(rest) == 3 and rest[1] == "_history":
+            handlers = {"GET": lambda conn: ix.vread(ctx, conn, request, res_type, rest[0], rest[2])}
+        else:
+            raise not_found(f"No FHIR interaction at '{request.path}'")
+        if method == "HEAD" and "GET" in handlers:
+            return handlers["GET"]
+        if method not in handlers:
+            raise not_allowed(f"{method} is not allowed on '{request.path}'")
+        return handlers[method]
+
+
+def error_response(error: FhirError) -> FhirResponse:
+    return FhirResponse(error.status, error.outcome_bytes())

@@ -1,0 +1,277 @@
+"""Bundle transactions (all or nothing) and batches (each entry on its own).
+
+Owns: the processing rules of R4 3.1.0.11: entry order (DELETE, POST, PUT/PATCH, GET),
+fullUrl and ``urn:uuid`` resolution, conditional references (``Patient?identifier=...``),
+duplicate detection, and the response Bundle.
+Calls: the router (per entry), the search engine, the store's id lookups.
+Called by: the router for ``POST [base]`` with a Bundle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+import sqlalchemy as sa
+
+from hub.db.schema import fullurl_alias
+from hub.errors import FhirError, Issue, bad_request, precondition_failed
+from hub.rest.interactions import respond_with
+from hub.rest.messages import FhirRequest, FhirResponse
+from hub.search import engine as search_engine
+from hub.store import reader
+from hub.store.references import URN_UUID, rewrite, uuid_of
+from hub.store.store import new_id
+
+if TYPE_CHECKING:
+    from hub.rest.router import FhirRouter
+
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+
+
+@dataclass
+class Entry:
+    index: int
+    method: str
+    url: str
+    full_url: str | None
+    resource: dict[str, Any] | None
+    request: dict[str, Any]
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.url).path.strip("/")
+
+    @property
+    def query(self) -> list[tuple[str, str]]:
+        return parse_qsl(urlsplit(self.url).query, keep_blank_values=True)
+
+
+def process_bundle(router: FhirRouter, request: FhirRequest) -> FhirResponse:
+    bundle = request.json_body()
+    if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
+        raise bad_request("POST to the base takes a Bundle of type transaction or batch")
+    entries = _entries(bundle)
+    if bundle["type"] == "batch":
+        return _batch(router, request, entries)
+    return _transaction(router, request, entries)
+
+
+def _entries(bundle: dict[str, Any]) -> list[Entry]:
+    entries = []
+    for i, raw in enumerate(bundle.get("entry") or []):
+        req = raw.get("request") or {}
+        method, url = req.get("method"), req.get("url")
+        if method not in _ORDER or not url:
+            raise bad_request(f"Bundle.entry[{i}].request needs a method and a url", (f"Bundle.entry[{i}].request",))
+        resource = raw.get("resource")
+        if method in ("POST", "PUT") and not isinstance(resource, dict):
+            raise bad_request(f"Bundle.entry[{i}] ({method}) has no resource", (f"Bundle.entry[{i}].resource",))
+        entries.append(Entry(i, method, url, raw.get("fullUrl"), resource, req))
+    return entries
+
+
+def _entry_request(entry: Entry, base_headers: dict[str, str]) -> FhirRequest:
+    headers = {k: v for k, v in base_headers.items() if k == "prefer"}
+    for field, header in (("ifNoneExist", "if-none-exist"), ("ifMatch", "if-match"), ("ifNoneMatch", "if-none-match")):
+        if entry.request.get(field):
+            headers[header] = entry.request[field]
+    return FhirRequest(entry.method, entry.path, entry.query, headers, parsed_body=entry.resource)
+
+
+def _response_entry(router: FhirRouter, response: FhirResponse, include_resource: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": str(response.status)}
+    if "Location" in response.headers:
+        out["location"] = response.headers["Location"]
+    if "ETag" in response.headers:
+        out["etag"] = response.headers["ETag"]
+    if "Last-Modified" in response.headers:
+        out["lastModified"] = response.headers["Last-Modified"]
+    entry: dict[str, Any] = {}
+    if response.body and (include_resource or response.status >= 400):
+        body = orjson.loads(response.body)
+        if response.status >= 400:
+            out["outcome"] = body
+        else:
+            entry["resource"] = body
+    entry["response"] = out
+    return entry
+
+
+def _bundle_response(kind: str, entries: list[dict[str, Any]]) -> FhirResponse:
+    return FhirResponse(200, orjson.dumps({"resourceType": "Bundle", "type": kind, "entry": entries}))
+
+
+# --- batch -------------------------------------------------------------------------------
+
+
+def _batch(router: FhirRouter, request: FhirRequest, entries: list[Entry]) -> FhirResponse:
+    include = request.prefer("return") != "minimal"
+    results: list[dict[str, Any]] = []
+    for entry in entries:
+        entry_request = _entry_request(entry, request.headers)
+        response = router.handle(entry_request)  # its own database transaction
+        results.append(_response_entry(router, response, include))
+    return _bundle_response("batch-response", results)
+
+
+# --- transaction -------------------------------------------------------------------------
+
+
+def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry]) -> FhirResponse:
+    _reject_duplicates(entries)
+    include = request.prefer("return") == "representation"
+    ordered = sorted(entries, key=lambda e: (_ORDER[e.method], e.index))
+    responses: dict[int, FhirResponse] = {}
+    current: Entry | None = None
+    try:
+        with router.ctx.store.write() as conn:
+            for current in (e for e in ordered if e.method == "DELETE"):
+                responses[current.index] = router.handle_in(conn, _entry_request(current, request.headers))
+            current = None
+            targets, new_aliases = _plan_targets(router, conn, entries)
+            for entry in entries:
+                current = entry
+                if entry.resource is not None:
+                    rewrite(entry.resource, _Resolver(router, conn, targets))
+            bulk = [e for e in ordered if e.method == "POST" and e.index in targets.assigned]
+            try:
+                responses.update(_create_all(router, conn, request, bulk, targets))
+            except FhirError as error:
+                current = bulk[error.item_index] if error.item_index is not None else None
+                raise
+            for current in (e for e in ordered if e.method != "DELETE" and e.index not in responses):
+                responses[current.index] = router.handle_in(conn, _entry_request(current, request.headers))
+                if responses[current.index].status >= 400 and current.method in ("GET", "HEAD"):
+                    raise FhirError(responses[current.index].status, [Issue("processing", "GET entry failed")])
+            current = None
+            if new_aliases:
+                # The newest resource created under a fullUrl is what later bundles mean by it.
+                urls = [a["full_url"] for a in new_aliases]
+                conn.execute(fullurl_alias.delete().where(fullurl_alias.c.full_url.in_(urls)))
+                conn.execute(fullurl_alias.insert(), list({a["full_url"]: a for a in new_aliases}.values()))
+    except FhirError as error:
+        where = f"Bundle.entry[{current.index}]" if current is not None else "Bundle"
+        issues = [Issue(i.code, f"{where}: {i.diagnostics}", i.severity, i.expression or (where,)) for i in error.issues]
+        raise FhirError(error.status, issues) from None
+    return _bundle_response(
+        "transaction-response", [_response_entry(router, responses[e.index], include) for e in entries]
+    )
+
+
+def _create_all(
+    router: FhirRouter, conn: sa.Connection, request: FhirRequest, posts: list[Entry], targets: _Targets
+) -> dict[int, FhirResponse]:
+    """The POST entries whose ids were planned, written with one bulk insert."""
+    if not posts:
+        return {}
+    bodies = []
+    for entry in posts:
+        assert entry.resource is not None
+        res_type = entry.path.split("/")[0]
+        if entry.resource.get("resourceType") != res_type or "/" in entry.path:
+            raise bad_request(f"Bundle.entry[{entry.index}]: POST {entry.url} with a {entry.resource.get('resourceType')}")
+        bodies.append((entry.resource, targets.assigned[entry.index]))
+    stored = router.ctx.store.create_many(conn, bodies)
+    entry_requests = [_entry_request(e, request.headers) for e in posts]
+    return {
+        e.index: respond_with(router.ctx, r, s, 201, f"Created {s.res_type}/{s.res_id}")
+        for e, r, s in zip(posts, entry_requests, stored, strict=True)
+    }
+
+
+def _reject_duplicates(entries: list[Entry]) -> None:
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.method in ("PUT", "DELETE", "PATCH") and "?" not in entry.url:
+            key = entry.path
+            if key in seen:
+                raise bad_request(f"Bundle.entry[{entry.index}]: {key} appears twice in one transaction")
+            seen.add(key)
+
+
+@dataclass
+class _Targets:
+    by_full_url: dict[str, str]  # fullUrl -> "Type/id"
+    assigned: dict[int, str]  # POST entry index -> the id it will get
+
+
+def _plan_targets(router: FhirRouter, conn: sa.Connection, entries: list[Entry]) -> tuple[_Targets, list[dict[str, str]]]:
+    """Decide every entry's target id before any reference is rewritten."""
+    ctx = router.ctx
+    targets = _Targets({}, {})
+    aliases: list[dict[str, str]] = []
+    wanted = {uuid_of(e.full_url): e for e in entries if e.method == "POST" and uuid_of(e.full_url)}
+    taken = reader.resolve_bare_ids(conn, [u for u in wanted if u]) if wanted else {}
+    for entry in entries:
+        res_type = entry.path.split("/")[0]
+        if entry.method == "POST":
+            condition = entry.request.get("ifNoneExist")
+            if condition:
+                found = search_engine.find_ids(conn, ctx.registry, res_type, parse_qsl(condition), ctx.base_url)
+                if len(found) > 1:
+                    raise precondition_failed(f"Bundle.entry[{entry.index}]: ifNoneExist matches several {res_type}")
+                if found:
+                    if entry.full_url:
+                        targets.by_full_url[entry.full_url] = f"{res_type}/{found[0]}"
+                    continue
+            preferred = uuid_of(entry.full_url)
+            chosen = preferred if preferred and preferred not in taken else new_id()
+            targets.assigned[entry.index] = chosen
+            if entry.full_url:
+                targets.by_full_url[entry.full_url] = f"{res_type}/{chosen}"
+                if entry.full_url.startswith(URN_UUID) and chosen != preferred:
+                    aliases.append({"full_url": entry.full_url, "res_type": res_type, "res_id": chosen})
+        elif entry.method == "PUT":
+            if "?" in entry.url:
+                found = search_engine.find_ids(conn, ctx.registry, res_type, entry.query, ctx.base_url)
+                if len(found) > 1:
+                    raise precondition_failed(f"Bundle.entry[{entry.index}]: conditional update matches several")
+                res_id = found[0] if found else (entry.resource or {}).get("id") or new_id()
+                if entry.resource is not None:
+                    entry.resource["id"] = res_id
+                entry.url = f"{res_type}/{res_id}"
+            if entry.full_url:
+                targets.by_full_url[entry.full_url] = entry.path
+    return targets, aliases
+
+
+class _Resolver:
+    """Maps one reference string to its final ``Type/id`` within a transaction."""
+
+    def __init__(self, router: FhirRouter, conn: sa.Connection, targets: _Targets) -> None:
+        self.router, self.conn, self.targets = router, conn, targets
+
+    def __call__(self, reference: str) -> str | None:
+        mapped = self.targets.by_full_url.get(reference)
+        if mapped is not None:
+            return mapped
+        if reference.startswith(URN_UUID):
+            return self._earlier_transaction(reference)
+        if "?" in reference and "/" not in reference.split("?", 1)[0]:
+            return self._conditional(reference)
+        return None
+
+    def _earlier_transaction(self, reference: str) -> str:
+        alias = self.conn.execute(
+            sa.select(fullurl_alias.c.res_type, fullurl_alias.c.res_id).where(fullurl_alias.c.full_url == reference)
+        ).first()
+        if alias is not None:
+            return f"{alias.res_type}/{alias.res_id}"
+        bare = uuid_of(reference)
+        types = reader.resolve_bare_ids(self.conn, [bare]).get(bare or "", []) if bare else []
+        if len(types) == 1:
+            return f"{types[0]}/{bare}"
+        raise bad_request(f"Reference '{reference}' matches no entry of this Bundle and no stored resource")
+
+    def _conditional(self, reference: str) -> str:
+        res_type, _, query = reference.partition("?")
+        ctx = self.router.ctx
+        found = search_engine.find_ids(self.conn, ctx.registry, res_type, parse_qsl(query), ctx.base_url)
+        if len(found) != 1:
+            raise precondition_failed(
+                f"Conditional reference '{reference}' matches {'no' if not found else 'more than one'} resource"
+            )
+        return f"{res_type}/{found[0]}"

@@ -1,0 +1,228 @@
+"""One predicate builder per search-parameter type.
+
+Owns: turning one parsed parameter value (with prefix or modifier) into a SQL condition on
+``resource.pid``. Each builder returns a condition over an ``idx_*`` table that is one index
+range scan thanks to the leading hash column.
+Calls: SQLAlchemy, hashing, normalize, dates.  Called by: ``hub.search.engine``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+
+import sqlalchemy as sa
+
+from hub.db.schema import (
+    idx_date,
+    idx_number,
+    idx_quantity,
+    idx_reference,
+    idx_string,
+    idx_token,
+    idx_uri,
+    resource,
+)
+from hub.errors import bad_request
+from hub.search.dates import DateFormatError, date_range, from_micros
+from hub.search.hashing import hash64
+from hub.search.normalize import fold
+from hub.search.registry import SearchParam
+
+Condition = sa.ColumnElement[bool]
+PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+_PREFIX_RE = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)(?=[-+0-9.])")
+
+
+def split_prefix(value: str) -> tuple[str, str]:
+    match = _PREFIX_RE.match(value)
+    return (match.group(1), value[2:]) if match else ("eq", value)
+
+
+def _pids_in(table: sa.Table, *conditions: Condition) -> Condition:
+    return resource.c.pid.in_(sa.select(table.c.pid).where(*conditions))
+
+
+def _range_condition(prefix: str, low: sa.ColumnElement, high: sa.ColumnElement, q_low: float, q_high: float) -> Condition:
+    """Spec R4 3.1.1.4.x: compare the target range [low, high] with the search range."""
+    if prefix == "eq":
+        return sa.and_(low >= q_low, high <= q_high)
+    if prefix == "ne":
+        return sa.or_(low < q_low, high > q_high)
+    if prefix == "gt":
+        return high > q_high
+    if prefix == "lt":
+        return low < q_low
+    if prefix == "ge":
+        return high >= q_low
+    if prefix == "le":
+        return low <= q_high
+    if prefix == "sa":
+        return low > q_high
+    if prefix == "eb":
+        return high < q_low
+    # ap: overlap with the search range widened by 10 % either side.
+    margin = max((q_high - q_low) * 0.1, abs(q_low) * 0.1 if isinstance(q_low, float) else 0)
+    return sa.and_(low <= q_high + margin, high >= q_low - margin)
+
+
+def token(param: SearchParam, value: str, modifier: str | None) -> Condition:
+    rtype, code = param.resource_type, param.code
+    if modifier == "text":
+        return _pids_in(
+            idx_token,
+            idx_token.c.hash_identity == param.hash_identity,
+            sa.func.lower(idx_token.c.display).like(f"%{value.lower()}%"),
+        )
+    if "|" in value:
+        system, code_value = value.split("|", 1)
+        if system and code_value:
+            condition = idx_token.c.hash_sys_value == hash64(rtype, code, system, code_value)
+        elif system:
+            condition = sa.and_(idx_token.c.hash_identity == param.hash_identity, idx_token.c.system == system)
+        else:
+            condition = sa.and_(idx_token.c.hash_value == hash64(rtype, code, code_value), idx_token.c.system.is_(None))
+    else:
+        condition = idx_token.c.hash_value == hash64(rtype, code, value)
+    matched = _pids_in(idx_token, condition)
+    return ~matched if modifier == "not" else matched
+
+
+def reference(param: SearchParam, value: str, modifier: str | None, base_url: str) -> Condition:
+    if value.startswith(base_url.rstrip("/") + "/"):
+        value = value[len(base_url.rstrip("/")) + 1 :]
+    target_type: str | None = modifier if modifier and modifier[0].isupper() else None
+    if "://" in value or value.startswith("urn:"):
+        return _pids_in(idx_reference, idx_reference.c.hash_target == hash64(param.resource_type, param.code, value))
+    parts = value.split("/")
+    if len(parts) >= 2:
+        target_type, target_id = parts[-2], parts[-1]
+        if len(parts) >= 4 and parts[-2] == "_history":
+            target_type, target_id = parts[-4], parts[-3]
+    else:
+        target_id = value
+    conditions: list[Condition] = [idx_reference.c.hash_target == hash64(param.resource_type, param.code, target_id)]
+    if target_type:
+        conditions.append(idx_reference.c.target_type == target_type)
+    return _pids_in(idx_reference, *conditions)
+
+
+def string(param: SearchParam, value: str, modifier: str | None) -> Condition:
+    if modifier == "exact":
+        return _pids_in(
+            idx_string,
+            idx_string.c.hash_exact == hash64(param.resource_type, param.code, value),
+            idx_string.c.value_exact == value,
+        )
+    folded = fold(value)
+    escaped = folded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    pattern = f"%{escaped}%" if modifier == "contains" else f"{escaped}%"
+    return _pids_in(
+        idx_string,
+        idx_string.c.hash_identity == param.hash_identity,
+        idx_string.c.value_norm.like(pattern, escape="\\"),
+    )
+
+
+def date(param: SearchParam, value: str, modifier: str | None) -> Condition:
+    prefix, text = split_prefix(value)
+    q_low, q_high = _date_or_400(param.code, text)
+    return _pids_in(
+        idx_date,
+        idx_date.c.hash_identity == param.hash_identity,
+        _range_condition(prefix, idx_date.c.low, idx_date.c.high, q_low, q_high),
+    )
+
+
+def last_updated(value: str) -> Condition:
+    prefix, text = split_prefix(value)
+    q_low, q_high = _date_or_400("_lastUpdated", text)
+    column = resource.c.last_updated
+    low, high = from_micros(q_low), from_micros(q_high)
+    return _range_condition(prefix, column, column, low, high)  # type: ignore[arg-type]
+
+
+def _date_or_400(code: str, text: str) -> tuple[int, int]:
+    try:
+        return date_range(text)
+    except DateFormatError as exc:
+        raise bad_request(f"Parameter '{code}': {exc}") from None
+
+
+def _number_range(code: str, text: str) -> tuple[float, float]:
+    """The implicit range of a number by its precision: 100 means [99.5, 100.5]."""
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        raise bad_request(f"Parameter '{code}': not a number: {text!r}") from None
+    exponent = number.as_tuple().exponent
+    half = Decimal(5).scaleb(exponent - 1) if isinstance(exponent, int) else Decimal(0)
+    return float(number - half), float(number + half)
+
+
+def number(param: SearchParam, value: str, modifier: str | None) -> Condition:
+    prefix, text = split_prefix(value)
+    q_low, q_high = _number_range(param.code, text)
+    if prefix in ("gt", "lt", "ge", "le", "sa", "eb"):
+        q_low = q_high = float(Decimal(text))
+    return _pids_in(
+        idx_number,
+        idx_number.c.hash_identity == param.hash_identity,
+        _range_condition(prefix, idx_number.c.low, idx_number.c.high, q_low, q_high),
+    )
+
+
+def quantity(param: SearchParam, value: str, modifier: str | None) -> Condition:
+    prefix, text = split_prefix(value)
+    number_text, _, rest = text.partition("|")
+    system, _, unit = rest.partition("|")
+    q_low, q_high = _number_range(param.code, number_text)
+    if prefix in ("gt", "lt", "ge", "le", "sa", "eb"):
+        q_low = q_high = float(Decimal(number_text))
+    conditions: list[Condition] = [
+        _range_condition(prefix, idx_quantity.c.low, idx_quantity.c.high, q_low, q_high)
+    ]
+    if system and unit:
+        conditions.append(idx_quantity.c.hash_sys_code == hash64(param.resource_type, param.code, system, unit))
+    else:
+        conditions.append(idx_quantity.c.hash_identity == param.hash_identity)
+        if unit:
+            conditions.append(idx_quantity.c.code == unit)
+    return _pids_in(idx_quantity, *conditions)
+
+
+def uri(param: SearchParam, value: str, modifier: str | None) -> Condition:
+    if modifier == "below":
+        return _pids_in(idx_uri, idx_uri.c.hash_identity == param.hash_identity, idx_uri.c.uri.startswith(value))
+    return _pids_in(idx_uri, idx_uri.c.hash_uri == hash64(param.resource_type, param.code, value))
+
+
+def missing(param: SearchParam, value: str) -> Condition:
+    from hub.db.schema import INDEX_TABLES
+
+    table = INDEX_TABLES[param.type]
+    present = _pids_in(table, table.c.hash_identity == param.hash_identity)
+    if value not in ("true", "false"):
+        raise bad_request(f"Parameter '{param.code}:missing' takes true or false")
+    return ~present if value == "true" else present
+
+
+Builder = Callable[[SearchParam, str, str | None], Condition]
+BUILDERS: dict[str, Builder] = {
+    "token": token,
+    "string": string,
+    "date": date,
+    "number": number,
+    "quantity": quantity,
+    "uri": uri,
+}
+MODIFIERS: dict[str, frozenset[str]] = {
+    "token": frozenset({"not", "text", "missing"}),
+    "string": frozenset({"exact", "contains", "missing"}),
+    "date": frozenset({"missing"}),
+    "number": frozenset({"missing"}),
+    "quantity": frozenset({"missing"}),
+    "uri": frozenset({"below", "missing"}),
+    "reference": frozenset({"missing"}),
+}

@@ -1,0 +1,97 @@
+"""Reading current versions, earlier versions and history.
+
+Owns: the read-side SQL over ``resource`` and ``resource_history``.
+Calls: SQLAlchemy.  Called by: the store.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from hub.db.schema import resource, resource_history
+from hub.store.records import StoredResource, as_utc
+
+_COLUMNS = ("res_type", "res_id", "version", "last_updated", "deleted", "content")
+
+
+def _content_bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def to_stored(row: sa.Row[Any]) -> StoredResource:
+    return StoredResource(
+        res_type=row.res_type,
+        res_id=row.res_id,
+        version=row.version,
+        last_updated=as_utc(row.last_updated),
+        deleted=bool(row.deleted),
+        content=_content_bytes(row.content),
+    )
+
+
+def current_row(conn: sa.Connection, res_type: str, res_id: str, *, for_update: bool = False) -> sa.Row[Any] | None:
+    query = sa.select(resource.c.pid, *(resource.c[c] for c in _COLUMNS)).where(
+        resource.c.res_id == res_id, resource.c.res_type == res_type
+    )
+    if for_update and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return conn.execute(query).first()
+
+
+def version_row(conn: sa.Connection, res_type: str, res_id: str, version: int) -> sa.Row[Any] | None:
+    row = current_row(conn, res_type, res_id)
+    if row is None:
+        return None
+    if row.version == version:
+        return row
+    query = sa.select(*(resource_history.c[c] for c in _COLUMNS)).where(
+        resource_history.c.pid == row.pid, resource_history.c.version == version
+    )
+    return conn.execute(query).first()
+
+
+def history(
+    conn: sa.Connection,
+    *,
+    res_type: str | None,
+    res_id: str | None,
+    since: datetime | None,
+    count: int,
+    offset: int,
+) -> tuple[list[StoredResource], int]:
+    """Versions newest first, and how many there are in all."""
+
+    def select_from(table: sa.Table) -> sa.Select[Any]:
+        query = sa.select(*(table.c[c] for c in _COLUMNS))
+        if res_type is not None:
+            query = query.where(table.c.res_type == res_type)
+        if res_id is not None:
+            query = query.where(table.c.res_id == res_id)
+        if since is not None:
+            query = query.where(table.c.last_updated >= since)
+        return query
+
+    union = sa.union_all(select_from(resource), select_from(resource_history)).subquery()
+    total = conn.execute(sa.select(sa.func.count()).select_from(union)).scalar_one()
+    rows = conn.execute(
+        sa.select(union).order_by(union.c.last_updated.desc(), union.c.version.desc()).limit(count).offset(offset)
+    ).all()
+    return [to_stored(r) for r in rows], total
+
+
+def resolve_bare_ids(conn: sa.Connection, ids: list[str]) -> dict[str, list[str]]:
+    """Resource types holding each of the given ids (used to resolve urn:uuid references)."""
+    found: dict[str, list[str]] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows = conn.execute(
+            sa.select(resource.c.res_id, resource.c.res_type).where(resource.c.res_id.in_(chunk))
+        ).all()
+        for res_id, res_type in rows:
+            found.setdefault(res_id, []).append(res_type)
+    return found

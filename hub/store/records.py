@@ -1,0 +1,92 @@
+"""The records the store reads and writes, and the one place a resource's JSON is finalized.
+
+Owns: setting ``id`` and ``meta.versionId``/``meta.lastUpdated`` and serializing once.
+Calls: orjson, validation, index extraction.  Called by: the store and bulk ingest workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from hub.search.index import IndexRows, extract_index_rows
+from hub.search.registry import Registry
+from hub.validation import validate_resource
+
+
+def now() -> datetime:
+    """Current time truncated to milliseconds, the precision of meta.lastUpdated."""
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def instant(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; PostgreSQL, the session's zone. Both become UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class StoredResource:
+    res_type: str
+    res_id: str
+    version: int
+    last_updated: datetime
+    deleted: bool
+    content: bytes | None  # exactly the stored JSON; None for a deletion
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    def parsed(self) -> dict[str, Any]:
+        return orjson.loads(self.content) if self.content else {}
+
+
+@dataclass(frozen=True)
+class NewResource:
+    """A validated, indexed resource version ready to be written."""
+
+    res_type: str
+    res_id: str
+    version: int
+    last_updated: datetime
+    content: bytes
+    index_rows: IndexRows
+
+
+def finalize(
+    registry: Registry,
+    resource: dict[str, Any],
+    res_id: str,
+    version: int,
+    last_updated: datetime,
+) -> NewResource:
+    """Stamp id and meta, serialize once, validate those bytes, extract index rows."""
+    res_type = resource["resourceType"]
+    resource["id"] = res_id
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        meta = {}
+    resource["meta"] = {**meta, "versionId": str(version), "lastUpdated": instant(last_updated)}
+    content = orjson.dumps(resource)
+    validate_resource(content, res_type)
+    return NewResource(res_type, res_id, version, last_updated, content, extract_index_rows(registry, res_type, resource))
+
+
+def same_content(stored: bytes, candidate: dict[str, Any]) -> bool:
+    """True when two versions differ at most in meta.versionId/lastUpdated."""
+
+    def strip(resource: dict[str, Any]) -> dict[str, Any]:
+        meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+        return {**resource, "meta": meta}
+
+    return strip(orjson.loads(stored)) == strip(candidate)

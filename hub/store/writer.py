@@ -1,0 +1,119 @@
+"""Writing resource rows and their index rows.
+
+Owns: pid allocation, bulk insertion (COPY on PostgreSQL, executemany on SQLite), moving
+the current version into history, and replacing index rows.
+Calls: SQLAlchemy, psycopg (COPY).  Called by: the store and bulk ingest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from hub.db.schema import INDEX_TABLES, resource, resource_history
+from hub.store.records import NewResource
+
+_COPY_THRESHOLD = 64  # below this many rows, plain INSERTs beat setting up a COPY
+
+
+def _is_postgres(conn: sa.Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def allocate_pids(conn: sa.Connection, count: int) -> list[int]:
+    if count == 0:
+        return []
+    if _is_postgres(conn):
+        rows = conn.exec_driver_sql(
+            "SELECT nextval('resource_pid_seq') FROM generate_series(1, %(n)s)", {"n": count}
+        ).all()
+        return [r[0] for r in rows]
+    # SQLite: the caller holds the write lock (BEGIN IMMEDIATE), and rows are never removed
+    # from `resource`, so max(pid) only grows.
+    top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(resource.c.pid), 0))).scalar_one()
+    return list(range(top + 1, top + 1 + count))
+
+
+def _bulk_rows(conn: sa.Connection, table: sa.Table, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    if _is_postgres(conn) and len(rows) >= _COPY_THRESHOLD:
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        with raw.cursor() as cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    marker = "%s" if _is_postgres(conn) else "?"
+    sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join([marker] * len(columns))})"
+    conn.exec_driver_sql(sql, rows)
+
+
+_RESOURCE_COLUMNS = ("pid", "res_type", "res_id", "version", "last_updated", "deleted", "content")
+
+
+def insert_index_rows(conn: sa.Connection, pids: Sequence[int], items: Sequence[NewResource]) -> None:
+    by_table: dict[str, list[tuple[Any, ...]]] = {}
+    for pid, item in zip(pids, items, strict=True):
+        for kind, rows in item.index_rows.items():
+            by_table.setdefault(kind, []).extend((pid, *row) for row in rows)
+    for kind, rows in by_table.items():
+        table = INDEX_TABLES[kind]
+        _bulk_rows(conn, table, [c.name for c in table.columns], rows)
+
+
+def insert_new(conn: sa.Connection, items: Sequence[NewResource]) -> list[int]:
+    """Insert resources that do not exist yet (any version number), with their indexes."""
+    pids = allocate_pids(conn, len(items))
+    rows = [
+        (pid, it.res_type, it.res_id, it.version, it.last_updated, False, it.content.decode())
+        for pid, it in zip(pids, items, strict=True)
+    ]
+    _bulk_rows(conn, resource, _RESOURCE_COLUMNS, rows)
+    insert_index_rows(conn, pids, items)
+    return pids
+
+
+def archive_current(conn: sa.Connection, pid: int) -> None:
+    """Copy the current version of a resource into history before it is replaced."""
+    columns = [resource.c[name] for name in ("pid", "version", "res_type", "res_id", "last_updated", "deleted", "content")]
+    conn.execute(
+        resource_history.insert().from_select(
+            ["pid", "version", "res_type", "res_id", "last_updated", "deleted", "content"],
+            sa.select(*columns).where(resource.c.pid == pid),
+        )
+    )
+
+
+def delete_index_rows(conn: sa.Connection, pid: int) -> None:
+    for table in INDEX_TABLES.values():
+        conn.execute(table.delete().where(table.c.pid == pid))
+
+
+def replace_current(
+    conn: sa.Connection,
+    pid: int,
+    expected_version: int,
+    version: int,
+    last_updated: datetime,
+    content: bytes | None,
+) -> bool:
+    """Make a new current version (content None = deleted). False if someone else won the race."""
+    archive_current(conn, pid)
+    result = conn.execute(
+        resource.update()
+        .where(resource.c.pid == pid, resource.c.version == expected_version)
+        .values(
+            version=version,
+            last_updated=last_updated,
+            deleted=content is None,
+            content=content.decode() if content is not None else None,
+        )
+    )
+    if result.rowcount != 1:
+        return False
+    delete_index_rows(conn, pid)
+    return True
