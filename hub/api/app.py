@@ -44,8 +44,8 @@ async def _fhir_request(request: Request, path: str) -> FhirRequest | Response:
         body = b""
     elif body and content_type and content_type not in _JSON_TYPES:
         return _outcome_response(415, "not-supported", f"Content-Type {content_type} is not supported; send JSON")
-    accept = request.headers.get("accept", "")
-    if accept and "json" not in accept and "*/*" not in accept and "fhir" not in accept:
+    accepted = [part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")]
+    if any(accepted) and not any(a in _JSON_TYPES or a in ("*/*", "application/*") for a in accepted):
         return _outcome_response(406, "not-supported", "This server answers in application/fhir+json only")
     formats = [v for k, v in query if k == "_format"]
     if formats and not any("json" in f for f in formats):
@@ -57,7 +57,7 @@ async def _fhir_request(request: Request, path: str) -> FhirRequest | Response:
 def create_app(settings: Settings | None = None, engine: sa.Engine | None = None) -> FastAPI:
     router = build_router(settings, engine)
     engine = router.ctx.store.engine
-    app = FastAPI(title="Vietnam e-health integration hub", version=__version__)
+    app = FastAPI(title="Vietnam e-health integration hub", version=__version__, redirect_slashes=False)
     app.state.router = router
     app.state.engine = engine
 
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
 
     route("/metadata", ["GET"], "capabilities")
     route("", ["POST"], "transaction_or_batch")
+    route("/", ["POST"], "transaction_or_batch_slash")
     route("/_history", ["GET"], "history_system")
     route("/{resource_type}", ["GET", "POST", "PUT", "DELETE"], "type_level")
     route("/{resource_type}/_search", ["POST"], "search_post")
