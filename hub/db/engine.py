@@ -1,7 +1,7 @@
 """Engine construction for SQLite (embedded default) and PostgreSQL.
 
-Owns: driver settings that make both databases behave alike for the store: raw JSON
-pass-through, SQLite WAL + foreign-key-free immediate write transactions, URL aliases.
+Owns: driver settings that make both databases behave alike for the store: SQLite WAL
+and immediate write transactions, URL aliases.
 Calls: SQLAlchemy.  Called by: the CLI, the app factory, tests.
 """
 
@@ -10,22 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-
-
-def _serialize_json(value: Any) -> str:
-    # The store hands over JSON it already serialized; never dump twice on the hot path.
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode()
-    return orjson.dumps(value).decode()
-
-
-def _pass_through(value: Any) -> Any:
-    return value
 
 
 def normalize_url(url: str) -> str:
@@ -44,11 +30,7 @@ def is_sqlite(engine_or_url: sa.Engine | str) -> bool:
 
 def create_engine(url: str, *, echo: bool = False) -> sa.Engine:
     url = normalize_url(url)
-    kwargs: dict[str, Any] = {
-        "json_serializer": _serialize_json,
-        "json_deserializer": _pass_through,
-        "echo": echo,
-    }
+    kwargs: dict[str, Any] = {"echo": echo}
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -59,7 +41,22 @@ def create_engine(url: str, *, echo: bool = False) -> sa.Engine:
     engine = sa.create_engine(url, **kwargs)
     if is_sqlite(url):
         _configure_sqlite(engine)
+    else:
+        _configure_postgres(engine)
     return engine
+
+
+def _configure_postgres(engine: sa.Engine) -> None:
+    from psycopg.adapt import Loader
+
+    class RawJsonbLoader(Loader):
+        # Resource JSON goes back to clients as stored; parsing it here would be wasted work.
+        def load(self, data: Any) -> bytes:
+            return bytes(data)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.adapters.register_loader("jsonb", RawJsonbLoader)
 
 
 def _configure_sqlite(engine: sa.Engine) -> None:

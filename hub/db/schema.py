@@ -12,6 +12,8 @@ lookup is one index range scan (see ``hub.search.hashing``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -25,9 +27,27 @@ metadata = sa.MetaData(
 
 # 64-bit surrogate key; SQLite only auto-increments an INTEGER PRIMARY KEY.
 Pid = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-# Resource JSON: JSONB on PostgreSQL, JSON text on SQLite. The engine is configured to pass
-# serialized text through untouched, so stored bytes are returned without re-dumping.
-ResourceJson = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+class ResourceJson(sa.types.TypeDecorator[Any]):
+    """JSONB on PostgreSQL, JSON text on SQLite, passing serialized JSON through untouched.
+
+    The store writes JSON it serialized once and returns the stored text as-is, so neither
+    direction may parse or dump it again (``model_dump_json`` is the ingest bottleneck).
+    """
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else sa.JSON())
+
+    def bind_processor(self, dialect: sa.Dialect) -> None:
+        return None
+
+    def result_processor(self, dialect: sa.Dialect, coltype: object) -> None:
+        return None
+
 # Binary collation makes a B-tree range scan equal a prefix match on normalized strings.
 SortableText = sa.String(200).with_variant(sa.String(200, collation="C"), "postgresql")
 
@@ -42,7 +62,7 @@ resource = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("last_updated", sa.DateTime(timezone=True), nullable=False),
     sa.Column("deleted", sa.Boolean, nullable=False, default=False),
-    sa.Column("content", ResourceJson, nullable=True),
+    sa.Column("content", ResourceJson(), nullable=True),
     # res_id first: it also serves lookups by bare id (urn:uuid resolution across bundles).
     sa.UniqueConstraint("res_id", "res_type"),
     sa.Index(None, "res_type", "last_updated"),
@@ -58,7 +78,7 @@ resource_history = sa.Table(
     sa.Column("res_id", sa.String(64), nullable=False),
     sa.Column("last_updated", sa.DateTime(timezone=True), nullable=False),
     sa.Column("deleted", sa.Boolean, nullable=False),
-    sa.Column("content", ResourceJson, nullable=True),
+    sa.Column("content", ResourceJson(), nullable=True),
     sa.Index(None, "res_type", "last_updated"),
     sa.Index(None, "last_updated"),
 )
