@@ -25,6 +25,9 @@ _STRING_PARTS = {
 }  # fmt: skip
 
 
+_CONTACT_CHANNELS = frozenset({"phone", "fax", "email", "pager", "url", "sms", "other"})
+
+
 def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         yield value
@@ -55,8 +58,8 @@ def _tokens(value: Any) -> Iterator[tuple[str | None, str | None, str | None]]:
         elif "value" in value:  # Identifier, ContactPoint
             id_type = value.get("type")
             display = id_type.get("text") if isinstance(id_type, dict) else None
-            system = value.get("system") if "use" not in value or "period" in value or "type" in value else None
-            if "rank" in value or value.get("system") in ("phone", "email", "fax", "pager", "url", "sms", "other"):
+            system = value.get("system")
+            if system in _CONTACT_CHANNELS:
                 system = None  # ContactPoint.system is a channel, not a code system
             yield system, str(value["value"]), display
 

@@ -1,0 +1,149 @@
+"""Bulk import: Synthea transaction Bundles, the 300-patient set, NDJSON, and the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from hub.app_factory import build_router
+from hub.db.engine import create_engine
+from hub.ingest.pipeline import Importer
+from hub.settings import Settings
+
+from conftest import REPO, SHARED
+
+SMALL = SHARED / "data/synthea/bundles_r4_small"
+LARGE = SHARED / "data/synthea/bundles_r4_300_patients_gz"
+NDJSON = SHARED / "data/synthea/bulk_ndjson_10_patients"
+
+
+def _require(path: Path) -> None:
+    assert path.exists(), f"test data missing: {path} (../shared must sit beside the repo)"
+
+
+def _bundle_counts(folder: Path) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for path in folder.iterdir():
+        if path.name.endswith((".json", ".json.gz")):
+            data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            counts.update(e["resource"]["resourceType"] for e in json.loads(data)["entry"])
+    return counts
+
+
+def _stored_counts(url: str) -> Counter[str]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT res_type, count(*) FROM resource WHERE NOT deleted GROUP BY res_type")
+        ).all()
+    engine.dispose()
+    return Counter({t: n for t, n in rows})
+
+
+def _import(url: str, paths: list[Path], workers: int = 2) -> object:
+    router = build_router(Settings(database_url=url))
+    report = Importer(router, workers=workers).run(paths)
+    router.ctx.store.engine.dispose()
+    return report
+
+
+def test_small_synthea_bundles_load_completely(fresh_database_url) -> None:  # type: ignore[no-untyped-def]
+    _require(SMALL)
+    url = fresh_database_url("small")
+    report = _import(url, [SMALL])
+    assert report.errors == []
+    expected = _bundle_counts(SMALL)
+    assert _stored_counts(url) == expected
+    assert sum(report.created.values()) == sum(expected.values())
+    # Every reference was resolved to Type/id: no urn:uuid and no placeholder survives.
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        leftovers = conn.execute(
+            sa.text("SELECT count(*) FROM idx_reference WHERE target_url LIKE 'urn:%' OR target_type = 'Unresolved'")
+        ).scalar_one()
+    engine.dispose()
+    assert leftovers == 0
+
+
+def test_reimport_creates_new_resources_without_collisions(fresh_database_url) -> None:  # type: ignore[no-untyped-def]
+    _require(SMALL)
+    url = fresh_database_url("reimport")
+    one = sorted(SMALL.iterdir())[0]
+    _import(url, [one])
+    report = _import(url, [one])
+    assert report.errors == []
+    per_bundle = Counter(e["resource"]["resourceType"] for e in json.loads(one.read_bytes())["entry"])
+    assert _stored_counts(url) == Counter({t: 2 * n for t, n in per_bundle.items()})
+
+
+@pytest.mark.slow
+def test_300_patient_set_loads_completely(fresh_database_url) -> None:  # type: ignore[no-untyped-def]
+    _require(LARGE)
+    url = fresh_database_url("large")
+    report = _import(url, [LARGE])
+    assert report.errors == []
+    assert _stored_counts(url) == _bundle_counts(LARGE)
+
+
+def test_ndjson_import_keeps_ids_and_reimport_updates(fresh_database_url) -> None:  # type: ignore[no-untyped-def]
+    _require(NDJSON)
+    url = fresh_database_url("ndjson")
+    report = _import(url, [NDJSON])
+    expected: Counter[str] = Counter()
+    ids: set[str] = set()
+    for path in NDJSON.glob("*.ndjson"):
+        for line in path.read_text().splitlines():
+            resource = json.loads(line)
+            if "resourceType" in resource:
+                expected[resource["resourceType"]] += 1
+                ids.add(resource["id"])
+    assert report.errors == []
+    assert _stored_counts(url) == expected
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        stored_ids = {r[0] for r in conn.execute(sa.text("SELECT res_id FROM resource"))}
+    engine.dispose()
+    assert stored_ids == ids
+    again = _import(url, [NDJSON / "Patient.000.ndjson"])
+    assert sum(again.updated.values()) == expected["Patient"]
+    assert _stored_counts(url) == expected
+
+
+def test_import_reports_bad_lines_and_keeps_good_ones(fresh_database_url, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url = fresh_database_url("badlines")
+    data = tmp_path / "Patient.ndjson"
+    data.write_text(
+        '{"resourceType":"Patient","id":"ok-1"}\n'
+        '{"resourceType":"Patient","id":"bad","birthDate":"31/12/1990"}\n'
+        "{not json}\n"
+        '{"resourceType":"Patient","id":"ok-2"}\n'
+    )
+    report = _import(url, [data], workers=1)
+    assert _stored_counts(url) == Counter({"Patient": 2})
+    assert report.rejected == 2
+    assert any(":2:" in e and "birthDate" in e for e in report.errors)
+    assert any(":3:" in e for e in report.errors)
+
+
+def test_cli_import_prints_summary_and_fails_on_errors(fresh_database_url, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _require(SMALL)
+    url = fresh_database_url("cli")
+    env = {**os.environ, "DATABASE_URL": url}
+    hub = str(Path(sys.executable).parent / "hub")
+    ok = subprocess.run([hub, "import", str(sorted(SMALL.iterdir())[0])], env=env, capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    assert "Imported" in ok.stdout and "No errors" in ok.stdout
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"resourceType":"Bundle","type":"transaction","entry":[{"fullUrl":"urn:uuid:8c0f2b3e-2b9a-4d4f-9f0e-1a2b3c4d5e6f",'
+                      '"resource":{"resourceType":"Patient","gender":12},"request":{"method":"POST","url":"Patient"}}]}')
+    failed = subprocess.run([hub, "import", str(broken)], env=env, capture_output=True, text=True, cwd=REPO)
+    assert failed.returncode == 1
+    assert "1 errors" in failed.stdout and "Patient.gender" in failed.stdout
