@@ -1,0 +1,64 @@
+"""A real FHIR client (fhirpy, async) against the running server."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from fhirpy import AsyncFHIRClient
+from fhirpy.base.exceptions import ResourceNotFound
+
+from conftest import LiveServer
+
+CCCD = "https://vnhub.example/cccd"
+
+
+async def test_fhirpy_crud_search_and_transaction(live_server: LiveServer) -> None:
+    client = AsyncFHIRClient(live_server.base, extra_headers={"Accept": "application/fhir+json"})
+    value = uuid.uuid4().hex[:12]
+
+    patient = client.resource(
+        "Patient",
+        identifier=[{"system": CCCD, "value": value}],
+        name=[{"family": "Lê", "given": ["Hoa"]}],
+        gender="female",
+    )
+    await patient.save()
+    assert patient.id and patient["meta"]["versionId"] == "1"
+
+    fetched = await client.reference("Patient", patient.id).to_resource()
+    assert fetched["name"][0]["family"] == "Lê"
+
+    fetched["birthDate"] = "1990-05-17"
+    await fetched.save()
+    assert (await client.reference("Patient", patient.id).to_resource())["meta"]["versionId"] == "2"
+
+    found = await client.resources("Patient").search(identifier=f"{CCCD}|{value}").fetch_all()
+    assert [p.id for p in found] == [patient.id]
+
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+                    "subject": {"reference": f"Patient/{patient.id}"},
+                    "valueQuantity": {"value": 52.5, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"},
+                },
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        ],
+    }
+    response = await client.execute("", method="post", data=bundle)
+    assert response["type"] == "transaction-response"
+    assert response["entry"][0]["response"]["status"] == "201"
+    observations = await client.resources("Observation").search(subject=f"Patient/{patient.id}").fetch_all()
+    assert len(observations) == 1
+
+    await fetched.delete()
+    with pytest.raises(ResourceNotFound):
+        await client.reference("Patient", patient.id).to_resource()
