@@ -35,7 +35,9 @@ def serve(
     import uvicorn
 
     console.print(f"FHIR base: http://{host}:{port}/fhir  (database: {_safe_url()})")
-    uvicorn.run("hub.api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+    uvicorn.run(
+        "hub.api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info"
+    )
 
 
 @db_app.command("upgrade")
@@ -98,13 +100,24 @@ def _import(paths: list[Path], workers: int | None):  # type: ignore[no-untyped-
     router = build_router()
     total_units = sum(1 for _ in units(discover(paths)))
     importer = Importer(router, workers=workers)
-    columns = (TextColumn("[bold]Importing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stored]} resources"), TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]Importing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stored]} resources"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("import", total=total_units, stored=0)
         report = importer.run(
-            paths, lambda _p: progress.update(task, advance=1, stored=importer.report.stored + len(importer._pending))
+            paths,
+            lambda _p: progress.update(
+                task, advance=1, stored=importer.report.stored + len(importer._pending)
+            ),
         )
-    table = Table(title=f"Imported {report.stored} resources from {report.files} files in {report.seconds:.1f} s ({report.rate:,.0f}/s)")
+    table = Table(
+        title=f"Imported {report.stored} resources from {report.files} files in {report.seconds:.1f} s ({report.rate:,.0f}/s)"
+    )
     table.add_column("type")
     table.add_column("created", justify="right")
     table.add_column("updated", justify="right")

@@ -62,4 +62,6 @@ def validate_resource(raw: bytes, resource_type: str) -> None:
     except ValidationError as exc:
         raise unprocessable(issues_from(exc, resource_type)) from None
     except (ValueError, TypeError) as exc:
-        raise unprocessable([Issue("value", f"{resource_type}: {exc}", expression=(resource_type,))]) from None
+        raise unprocessable(
+            [Issue("value", f"{resource_type}: {exc}", expression=(resource_type,))]
+        ) from None

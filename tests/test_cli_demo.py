@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from conftest import REPO, _free_port
 
 HUB = str(Path(sys.executable).parent / "hub")
@@ -19,14 +18,23 @@ def test_demo_loads_once_and_serve_answers(fresh_database_url) -> None:  # type:
     url = fresh_database_url("demo")
     port = _free_port()
     env = {**os.environ, "DATABASE_URL": url, "BASE_URL": f"http://127.0.0.1:{port}/fhir"}
-    first = subprocess.run([HUB, "demo", "--no-serve"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    first = subprocess.run(
+        [HUB, "demo", "--no-serve"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert first.returncode == 0, first.stderr
     assert "No errors" in first.stdout
-    second = subprocess.run([HUB, "demo", "--no-serve"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    second = subprocess.run(
+        [HUB, "demo", "--no-serve"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert "already loaded" in second.stdout
 
-    server = subprocess.Popen([HUB, "serve", "--port", str(port)], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [HUB, "serve", "--port", str(port)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         base = f"http://127.0.0.1:{port}/fhir"
         deadline = time.monotonic() + 30
@@ -41,7 +49,9 @@ def test_demo_loads_once_and_serve_answers(fresh_database_url) -> None:  # type:
         # Vietnamese names are found without accents; citizens by CCCD.
         by_name = httpx.get(f"{base}/Patient", params={"name": "nguyen thi"}).json()
         assert [e["resource"]["id"] for e in by_name["entry"]] == ["vn-demo-patient-1"]
-        by_cccd = httpx.get(f"{base}/Patient", params={"identifier": "https://ehealth-hub.vn/sid/cccd|064075009876"})
+        by_cccd = httpx.get(
+            f"{base}/Patient", params={"identifier": "https://ehealth-hub.vn/sid/cccd|064075009876"}
+        )
         assert by_cccd.json()["entry"][0]["resource"]["name"][0]["family"] == "Trần"
         observations = httpx.get(f"{base}/Observation", params={"patient": "vn-demo-patient-2"}).json()
         assert observations["total"] == 2

@@ -23,7 +23,9 @@ def test_if_none_exist_creates_once(http: httpx.Client, uid: str) -> None:
 def test_if_none_exist_with_two_matches_is_412(http: httpx.Client, uid: str) -> None:
     http.post("/Patient", json=_patient(uid))
     http.post("/Patient", json=_patient(uid))
-    response = http.post("/Patient", json=_patient(uid), headers={"If-None-Exist": f"identifier={CCCD}|{uid}"})
+    response = http.post(
+        "/Patient", json=_patient(uid), headers={"If-None-Exist": f"identifier={CCCD}|{uid}"}
+    )
     assert response.status_code == 412
 
 

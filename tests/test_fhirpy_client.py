@@ -5,10 +5,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from conftest import LiveServer
 from fhirpy import AsyncFHIRClient
 from fhirpy.base.exceptions import ResourceNotFound
-
-from conftest import LiveServer
 
 CCCD = "https://vnhub.example/cccd"
 
@@ -47,7 +46,12 @@ async def test_fhirpy_crud_search_and_transaction(live_server: LiveServer) -> No
                     "status": "final",
                     "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
                     "subject": {"reference": f"Patient/{patient.id}"},
-                    "valueQuantity": {"value": 52.5, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"},
+                    "valueQuantity": {
+                        "value": 52.5,
+                        "unit": "kg",
+                        "system": "http://unitsofmeasure.org",
+                        "code": "kg",
+                    },
                 },
                 "request": {"method": "POST", "url": "Observation"},
             }

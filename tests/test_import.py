@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import REPO, SHARED
 
 from hub.app_factory import build_router
 from hub.db.engine import create_engine
 from hub.ingest.pipeline import Importer
 from hub.settings import Settings
-
-from conftest import REPO, SHARED
 
 SMALL = SHARED / "data/synthea/bundles_r4_small"
 LARGE = SHARED / "data/synthea/bundles_r4_300_patients_gz"
@@ -67,7 +66,9 @@ def test_small_synthea_bundles_load_completely(fresh_database_url) -> None:  # t
     engine = create_engine(url)
     with engine.connect() as conn:
         leftovers = conn.execute(
-            sa.text("SELECT count(*) FROM idx_reference WHERE target_url LIKE 'urn:%' OR target_type = 'Unresolved'")
+            sa.text(
+                "SELECT count(*) FROM idx_reference WHERE target_url LIKE 'urn:%' OR target_type = 'Unresolved'"
+            )
         ).scalar_one()
     engine.dispose()
     assert leftovers == 0
@@ -138,12 +139,16 @@ def test_cli_import_prints_summary_and_fails_on_errors(fresh_database_url, tmp_p
     url = fresh_database_url("cli")
     env = {**os.environ, "DATABASE_URL": url}
     hub = str(Path(sys.executable).parent / "hub")
-    ok = subprocess.run([hub, "import", str(sorted(SMALL.iterdir())[0])], env=env, capture_output=True, text=True, cwd=REPO)
+    ok = subprocess.run(
+        [hub, "import", str(sorted(SMALL.iterdir())[0])], env=env, capture_output=True, text=True, cwd=REPO
+    )
     assert ok.returncode == 0, ok.stderr
     assert "Imported" in ok.stdout and "No errors" in ok.stdout
     broken = tmp_path / "broken.json"
-    broken.write_text('{"resourceType":"Bundle","type":"transaction","entry":[{"fullUrl":"urn:uuid:8c0f2b3e-2b9a-4d4f-9f0e-1a2b3c4d5e6f",'
-                      '"resource":{"resourceType":"Patient","gender":12},"request":{"method":"POST","url":"Patient"}}]}')
+    broken.write_text(
+        '{"resourceType":"Bundle","type":"transaction","entry":[{"fullUrl":"urn:uuid:8c0f2b3e-2b9a-4d4f-9f0e-1a2b3c4d5e6f",'
+        '"resource":{"resourceType":"Patient","gender":12},"request":{"method":"POST","url":"Patient"}}]}'
+    )
     failed = subprocess.run([hub, "import", str(broken)], env=env, capture_output=True, text=True, cwd=REPO)
     assert failed.returncode == 1
     assert "1 errors" in failed.stdout and "Patient.gender" in failed.stdout

@@ -119,7 +119,12 @@ def test_prefer_return(http: httpx.Client, uid: str) -> None:
 
 
 def test_invalid_resource_gives_422_with_locations(http: httpx.Client) -> None:
-    bad = {"resourceType": "Patient", "birthDate": "2020-13-45", "name": [{"given": "An"}], "favouriteColour": "red"}
+    bad = {
+        "resourceType": "Patient",
+        "birthDate": "2020-13-45",
+        "name": [{"given": "An"}],
+        "favouriteColour": "red",
+    }
     response = http.post("/Patient", json=bad)
     assert response.status_code == 422
     issues = response.json()["issue"]
@@ -158,5 +163,7 @@ def test_metadata_states_what_works(http: httpx.Client) -> None:
     patient = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Patient")
     names = {p["name"] for p in patient["searchParam"]}
     assert {"_id", "_lastUpdated", "identifier", "name", "birthdate"} <= names
-    assert {"read", "vread", "update", "delete", "create", "search-type"} <= {i["code"] for i in patient["interaction"]}
+    assert {"read", "vread", "update", "delete", "create", "search-type"} <= {
+        i["code"] for i in patient["interaction"]
+    }
     assert patient["conditionalDelete"] == "single"

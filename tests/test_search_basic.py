@@ -10,15 +10,21 @@ BHYT = "https://vnhub.example/bhyt"
 def _make(http: httpx.Client, uid: str, n: int) -> list[str]:
     ids = []
     for i in range(n):
-        body = {"resourceType": "Patient", "identifier": [{"system": BHYT, "value": f"DN4{uid}{i}"}],
-                "name": [{"family": "Trần", "given": [f"Bình{uid}"]}]}
+        body = {
+            "resourceType": "Patient",
+            "identifier": [{"system": BHYT, "value": f"DN4{uid}{i}"}],
+            "name": [{"family": "Trần", "given": [f"Bình{uid}"]}],
+        }
         ids.append(http.post("/Patient", json=body).json()["id"])
     return ids
 
 
 def test_identifier_forms(http: httpx.Client, uid: str) -> None:
     ids = _make(http, uid, 2)
-    assert [e["resource"]["id"] for e in http.get("/Patient", params={"identifier": f"{BHYT}|DN4{uid}0"}).json()["entry"]] == ids[:1]
+    assert [
+        e["resource"]["id"]
+        for e in http.get("/Patient", params={"identifier": f"{BHYT}|DN4{uid}0"}).json()["entry"]
+    ] == ids[:1]
     assert http.get("/Patient", params={"identifier": f"DN4{uid}1"}).json()["total"] == 1
     assert http.get("/Patient", params={"identifier": f"http://other|DN4{uid}1"}).json()["total"] == 0
     both = http.get("/Patient", params={"identifier": f"{BHYT}|DN4{uid}0,{BHYT}|DN4{uid}1"}).json()
@@ -32,13 +38,18 @@ def test_id_and_last_updated(http: httpx.Client, uid: str) -> None:
     stamp = http.get(f"/Patient/{ids[1]}").json()["meta"]["lastUpdated"]
     after = http.get("/Patient", params={"_id": ",".join(ids), "_lastUpdated": f"ge{stamp}"}).json()
     assert {e["resource"]["id"] for e in after["entry"]} == {ids[1], ids[2]}
-    assert http.get("/Patient", params={"_id": ",".join(ids), "_lastUpdated": "lt2000-01-01"}).json()["total"] == 0
+    assert (
+        http.get("/Patient", params={"_id": ",".join(ids), "_lastUpdated": "lt2000-01-01"}).json()["total"]
+        == 0
+    )
 
 
 def test_patient_and_subject(http: httpx.Client, uid: str) -> None:
     patient = _make(http, uid, 1)[0]
     for _ in range(2):
-        http.post("/Condition", json={"resourceType": "Condition", "subject": {"reference": f"Patient/{patient}"}})
+        http.post(
+            "/Condition", json={"resourceType": "Condition", "subject": {"reference": f"Patient/{patient}"}}
+        )
     assert http.get("/Condition", params={"patient": patient}).json()["total"] == 2
     assert http.get("/Condition", params={"subject": f"Patient/{patient}"}).json()["total"] == 2
     assert http.get("/Condition", params={"subject:Patient": patient}).json()["total"] == 2
@@ -76,7 +87,9 @@ def test_unknown_parameter_is_an_error_unless_lenient(http: httpx.Client) -> Non
     strict = http.get("/Patient", params={"shoe-size": "42"})
     assert strict.status_code == 400
     assert strict.json()["resourceType"] == "OperationOutcome"
-    lenient = http.get("/Patient", params={"shoe-size": "42", "_count": 1}, headers={"Prefer": "handling=lenient"})
+    lenient = http.get(
+        "/Patient", params={"shoe-size": "42", "_count": 1}, headers={"Prefer": "handling=lenient"}
+    )
     assert lenient.status_code == 200
     assert lenient.json()["entry"][-1]["search"]["mode"] == "outcome"
 

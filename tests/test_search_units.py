@@ -41,7 +41,9 @@ def test_compiled_expressions_cover_the_registry() -> None:
         (t, p.code) for t in registry.resource_types for p in registry.indexed_params(t) if not p.compiled
     ]
     assert len(fallbacks) <= 2, fallbacks
-    extract, compiled = compile_expression("(Observation.value as Quantity) | (Observation.value as SampledData)", "Observation")
+    extract, compiled = compile_expression(
+        "(Observation.value as Quantity) | (Observation.value as SampledData)", "Observation"
+    )
     assert compiled
     assert extract({"resourceType": "Observation", "valueQuantity": {"value": 5}}) == [{"value": 5}]
     choice, _ = compile_expression("Observation.effective", "Observation")

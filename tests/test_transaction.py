@@ -18,7 +18,11 @@ def _bundle(kind: str, entries: list[dict[str, object]]) -> dict[str, object]:
 
 
 def _post(full_url: str, resource: dict[str, object], **request: object) -> dict[str, object]:
-    return {"fullUrl": full_url, "resource": resource, "request": {"method": "POST", "url": resource["resourceType"], **request}}
+    return {
+        "fullUrl": full_url,
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], **request},
+    }
 
 
 def _count(http: httpx.Client, query: str) -> int:
@@ -32,12 +36,24 @@ def test_transaction_resolves_urn_uuid_references(http: httpx.Client, uid: str) 
         [
             _post(
                 encounter_url,
-                {"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"},
-                 "subject": {"reference": patient_url}},
+                {
+                    "resourceType": "Encounter",
+                    "status": "finished",
+                    "class": {"code": "AMB"},
+                    "subject": {"reference": patient_url},
+                },
             ),
             _post(patient_url, {"resourceType": "Patient", "identifier": [{"system": CCCD, "value": uid}]}),
-            _post(_urn(), {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
-                           "subject": {"reference": patient_url}, "encounter": {"reference": encounter_url}}),
+            _post(
+                _urn(),
+                {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"text": "x"},
+                    "subject": {"reference": patient_url},
+                    "encounter": {"reference": encounter_url},
+                },
+            ),
         ],
     )
     response = http.post("", json=bundle)
@@ -49,7 +65,9 @@ def test_transaction_resolves_urn_uuid_references(http: httpx.Client, uid: str) 
     patient_id = result["entry"][1]["response"]["location"].split("/")[-3]
     # The uuid of a urn:uuid fullUrl becomes the id when it is free.
     assert patient_id == patient_url.removeprefix("urn:uuid:")
-    observation = http.get("/" + result["entry"][2]["response"]["location"].split("/fhir/")[1].rsplit("/_history", 1)[0])
+    observation = http.get(
+        "/" + result["entry"][2]["response"]["location"].split("/fhir/")[1].rsplit("/_history", 1)[0]
+    )
     assert observation.json()["subject"]["reference"] == f"Patient/{patient_id}"
     found = http.get("/Observation", params={"subject": f"Patient/{patient_id}"}).json()
     assert found["total"] == 1
@@ -77,8 +95,10 @@ def test_transaction_with_failing_put_rolls_back_posts(http: httpx.Client, uid: 
         "transaction",
         [
             _post(_urn(), {"resourceType": "Patient", "identifier": [{"system": CCCD, "value": uid}]}),
-            {"resource": {**created, "gender": "male"},
-             "request": {"method": "PUT", "url": f"Patient/{created['id']}", "ifMatch": 'W/"7"'}},
+            {
+                "resource": {**created, "gender": "male"},
+                "request": {"method": "PUT", "url": f"Patient/{created['id']}", "ifMatch": 'W/"7"'},
+            },
         ],
     )
     assert http.post("", json=bundle).status_code == 412
@@ -91,24 +111,45 @@ def test_conditional_references_and_if_none_exist(http: httpx.Client, uid: str) 
     bundle = _bundle(
         "transaction",
         [
-            _post(_urn(), {"resourceType": "Patient", "identifier": [{"system": CCCD, "value": uid}]},
-                  ifNoneExist=f"identifier={CCCD}|{uid}"),
-            _post(_urn(), {"resourceType": "Observation", "status": "final", "code": {"text": uid},
-                           "subject": {"reference": f"Patient?identifier={CCCD}|{uid}"}}),
+            _post(
+                _urn(),
+                {"resourceType": "Patient", "identifier": [{"system": CCCD, "value": uid}]},
+                ifNoneExist=f"identifier={CCCD}|{uid}",
+            ),
+            _post(
+                _urn(),
+                {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"text": uid},
+                    "subject": {"reference": f"Patient?identifier={CCCD}|{uid}"},
+                },
+            ),
         ],
     )
     result = http.post("", json=bundle).json()
     assert [e["response"]["status"] for e in result["entry"]] == ["200", "201"]
     assert _count(http, f"Patient?identifier={CCCD}|{uid}") == 1
-    patient_id = http.get("/Patient", params={"identifier": f"{CCCD}|{uid}"}).json()["entry"][0]["resource"]["id"]
+    patient_id = http.get("/Patient", params={"identifier": f"{CCCD}|{uid}"}).json()["entry"][0]["resource"][
+        "id"
+    ]
     assert _count(http, f"Observation?subject=Patient/{patient_id}") == 1
 
 
 def test_unresolvable_conditional_reference_fails(http: httpx.Client, uid: str) -> None:
     bundle = _bundle(
         "transaction",
-        [_post(_urn(), {"resourceType": "Observation", "status": "final", "code": {"text": uid},
-                        "subject": {"reference": f"Patient?identifier={CCCD}|missing-{uid}"}})],
+        [
+            _post(
+                _urn(),
+                {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"text": uid},
+                    "subject": {"reference": f"Patient?identifier={CCCD}|missing-{uid}"},
+                },
+            )
+        ],
     )
     response = http.post("", json=bundle)
     assert response.status_code == 412
@@ -123,8 +164,10 @@ def test_processing_order_delete_post_put_get(http: httpx.Client, uid: str) -> N
         "transaction",
         [
             {"request": {"method": "GET", "url": f"Patient/{kept['id']}"}},
-            {"resource": {**kept, "link": [{"other": {"reference": new_url}, "type": "seealso"}]},
-             "request": {"method": "PUT", "url": f"Patient/{kept['id']}"}},
+            {
+                "resource": {**kept, "link": [{"other": {"reference": new_url}, "type": "seealso"}]},
+                "request": {"method": "PUT", "url": f"Patient/{kept['id']}"},
+            },
             _post(new_url, {"resourceType": "Patient", "identifier": [{"system": CCCD, "value": uid}]}),
             {"request": {"method": "DELETE", "url": f"Patient/{doomed['id']}"}},
         ],
@@ -140,7 +183,10 @@ def test_processing_order_delete_post_put_get(http: httpx.Client, uid: str) -> N
 
 
 def test_duplicate_target_in_transaction_is_400(http: httpx.Client) -> None:
-    entry = {"resource": {"resourceType": "Patient", "id": "dup"}, "request": {"method": "PUT", "url": "Patient/dup"}}
+    entry = {
+        "resource": {"resourceType": "Patient", "id": "dup"},
+        "request": {"method": "PUT", "url": "Patient/dup"},
+    }
     assert http.post("", json=_bundle("transaction", [entry, entry])).status_code == 400
 
 

@@ -43,7 +43,9 @@ async def _fhir_request(request: Request, path: str) -> FhirRequest | Response:
         query += parse_qsl(body.decode(), keep_blank_values=True)
         body = b""
     elif body and content_type and content_type not in _JSON_TYPES:
-        return _outcome_response(415, "not-supported", f"Content-Type {content_type} is not supported; send JSON")
+        return _outcome_response(
+            415, "not-supported", f"Content-Type {content_type} is not supported; send JSON"
+        )
     accepted = [part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")]
     if any(accepted) and not any(a in _JSON_TYPES or a in ("*/*", "application/*") for a in accepted):
         return _outcome_response(406, "not-supported", "This server answers in application/fhir+json only")

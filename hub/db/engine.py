@@ -24,7 +24,9 @@ def normalize_url(url: str) -> str:
 
 
 def is_sqlite(engine_or_url: sa.Engine | str) -> bool:
-    url = engine_or_url.url if isinstance(engine_or_url, sa.Engine) else make_url(normalize_url(engine_or_url))
+    url = (
+        engine_or_url.url if isinstance(engine_or_url, sa.Engine) else make_url(normalize_url(engine_or_url))
+    )
     return url.get_backend_name() == "sqlite"
 
 

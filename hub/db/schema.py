@@ -48,6 +48,7 @@ class ResourceJson(sa.types.TypeDecorator[Any]):
     def result_processor(self, dialect: sa.Dialect, coltype: object) -> None:
         return None
 
+
 # Binary collation makes a B-tree range scan equal a prefix match on normalized strings.
 SortableText = sa.String(200).with_variant(sa.String(200, collation="C"), "postgresql")
 

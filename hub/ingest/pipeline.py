@@ -12,13 +12,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import uuid
 from typing import Any
 
 import orjson
@@ -141,7 +140,11 @@ class Importer:
         seen: set[tuple[str, str]] = set()
         for item in resources:
             key = (item.res_type, item.res_id)
-            if item.res_type in stored.get(item.res_id, ()) or self._known.get(item.res_id) == item.res_type or key in seen:
+            if (
+                item.res_type in stored.get(item.res_id, ())
+                or self._known.get(item.res_id) == item.res_type
+                or key in seen
+            ):
                 existing.append(item)
             else:
                 fresh.append(item)
@@ -216,7 +219,9 @@ def _renumber(registry: Registry, items: list[NewResource], new_ids: dict[str, s
                 content = content.replace(old, new)
             rows = dict(rows)
             rows["reference"] = [_repoint(registry, row, new_ids) for row in rows.get("reference", [])]
-        renumbered.append(replace(item, res_id=new_ids.get(item.res_id, item.res_id), content=content, index_rows=rows))
+        renumbered.append(
+            replace(item, res_id=new_ids.get(item.res_id, item.res_id), content=content, index_rows=rows)
+        )
     return renumbered
 
 
@@ -244,4 +249,3 @@ def _patch_unresolved(item: NewResource, targets: dict[str, str]) -> NewResource
             for row in rows["reference"]
         ]
     return replace(item, content=content, index_rows=rows)
-

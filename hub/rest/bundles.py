@@ -26,7 +26,9 @@ def paging_links(
 ) -> list[dict[str, str]]:
     links = [{"relation": "self", "url": page_link(base, path, params, offset, count)}]
     if offset > 0:
-        links.append({"relation": "previous", "url": page_link(base, path, params, max(offset - count, 0), count)})
+        links.append(
+            {"relation": "previous", "url": page_link(base, path, params, max(offset - count, 0), count)}
+        )
     if has_more:
         links.append({"relation": "next", "url": page_link(base, path, params, offset + count, count)})
     return links
@@ -48,7 +50,11 @@ def searchset(
     outcome: dict[str, object] | None = None,
 ) -> bytes:
     entries = [
-        b'{"fullUrl":' + orjson.dumps(f"{base}/{t}/{i}") + b',"resource":' + content + b',"search":{"mode":"match"}}'
+        b'{"fullUrl":'
+        + orjson.dumps(f"{base}/{t}/{i}")
+        + b',"resource":'
+        + content
+        + b',"search":{"mode":"match"}}'
         for t, i, content in matches
     ]
     if outcome is not None:

@@ -15,7 +15,16 @@ from hub import __version__
 from hub.search.registry import FHIR_DATA_DIR, Registry
 
 TEMPLATE = FHIR_DATA_DIR / "capability-statement.json"
-TYPE_INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type")
+TYPE_INTERACTIONS = (
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+)
 
 
 def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:

@@ -41,13 +41,17 @@ def _resource_headers(ctx: Context, stored: StoredResource) -> dict[str, str]:
     }
 
 
-def respond_with(ctx: Context, request: FhirRequest, stored: StoredResource, status: int, message: str) -> FhirResponse:
+def respond_with(
+    ctx: Context, request: FhirRequest, stored: StoredResource, status: int, message: str
+) -> FhirResponse:
     headers = _resource_headers(ctx, stored)
     preference = request.prefer("return")
     if preference == "minimal":
         return FhirResponse(status, None, headers)
     if preference == "OperationOutcome":
-        return FhirResponse(status, orjson.dumps(operation_outcome([Issue("informational", message, "information")])), headers)
+        return FhirResponse(
+            status, orjson.dumps(operation_outcome([Issue("informational", message, "information")])), headers
+        )
     return FhirResponse(status, stored.content, headers)
 
 
@@ -70,7 +74,9 @@ def read(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str,
     return FhirResponse(200, stored.content, headers)
 
 
-def vread(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str, vid: str) -> FhirResponse:
+def vread(
+    ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str, vid: str
+) -> FhirResponse:
     if not vid.isdigit():
         raise bad_request(f"Version id must be a number, not {vid!r}")
     stored = ctx.store.get_version(conn, res_type, res_id, int(vid))
@@ -110,7 +116,9 @@ def history(
         conn, res_type=res_type, res_id=res_id, since=_since(request), count=count, offset=offset
     )
     path = "/".join(p for p in (res_type, res_id, "_history") if p)
-    links = bundles.paging_links(ctx.base_url, path, request.query, offset, count, offset + len(versions) < total)
+    links = bundles.paging_links(
+        ctx.base_url, path, request.query, offset, count, offset + len(versions) < total
+    )
     return FhirResponse(200, bundles.history(ctx.base_url, versions, total, links))
 
 
@@ -126,7 +134,9 @@ def search(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: st
         max_count=ctx.max_count,
     )
     result = search_engine.execute(conn, query)
-    links = bundles.paging_links(ctx.base_url, res_type, query.used, query.offset, query.count, result.has_more)
+    links = bundles.paging_links(
+        ctx.base_url, res_type, query.used, query.offset, query.count, result.has_more
+    )
     outcome = operation_outcome(query.ignored) if query.ignored else None
     return FhirResponse(200, bundles.searchset(ctx.base_url, result.matches, result.total, links, outcome))
 
@@ -143,22 +153,30 @@ def create(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: st
             raise precondition_failed(f"If-None-Exist '{condition}' matches more than one {res_type}")
         if existing:
             stored = ctx.store.get(conn, res_type, existing[0])
-            return respond_with(ctx, request, stored, 200, f"{res_type}/{existing[0]} already exists; nothing created")
+            return respond_with(
+                ctx, request, stored, 200, f"{res_type}/{existing[0]} already exists; nothing created"
+            )
     body.pop("id", None)
     stored = ctx.store.create(conn, body, request.assigned_id)
     return respond_with(ctx, request, stored, 201, f"Created {res_type}/{stored.res_id}")
 
 
-def update(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str) -> FhirResponse:
+def update(
+    ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str
+) -> FhirResponse:
     body = _body_for(request, res_type)
     if body.get("id") != res_id:
         raise bad_request(f"The body's id ({body.get('id')!r}) must equal the id in the URL ({res_id!r})")
     stored, created = ctx.store.update(conn, res_type, res_id, body, if_match=request.if_match())
     status = 201 if created else 200
-    return respond_with(ctx, request, stored, status, f"{'Created' if created else 'Updated'} {res_type}/{res_id}")
+    return respond_with(
+        ctx, request, stored, status, f"{'Created' if created else 'Updated'} {res_type}/{res_id}"
+    )
 
 
-def conditional_update(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str) -> FhirResponse:
+def conditional_update(
+    ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str
+) -> FhirResponse:
     body = _body_for(request, res_type)
     matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, ctx.base_url)
     if len(matches) > 1:
@@ -184,13 +202,17 @@ def _exists(ctx: Context, conn: sa.Connection, res_type: str, res_id: str) -> bo
     return row is not None and not row.deleted
 
 
-def delete(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str) -> FhirResponse:
+def delete(
+    ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str
+) -> FhirResponse:
     deleted = ctx.store.delete(conn, res_type, res_id)
     headers = {"ETag": deleted.etag} if deleted else {}
     return FhirResponse(204, None, headers)
 
 
-def conditional_delete(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str) -> FhirResponse:
+def conditional_delete(
+    ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str
+) -> FhirResponse:
     matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, ctx.base_url)
     if len(matches) > 1:
         raise precondition_failed(f"The conditional delete matches more than one {res_type}")

@@ -64,7 +64,7 @@ def parse_etag(value: str | None) -> int | None:
         return None
     match = _ETAG_RE.match(value.strip())
     if not match:
-        raise bad_request(f"Malformed ETag {value!r}; expected W/\"<version>\"")
+        raise bad_request(f'Malformed ETag {value!r}; expected W/"<version>"')
     return int(match.group(1))
 
 

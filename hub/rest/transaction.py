@@ -65,17 +65,25 @@ def _entries(bundle: dict[str, Any]) -> list[Entry]:
         req = raw.get("request") or {}
         method, url = req.get("method"), req.get("url")
         if method not in _ORDER or not url:
-            raise bad_request(f"Bundle.entry[{i}].request needs a method and a url", (f"Bundle.entry[{i}].request",))
+            raise bad_request(
+                f"Bundle.entry[{i}].request needs a method and a url", (f"Bundle.entry[{i}].request",)
+            )
         resource = raw.get("resource")
         if method in ("POST", "PUT") and not isinstance(resource, dict):
-            raise bad_request(f"Bundle.entry[{i}] ({method}) has no resource", (f"Bundle.entry[{i}].resource",))
+            raise bad_request(
+                f"Bundle.entry[{i}] ({method}) has no resource", (f"Bundle.entry[{i}].resource",)
+            )
         entries.append(Entry(i, method, url, raw.get("fullUrl"), resource, req))
     return entries
 
 
 def _entry_request(entry: Entry, base_headers: dict[str, str]) -> FhirRequest:
     headers = {k: v for k, v in base_headers.items() if k == "prefer"}
-    for field, header in (("ifNoneExist", "if-none-exist"), ("ifMatch", "if-match"), ("ifNoneMatch", "if-none-match")):
+    for field, header in (
+        ("ifNoneExist", "if-none-exist"),
+        ("ifMatch", "if-match"),
+        ("ifNoneMatch", "if-none-match"),
+    ):
         if entry.request.get(field):
             headers[header] = entry.request[field]
     return FhirRequest(entry.method, entry.path, entry.query, headers, parsed_body=entry.resource)
@@ -145,7 +153,9 @@ def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry])
             for current in (e for e in ordered if e.method != "DELETE" and e.index not in responses):
                 responses[current.index] = router.handle_in(conn, _entry_request(current, request.headers))
                 if responses[current.index].status >= 400 and current.method in ("GET", "HEAD"):
-                    raise FhirError(responses[current.index].status, [Issue("processing", "GET entry failed")])
+                    raise FhirError(
+                        responses[current.index].status, [Issue("processing", "GET entry failed")]
+                    )
             current = None
             if new_aliases:
                 # The newest resource created under a fullUrl is what later bundles mean by it.
@@ -154,7 +164,10 @@ def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry])
                 conn.execute(fullurl_alias.insert(), list({a["full_url"]: a for a in new_aliases}.values()))
     except FhirError as error:
         where = f"Bundle.entry[{current.index}]" if current is not None else "Bundle"
-        issues = [Issue(i.code, f"{where}: {i.diagnostics}", i.severity, i.expression or (where,)) for i in error.issues]
+        issues = [
+            Issue(i.code, f"{where}: {i.diagnostics}", i.severity, i.expression or (where,))
+            for i in error.issues
+        ]
         raise FhirError(error.status, issues) from None
     return _bundle_response(
         "transaction-response", [_response_entry(router, responses[e.index], include) for e in entries]
@@ -172,7 +185,9 @@ def _create_all(
         assert entry.resource is not None
         res_type = entry.path.split("/")[0]
         if entry.resource.get("resourceType") != res_type or "/" in entry.path:
-            raise bad_request(f"Bundle.entry[{entry.index}]: POST {entry.url} with a {entry.resource.get('resourceType')}")
+            raise bad_request(
+                f"Bundle.entry[{entry.index}]: POST {entry.url} with a {entry.resource.get('resourceType')}"
+            )
         bodies.append((entry.resource, targets.assigned[entry.index]))
     stored = router.ctx.store.create_many(conn, bodies)
     entry_requests = [_entry_request(e, request.headers) for e in posts]
@@ -198,7 +213,9 @@ class _Targets:
     assigned: dict[int, str]  # POST entry index -> the id it will get
 
 
-def _plan_targets(router: FhirRouter, conn: sa.Connection, entries: list[Entry]) -> tuple[_Targets, list[dict[str, str]]]:
+def _plan_targets(
+    router: FhirRouter, conn: sa.Connection, entries: list[Entry]
+) -> tuple[_Targets, list[dict[str, str]]]:
     """Decide every entry's target id before any reference is rewritten."""
     ctx = router.ctx
     targets = _Targets({}, {})
@@ -210,9 +227,13 @@ def _plan_targets(router: FhirRouter, conn: sa.Connection, entries: list[Entry])
         if entry.method == "POST":
             condition = entry.request.get("ifNoneExist")
             if condition:
-                found = search_engine.find_ids(conn, ctx.registry, res_type, parse_qsl(condition), ctx.base_url)
+                found = search_engine.find_ids(
+                    conn, ctx.registry, res_type, parse_qsl(condition), ctx.base_url
+                )
                 if len(found) > 1:
-                    raise precondition_failed(f"Bundle.entry[{entry.index}]: ifNoneExist matches several {res_type}")
+                    raise precondition_failed(
+                        f"Bundle.entry[{entry.index}]: ifNoneExist matches several {res_type}"
+                    )
                 if found:
                     if entry.full_url:
                         targets.by_full_url[entry.full_url] = f"{res_type}/{found[0]}"
@@ -228,7 +249,9 @@ def _plan_targets(router: FhirRouter, conn: sa.Connection, entries: list[Entry])
             if "?" in entry.url:
                 found = search_engine.find_ids(conn, ctx.registry, res_type, entry.query, ctx.base_url)
                 if len(found) > 1:
-                    raise precondition_failed(f"Bundle.entry[{entry.index}]: conditional update matches several")
+                    raise precondition_failed(
+                        f"Bundle.entry[{entry.index}]: conditional update matches several"
+                    )
                 res_id = found[0] if found else (entry.resource or {}).get("id") or new_id()
                 if entry.resource is not None:
                     entry.resource["id"] = res_id
@@ -256,7 +279,9 @@ class _Resolver:
 
     def _earlier_transaction(self, reference: str) -> str:
         alias = self.conn.execute(
-            sa.select(fullurl_alias.c.res_type, fullurl_alias.c.res_id).where(fullurl_alias.c.full_url == reference)
+            sa.select(fullurl_alias.c.res_type, fullurl_alias.c.res_id).where(
+                fullurl_alias.c.full_url == reference
+            )
         ).first()
         if alias is not None:
             return f"{alias.res_type}/{alias.res_id}"

@@ -82,7 +82,9 @@ class _Unknown(Exception):
     pass
 
 
-def _result_param(query: SearchQuery, name: str, value: str, registry: Registry, lenient: bool, max_count: int) -> None:
+def _result_param(
+    query: SearchQuery, name: str, value: str, registry: Registry, lenient: bool, max_count: int
+) -> None:
     if name == "_count":
         query.count = min(_positive_int(name, value), max_count)
     elif name == "_offset":
@@ -166,7 +168,8 @@ def execute(conn: sa.Connection, query: SearchQuery) -> SearchResult:
     if query.summary_count or query.count == 0:
         return SearchResult([], total, False)
     order = [
-        SORTABLE_COLUMNS[key].desc() if descending else SORTABLE_COLUMNS[key].asc() for key, descending in query.sort
+        SORTABLE_COLUMNS[key].desc() if descending else SORTABLE_COLUMNS[key].asc()
+        for key, descending in query.sort
     ]
     statement = (
         sa.select(resource.c.res_type, resource.c.res_id, resource.c.content)
@@ -183,7 +186,9 @@ def execute(conn: sa.Connection, query: SearchQuery) -> SearchResult:
     return SearchResult(matches, total, len(rows) > query.count)
 
 
-def find_ids(conn: sa.Connection, registry: Registry, res_type: str, params: list[tuple[str, str]], base_url: str) -> list[str]:
+def find_ids(
+    conn: sa.Connection, registry: Registry, res_type: str, params: list[tuple[str, str]], base_url: str
+) -> list[str]:
     """Ids matching a conditional-operation query (at most 2: enough to tell one from many)."""
     if not params:
         raise bad_request("A conditional operation needs search criteria")

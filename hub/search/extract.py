@@ -18,12 +18,58 @@ Extractor = Callable[[dict[str, Any]], list[Any]]
 
 # Type suffixes that may follow a choice element's name in JSON (valueQuantity...).
 _CHOICE_SUFFIXES = frozenset(
-    "Base64Binary Boolean Canonical Code Date DateTime Decimal Id Instant Integer Markdown Oid "
-    "PositiveInt String Time UnsignedInt Uri Url Uuid Address Age Annotation Attachment "
-    "CodeableConcept Coding ContactPoint Count Distance Duration HumanName Identifier Money "
-    "Period Quantity Range Ratio Reference SampledData Signature Timing ContactDetail "
-    "Contributor DataRequirement Expression ParameterDefinition RelatedArtifact TriggerDefinition "
-    "UsageContext Dosage Meta".split()
+    (
+        "Base64Binary",
+        "Boolean",
+        "Canonical",
+        "Code",
+        "Date",
+        "DateTime",
+        "Decimal",
+        "Id",
+        "Instant",
+        "Integer",
+        "Markdown",
+        "Oid",
+        "PositiveInt",
+        "String",
+        "Time",
+        "UnsignedInt",
+        "Uri",
+        "Url",
+        "Uuid",
+        "Address",
+        "Age",
+        "Annotation",
+        "Attachment",
+        "CodeableConcept",
+        "Coding",
+        "ContactPoint",
+        "Count",
+        "Distance",
+        "Duration",
+        "HumanName",
+        "Identifier",
+        "Money",
+        "Period",
+        "Quantity",
+        "Range",
+        "Ratio",
+        "Reference",
+        "SampledData",
+        "Signature",
+        "Timing",
+        "ContactDetail",
+        "Contributor",
+        "DataRequirement",
+        "Expression",
+        "ParameterDefinition",
+        "RelatedArtifact",
+        "TriggerDefinition",
+        "UsageContext",
+        "Dosage",
+        "Meta",
+    )
 )
 
 _SEGMENT = r"[A-Za-z][A-Za-z0-9]*"
@@ -134,7 +180,9 @@ def compile_part(part: str) -> Extractor | None:
     if match := _WHERE_EQ_RE.match(part):
         inner = _path_extractor(match["path"].split(".")[1:])
         field, literal = match["field"], match["value"]
-        return lambda resource: [v for v in inner(resource) if isinstance(v, dict) and v.get(field) == literal]
+        return lambda resource: [
+            v for v in inner(resource) if isinstance(v, dict) and v.get(field) == literal
+        ]
     return None
 
 

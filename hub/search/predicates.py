@@ -44,7 +44,9 @@ def _pids_in(table: sa.Table, *conditions: Condition) -> Condition:
     return resource.c.pid.in_(sa.select(table.c.pid).where(*conditions))
 
 
-def _range_condition(prefix: str, low: sa.ColumnElement, high: sa.ColumnElement, q_low: float, q_high: float) -> Condition:
+def _range_condition(
+    prefix: str, low: sa.ColumnElement, high: sa.ColumnElement, q_low: float, q_high: float
+) -> Condition:
     """Spec R4 3.1.1.4.x: compare the target range [low, high] with the search range."""
     if prefix == "eq":
         return sa.and_(low >= q_low, high <= q_high)
@@ -80,9 +82,13 @@ def token(param: SearchParam, value: str, modifier: str | None) -> Condition:
         if system and code_value:
             condition = idx_token.c.hash_sys_value == hash64(rtype, code, system, code_value)
         elif system:
-            condition = sa.and_(idx_token.c.hash_identity == param.hash_identity, idx_token.c.system == system)
+            condition = sa.and_(
+                idx_token.c.hash_identity == param.hash_identity, idx_token.c.system == system
+            )
         else:
-            condition = sa.and_(idx_token.c.hash_value == hash64(rtype, code, code_value), idx_token.c.system.is_(None))
+            condition = sa.and_(
+                idx_token.c.hash_value == hash64(rtype, code, code_value), idx_token.c.system.is_(None)
+            )
     else:
         condition = idx_token.c.hash_value == hash64(rtype, code, value)
     matched = _pids_in(idx_token, condition)
@@ -94,7 +100,9 @@ def reference(param: SearchParam, value: str, modifier: str | None, base_url: st
         value = value[len(base_url.rstrip("/")) + 1 :]
     target_type: str | None = modifier if modifier and modifier[0].isupper() else None
     if "://" in value or value.startswith("urn:"):
-        return _pids_in(idx_reference, idx_reference.c.hash_target == hash64(param.resource_type, param.code, value))
+        return _pids_in(
+            idx_reference, idx_reference.c.hash_target == hash64(param.resource_type, param.code, value)
+        )
     parts = value.split("/")
     if len(parts) >= 2:
         target_type, target_id = parts[-2], parts[-1]
@@ -102,7 +110,9 @@ def reference(param: SearchParam, value: str, modifier: str | None, base_url: st
             target_type, target_id = parts[-4], parts[-3]
     else:
         target_id = value
-    conditions: list[Condition] = [idx_reference.c.hash_target == hash64(param.resource_type, param.code, target_id)]
+    conditions: list[Condition] = [
+        idx_reference.c.hash_target == hash64(param.resource_type, param.code, target_id)
+    ]
     if target_type:
         conditions.append(idx_reference.c.target_type == target_type)
     return _pids_in(idx_reference, *conditions)
@@ -184,7 +194,9 @@ def quantity(param: SearchParam, value: str, modifier: str | None) -> Condition:
         _range_condition(prefix, idx_quantity.c.low, idx_quantity.c.high, q_low, q_high)
     ]
     if system and unit:
-        conditions.append(idx_quantity.c.hash_sys_code == hash64(param.resource_type, param.code, system, unit))
+        conditions.append(
+            idx_quantity.c.hash_sys_code == hash64(param.resource_type, param.code, system, unit)
+        )
     else:
         conditions.append(idx_quantity.c.hash_identity == param.hash_identity)
         if unit:
@@ -194,7 +206,9 @@ def quantity(param: SearchParam, value: str, modifier: str | None) -> Condition:
 
 def uri(param: SearchParam, value: str, modifier: str | None) -> Condition:
     if modifier == "below":
-        return _pids_in(idx_uri, idx_uri.c.hash_identity == param.hash_identity, idx_uri.c.uri.startswith(value))
+        return _pids_in(
+            idx_uri, idx_uri.c.hash_identity == param.hash_identity, idx_uri.c.uri.startswith(value)
+        )
     return _pids_in(idx_uri, idx_uri.c.hash_uri == hash64(param.resource_type, param.code, value))
 
 

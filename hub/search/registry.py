@@ -98,7 +98,9 @@ class Registry:
 
     def param_by_identity(self, hash_identity: int) -> SearchParam | None:
         if not hasattr(self, "_by_identity"):
-            self._by_identity = {p.hash_identity: p for params in self._params.values() for p in params.values()}
+            self._by_identity = {
+                p.hash_identity: p for params in self._params.values() for p in params.values()
+            }
         return self._by_identity.get(hash_identity)
 
     def supports(self, resource_type: str) -> bool:

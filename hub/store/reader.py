@@ -34,7 +34,9 @@ def to_stored(row: sa.Row[Any]) -> StoredResource:
     )
 
 
-def current_row(conn: sa.Connection, res_type: str, res_id: str, *, for_update: bool = False) -> sa.Row[Any] | None:
+def current_row(
+    conn: sa.Connection, res_type: str, res_id: str, *, for_update: bool = False
+) -> sa.Row[Any] | None:
     query = sa.select(resource.c.pid, *(resource.c[c] for c in _COLUMNS)).where(
         resource.c.res_id == res_id, resource.c.res_type == res_type
     )
@@ -79,7 +81,10 @@ def history(
     union = sa.union_all(select_from(resource), select_from(resource_history)).subquery()
     total = conn.execute(sa.select(sa.func.count()).select_from(union)).scalar_one()
     rows = conn.execute(
-        sa.select(union).order_by(union.c.last_updated.desc(), union.c.version.desc()).limit(count).offset(offset)
+        sa.select(union)
+        .order_by(union.c.last_updated.desc(), union.c.version.desc())
+        .limit(count)
+        .offset(offset)
     ).all()
     return [to_stored(r) for r in rows], total
 

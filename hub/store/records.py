@@ -79,14 +79,18 @@ def finalize(
     resource["meta"] = {**meta, "versionId": str(version), "lastUpdated": instant(last_updated)}
     content = orjson.dumps(resource)
     validate_resource(content, res_type)
-    return NewResource(res_type, res_id, version, last_updated, content, extract_index_rows(registry, res_type, resource))
+    return NewResource(
+        res_type, res_id, version, last_updated, content, extract_index_rows(registry, res_type, resource)
+    )
 
 
 def same_content(stored: bytes, candidate: dict[str, Any]) -> bool:
     """True when two versions differ at most in meta.versionId/lastUpdated."""
 
     def strip(resource: dict[str, Any]) -> dict[str, Any]:
-        meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+        meta = {
+            k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")
+        }
         return {**resource, "meta": meta}
 
     return strip(orjson.loads(stored)) == strip(candidate)

@@ -79,7 +79,9 @@ class Store:
 
     # --- writes -------------------------------------------------------------------------
 
-    def create(self, conn: sa.Connection, resource: dict[str, Any], res_id: str | None = None) -> StoredResource:
+    def create(
+        self, conn: sa.Connection, resource: dict[str, Any], res_id: str | None = None
+    ) -> StoredResource:
         """Create with a server id (or the given one, which the caller checked is free)."""
         return self.create_many(conn, [(resource, res_id)])[0]
 
@@ -118,7 +120,9 @@ class Store:
         row = reader.current_row(conn, res_type, res_id, for_update=True)
         if row is None:
             if if_match is not None:
-                raise precondition_failed(f"{res_type}/{res_id} does not exist, so version {if_match} cannot match")
+                raise precondition_failed(
+                    f"{res_type}/{res_id} does not exist, so version {if_match} cannot match"
+                )
             return self.create(conn, resource, res_id), True
         if if_match is not None and row.version != if_match:
             raise precondition_failed(f"{res_type}/{res_id} is at version {row.version}, not {if_match}")
@@ -126,7 +130,9 @@ class Store:
         if not current.deleted and current.content is not None and same_content(current.content, resource):
             return current, False
         item = finalize(self.registry, resource, res_id, row.version + 1, max(now(), current.last_updated))
-        if not writer.replace_current(conn, row.pid, row.version, item.version, item.last_updated, item.content):
+        if not writer.replace_current(
+            conn, row.pid, row.version, item.version, item.last_updated, item.content
+        ):
             raise conflict(f"{res_type}/{res_id} was changed concurrently; retry with its new version")
         writer.insert_index_rows(conn, [row.pid], [item])
         return _stored(item), current.deleted

@@ -37,13 +37,18 @@ def allocate_pids(conn: sa.Connection, count: int) -> list[int]:
     return list(range(top + 1, top + 1 + count))
 
 
-def _bulk_rows(conn: sa.Connection, table: sa.Table, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+def _bulk_rows(
+    conn: sa.Connection, table: sa.Table, columns: Sequence[str], rows: list[tuple[Any, ...]]
+) -> None:
     if not rows:
         return
     if _is_postgres(conn) and len(rows) >= _COPY_THRESHOLD:
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        with raw.cursor() as cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+        with (
+            raw.cursor() as cursor,
+            cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy,
+        ):
             for row in rows:
                 copy.write_row(row)
         return
@@ -79,7 +84,10 @@ def insert_new(conn: sa.Connection, items: Sequence[NewResource]) -> list[int]:
 
 def archive_current(conn: sa.Connection, pid: int) -> None:
     """Copy the current version of a resource into history before it is replaced."""
-    columns = [resource.c[name] for name in ("pid", "version", "res_type", "res_id", "last_updated", "deleted", "content")]
+    columns = [
+        resource.c[name]
+        for name in ("pid", "version", "res_type", "res_id", "last_updated", "deleted", "content")
+    ]
     conn.execute(
         resource_history.insert().from_select(
             ["pid", "version", "res_type", "res_id", "last_updated", "deleted", "content"],
