@@ -117,7 +117,9 @@ def live_server(database_url: str) -> Iterator[LiveServer]:
 
 @pytest.fixture()
 def http(live_server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=live_server.base, headers={"Accept": "application/fhir+json"}, timeout=60) as client:
+    with httpx.Client(
+        base_url=live_server.base, headers={"Accept": "application/fhir+json"}, timeout=60
+    ) as client:
         yield client
 
 
