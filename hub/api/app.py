@@ -86,6 +86,9 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     route("/{resource_type}/{resource_id}", ["GET", "PUT", "DELETE"], "instance")
     route("/{resource_type}/{resource_id}/_history", ["GET"], "history_instance")
     route("/{resource_type}/{resource_id}/_history/{version_id}", ["GET"], "vread")
+    # Operations ($everything, $export, its status and files) and anything else: the router
+    # decides, so unknown paths and methods get an OperationOutcome too.
+    route("/{path:path}", ["GET", "POST", "PUT", "DELETE", "PATCH"], "operations_and_fallback")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -123,6 +123,7 @@ idx_token = sa.Table(
     sa.Column("display", sa.Text, nullable=True),
     sa.Index(None, "hash_value", "pid"),
     sa.Index(None, "hash_sys_value", "pid"),
+    sa.Index(None, "hash_sys", "pid"),
     sa.Index(None, "pid"),
 )
 
@@ -188,6 +189,20 @@ idx_reference = sa.Table(
     sa.Index(None, "hash_target", "pid"),
     sa.Index(None, "target_id", "target_type"),
     sa.Index(None, "pid"),
+)
+
+# Asynchronous Bulk Data exports ($export): one row per kick-off, polled by the client.
+export_job = sa.Table(
+    "export_job",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),  # accepted|in-progress|completed|failed|cancelled
+    sa.Column("request_url", sa.Text, nullable=False),
+    sa.Column("parameters", sa.JSON, nullable=False),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("output", sa.JSON, nullable=True),  # [{"type", "url", "count"}]
 )
 
 INDEX_TABLES: dict[str, sa.Table] = {

@@ -14,9 +14,12 @@ import sqlalchemy as sa
 
 from hub.errors import FhirError, not_allowed, not_found
 from hub.rest import interactions as ix
+from hub.rest import operations
 from hub.rest.capability import capability_statement
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.validation import is_resource_type
+
+import hub.ops  # noqa: E402,F401  (registers the operations)
 
 Handler = Callable[[sa.Connection], FhirResponse]
 _READ_METHODS = frozenset({"GET", "HEAD"})
@@ -30,6 +33,9 @@ class FhirRouter:
     def handle(self, request: FhirRequest) -> FhirResponse:
         """Answer one request in its own database transaction; errors become OperationOutcome."""
         try:
+            operation = self._operation(request)
+            if operation is not None:
+                return operation()
             if request.path.strip("/") == "metadata":
                 return FhirResponse(200, self.capability())
             if request.path.strip("/") == "" and request.method == "POST":
@@ -46,6 +52,28 @@ class FhirRouter:
     def handle_in(self, conn: sa.Connection, request: FhirRequest) -> FhirResponse:
         """Answer a request inside the caller's transaction (Bundle entries). Errors propagate."""
         return self.route(request)(conn)
+
+    def _operation(self, request: FhirRequest) -> Callable[[], FhirResponse] | None:
+        """The handler for a ``$operation`` path, or None when the path names none."""
+        parts = [p for p in request.path.strip("/").split("/") if p]
+        position = next((i for i, p in enumerate(parts) if p.startswith("$")), None)
+        if position is None or position > 2:
+            return None
+        name, extra = parts[position][1:], parts[position + 1 :]
+        res_type = parts[0] if position >= 1 else None
+        res_id = parts[1] if position == 2 else None
+        level = ("system", "type", "instance")[position]
+        if res_type is not None and not is_resource_type(res_type):
+            raise not_found(f"Unknown resource type '{res_type}'")
+        candidates = operations.find(name, level, res_type)
+        if not candidates:
+            raise not_found(
+                f"Operation ${name} is not supported at {level} level{' for ' + res_type if res_type else ''}"
+            )
+        chosen = next((op for op in candidates if request.method in op.methods), None)
+        if chosen is None:
+            raise not_allowed(f"${name} does not accept {request.method}")
+        return lambda: chosen.handler(self, request, res_type, res_id, extra)
 
     def capability(self) -> bytes:
         if self._capability is None:

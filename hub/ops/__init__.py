@@ -1,0 +1,1 @@
+"""FHIR operations. Importing this package registers each operation with ``hub.rest.operations``."""
