@@ -12,14 +12,13 @@ from collections.abc import Callable
 import orjson
 import sqlalchemy as sa
 
+import hub.ops  # noqa: E402,F401  (registers the operations)
 from hub.errors import FhirError, not_allowed, not_found
 from hub.rest import interactions as ix
 from hub.rest import operations
 from hub.rest.capability import capability_statement
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.validation import is_resource_type
-
-import hub.ops  # noqa: E402,F401  (registers the operations)
 
 Handler = Callable[[sa.Connection], FhirResponse]
 _READ_METHODS = frozenset({"GET", "HEAD"})
