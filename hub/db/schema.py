@@ -191,6 +191,22 @@ idx_reference = sa.Table(
     sa.Index(None, "pid"),
 )
 
+# Composite parameters (code-value-quantity...): one row per pair of component values found
+# on the same element. hash_key = H(type, code, first component form, second component kind
+# and form); low/high carry the second component's range when it is a quantity or date.
+idx_composite = sa.Table(
+    "idx_composite",
+    metadata,
+    sa.Column("pid", Pid, nullable=False),
+    sa.Column("hash_identity", sa.BigInteger, nullable=False),
+    sa.Column("hash_key", sa.BigInteger, nullable=False),
+    sa.Column("low", sa.Float, nullable=True),
+    sa.Column("high", sa.Float, nullable=True),
+    sa.Column("text", SortableText, nullable=True),
+    sa.Index(None, "hash_key", "low", "pid"),
+    sa.Index(None, "pid"),
+)
+
 # Asynchronous Bulk Data exports ($export): one row per kick-off, polled by the client.
 export_job = sa.Table(
     "export_job",
@@ -213,4 +229,5 @@ INDEX_TABLES: dict[str, sa.Table] = {
     "quantity": idx_quantity,
     "uri": idx_uri,
     "reference": idx_reference,
+    "composite": idx_composite,
 }

@@ -42,21 +42,33 @@ def _head(bundle_type: str, total: int | None, links: list[dict[str, str]]) -> b
     return orjson.dumps(head)[:-1]
 
 
+def _search_entry(base: str, res_type: str, res_id: str, content: bytes, mode: bytes) -> bytes:
+    return (
+        b'{"fullUrl":'
+        + orjson.dumps(f"{base}/{res_type}/{res_id}")
+        + b',"resource":'
+        + content
+        + b',"search":{"mode":"'
+        + mode
+        + b'"}}'
+    )
+
+
+def _search_entry(base: str, res_type: str, res_id: str, content: bytes, mode: bytes) -> bytes:
+    url = orjson.dumps(f"{base}/{res_type}/{res_id}")
+    return b'{"fullUrl":' + url + b',"resource":' + content + b',"search":{"mode":"' + mode + b'"}}'
+
+
 def searchset(
     base: str,
     matches: Sequence[tuple[str, str, bytes]],
     total: int | None,
     links: list[dict[str, str]],
     outcome: dict[str, object] | None = None,
+    included: Sequence[tuple[str, str, bytes]] = (),
 ) -> bytes:
-    entries = [
-        b'{"fullUrl":'
-        + orjson.dumps(f"{base}/{t}/{i}")
-        + b',"resource":'
-        + content
-        + b',"search":{"mode":"match"}}'
-        for t, i, content in matches
-    ]
+    entries = [_search_entry(base, t, i, content, b"match") for t, i, content in matches]
+    entries += [_search_entry(base, t, i, content, b"include") for t, i, content in included]
     if outcome is not None:
         entries.append(b'{"resource":' + orjson.dumps(outcome) + b',"search":{"mode":"outcome"}}')
     return _head("searchset", total, links) + b',"entry":[' + b",".join(entries) + b"]}"

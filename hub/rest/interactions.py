@@ -133,12 +133,20 @@ def search(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: st
         default_count=ctx.default_count,
         max_count=ctx.max_count,
     )
-    result = search_engine.execute(conn, query)
+    result = search_engine.execute(conn, ctx.registry, query)
     links = bundles.paging_links(
         ctx.base_url, res_type, query.used, query.offset, query.count, result.has_more
     )
     outcome = operation_outcome(query.ignored) if query.ignored else None
-    return FhirResponse(200, bundles.searchset(ctx.base_url, result.matches, result.total, links, outcome))
+    body = bundles.searchset(
+        ctx.base_url,
+        [(m.res_type, m.res_id, m.content) for m in result.matches],
+        result.total,
+        links,
+        outcome,
+        included=[(m.res_type, m.res_id, m.content) for m in result.included],
+    )
+    return FhirResponse(200, body)
 
 
 # --- writes ------------------------------------------------------------------------------

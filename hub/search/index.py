@@ -147,6 +147,8 @@ def rows_for(param: SearchParam, resource: dict[str, Any], out: IndexRows) -> No
         for value in values:
             if isinstance(value, int | float) and not isinstance(value, bool):
                 rows.append((identity, float(value), float(value)))
+    elif kind == "composite":
+        _composite_rows(param, values, out.setdefault("composite", []))
     elif kind == "quantity":
         rows = out.setdefault("quantity", [])
         for value in values:
@@ -154,6 +156,54 @@ def rows_for(param: SearchParam, resource: dict[str, Any], out: IndexRows) -> No
                 system, unit = value.get("system"), value.get("code") or value.get("unit")
                 number = float(value["value"])
                 rows.append((identity, hash64(rtype, code, system, unit), system, unit, number, number))
+
+
+def _token_forms(value: Any) -> Iterator[str]:
+    """How a composite's token part can be asked for: ``code`` and ``system|code``."""
+    for system, code, _ in _tokens(value):
+        if code:
+            yield code
+            if system:
+                yield f"{system}|{code}"
+
+
+def _composite_second(
+    kind: str, value: Any
+) -> Iterator[tuple[tuple[str, str], float | None, float | None, str | None]]:
+    """(key suffix, low, high, text) forms of a composite's second component."""
+    if kind == "token":
+        for form in _token_forms(value):
+            yield ("t", form), None, None, None
+    elif kind == "quantity":
+        if isinstance(value, dict) and isinstance(value.get("value"), int | float):
+            number = float(value["value"])
+            system, unit = value.get("system"), value.get("code") or value.get("unit")
+            yield ("q", ""), number, number, None
+            if unit:
+                yield ("q", f"{system or ''}|{unit}"), number, number, None
+    elif kind == "date":
+        for low, high in _date_bounds(value):
+            yield ("d", ""), float(low), float(high), None
+    elif kind == "string":
+        for text in _strings(value):
+            yield ("s", ""), None, None, fold(text)
+    elif kind == "reference":
+        target = _reference(value)
+        if target is not None:
+            yield ("r", target[1] or target[2] or ""), None, None, None
+
+
+def _composite_rows(param: SearchParam, elements: list[Any], rows: list[tuple[Any, ...]]) -> None:
+    (_, first), (second_kind, second) = param.components
+    rtype, code, identity = param.resource_type, param.code, param.hash_identity
+    for element in elements:
+        firsts = [form for value in first(element) for form in _token_forms(value)]
+        if not firsts:
+            continue
+        for value in second(element):
+            for suffix, low, high, text in _composite_second(second_kind, value):
+                for form in firsts:
+                    rows.append((identity, hash64(rtype, code, form, *suffix), low, high, text))
 
 
 def extract_index_rows(registry: Registry, resource_type: str, resource: dict[str, Any]) -> IndexRows:

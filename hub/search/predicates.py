@@ -1,8 +1,10 @@
 """One predicate builder per search-parameter type.
 
-Owns: turning one parsed parameter value (with prefix or modifier) into a SQL condition on
-``resource.pid``. Each builder returns a condition over an ``idx_*`` table that is one index
-range scan thanks to the leading hash column.
+Owns: turning one parsed parameter value (with prefix or modifier) into the set of matching
+pids, as a ``PidSet``: a SELECT of pids from one ``idx_*`` table (one index range scan
+thanks to the leading hash column) and whether the match is negated (``:not``, ``:missing``).
+The engine applies it to whichever alias of ``resource`` it is filtering, which is what
+makes chaining and ``_has`` possible.
 Calls: SQLAlchemy, hashing, normalize, dates.  Called by: ``hub.search.engine``.
 """
 
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 import sqlalchemy as sa
 
 from hub.db.schema import (
+    idx_composite,
     idx_date,
     idx_number,
     idx_quantity,
@@ -22,7 +27,6 @@ from hub.db.schema import (
     idx_string,
     idx_token,
     idx_uri,
-    resource,
 )
 from hub.errors import bad_request
 from hub.search.dates import DateFormatError, date_range, from_micros
@@ -31,6 +35,14 @@ from hub.search.normalize import fold
 from hub.search.registry import SearchParam
 
 Condition = sa.ColumnElement[bool]
+
+
+@dataclass(frozen=True)
+class PidSet:
+    pids: sa.Select[Any]
+    negated: bool = False
+
+
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 _PREFIX_RE = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)(?=[-+0-9.])")
 
@@ -40,8 +52,10 @@ def split_prefix(value: str) -> tuple[str, str]:
     return (match.group(1), value[2:]) if match else ("eq", value)
 
 
-def _pids_in(table: sa.Table, *conditions: Condition) -> Condition:
-    return resource.c.pid.in_(sa.select(table.c.pid).where(*conditions))
+def _pids_in(table: sa.Table, *conditions: Condition) -> PidSet:
+    # correlate(None): chained searches nest selects of the same idx table; SQLAlchemy must not
+    # correlate the inner one to the outer one.
+    return PidSet(sa.select(table.c.pid).where(*conditions).correlate(None))
 
 
 def _range_condition(
@@ -69,7 +83,7 @@ def _range_condition(
     return sa.and_(low <= q_high + margin, high >= q_low - margin)
 
 
-def token(param: SearchParam, value: str, modifier: str | None) -> Condition:
+def token(param: SearchParam, value: str, modifier: str | None) -> PidSet:
     rtype, code = param.resource_type, param.code
     if modifier == "text":
         return _pids_in(
@@ -92,10 +106,10 @@ def token(param: SearchParam, value: str, modifier: str | None) -> Condition:
     else:
         condition = idx_token.c.hash_value == hash64(rtype, code, value)
     matched = _pids_in(idx_token, condition)
-    return ~matched if modifier == "not" else matched
+    return PidSet(matched.pids, negated=True) if modifier == "not" else matched
 
 
-def reference(param: SearchParam, value: str, modifier: str | None, base_url: str) -> Condition:
+def reference(param: SearchParam, value: str, modifier: str | None, base_url: str) -> PidSet:
     if value.startswith(base_url.rstrip("/") + "/"):
         value = value[len(base_url.rstrip("/")) + 1 :]
     target_type: str | None = modifier if modifier and modifier[0].isupper() else None
@@ -118,7 +132,7 @@ def reference(param: SearchParam, value: str, modifier: str | None, base_url: st
     return _pids_in(idx_reference, *conditions)
 
 
-def string(param: SearchParam, value: str, modifier: str | None) -> Condition:
+def string(param: SearchParam, value: str, modifier: str | None) -> PidSet:
     if modifier == "exact":
         return _pids_in(
             idx_string,
@@ -135,7 +149,7 @@ def string(param: SearchParam, value: str, modifier: str | None) -> Condition:
     )
 
 
-def date(param: SearchParam, value: str, modifier: str | None) -> Condition:
+def date(param: SearchParam, value: str, modifier: str | None) -> PidSet:
     prefix, text = split_prefix(value)
     q_low, q_high = _date_or_400(param.code, text)
     return _pids_in(
@@ -145,10 +159,9 @@ def date(param: SearchParam, value: str, modifier: str | None) -> Condition:
     )
 
 
-def last_updated(value: str) -> Condition:
+def last_updated(column: sa.ColumnElement[Any], value: str) -> Condition:
     prefix, text = split_prefix(value)
     q_low, q_high = _date_or_400("_lastUpdated", text)
-    column = resource.c.last_updated
     low, high = from_micros(q_low), from_micros(q_high)
     return _range_condition(prefix, column, column, low, high)  # type: ignore[arg-type]
 
@@ -171,7 +184,7 @@ def _number_range(code: str, text: str) -> tuple[float, float]:
     return float(number - half), float(number + half)
 
 
-def number(param: SearchParam, value: str, modifier: str | None) -> Condition:
+def number(param: SearchParam, value: str, modifier: str | None) -> PidSet:
     prefix, text = split_prefix(value)
     q_low, q_high = _number_range(param.code, text)
     if prefix in ("gt", "lt", "ge", "le", "sa", "eb"):
@@ -183,7 +196,7 @@ def number(param: SearchParam, value: str, modifier: str | None) -> Condition:
     )
 
 
-def quantity(param: SearchParam, value: str, modifier: str | None) -> Condition:
+def quantity(param: SearchParam, value: str, modifier: str | None) -> PidSet:
     prefix, text = split_prefix(value)
     number_text, _, rest = text.partition("|")
     system, _, unit = rest.partition("|")
@@ -204,7 +217,7 @@ def quantity(param: SearchParam, value: str, modifier: str | None) -> Condition:
     return _pids_in(idx_quantity, *conditions)
 
 
-def uri(param: SearchParam, value: str, modifier: str | None) -> Condition:
+def uri(param: SearchParam, value: str, modifier: str | None) -> PidSet:
     if modifier == "below":
         return _pids_in(
             idx_uri, idx_uri.c.hash_identity == param.hash_identity, idx_uri.c.uri.startswith(value)
@@ -212,17 +225,53 @@ def uri(param: SearchParam, value: str, modifier: str | None) -> Condition:
     return _pids_in(idx_uri, idx_uri.c.hash_uri == hash64(param.resource_type, param.code, value))
 
 
-def missing(param: SearchParam, value: str) -> Condition:
+def composite(param: SearchParam, value: str, modifier: str | None) -> PidSet:
+    """``first$second``, e.g. ``http://loinc.org|8480-6$gt140|http://unitsofmeasure.org|mm[Hg]``."""
+    first, separator, second = value.partition("$")
+    if not separator or not first or not second:
+        raise bad_request(f"Parameter '{param.code}' takes two values joined by '$', not {value!r}")
+    rtype, code = param.resource_type, param.code
+    kind = param.components[1][0]
+    if kind == "token":
+        return _pids_in(idx_composite, idx_composite.c.hash_key == hash64(rtype, code, first, "t", second))
+    if kind == "reference":
+        target = second.rsplit("/", 1)[-1] if "://" not in second else second
+        return _pids_in(idx_composite, idx_composite.c.hash_key == hash64(rtype, code, first, "r", target))
+    if kind == "string":
+        return _pids_in(
+            idx_composite,
+            idx_composite.c.hash_key == hash64(rtype, code, first, "s", ""),
+            idx_composite.c.text.startswith(fold(second), autoescape=True),
+        )
+    prefix, text = split_prefix(second)
+    if kind == "date":
+        q_low, q_high = _date_or_400(code, text)
+        key = hash64(rtype, code, first, "d", "")
+    else:
+        number_text, _, rest = text.partition("|")
+        system, _, unit = rest.partition("|")
+        q_low, q_high = _number_range(code, number_text)
+        if prefix in ("gt", "lt", "ge", "le", "sa", "eb"):
+            q_low = q_high = float(Decimal(number_text))
+        key = hash64(rtype, code, first, "q", f"{system}|{unit}" if unit else "")
+    return _pids_in(
+        idx_composite,
+        idx_composite.c.hash_key == key,
+        _range_condition(prefix, idx_composite.c.low, idx_composite.c.high, q_low, q_high),
+    )
+
+
+def missing(param: SearchParam, value: str) -> PidSet:
     from hub.db.schema import INDEX_TABLES
 
     table = INDEX_TABLES[param.type]
     present = _pids_in(table, table.c.hash_identity == param.hash_identity)
     if value not in ("true", "false"):
         raise bad_request(f"Parameter '{param.code}:missing' takes true or false")
-    return ~present if value == "true" else present
+    return PidSet(present.pids, negated=value == "true")
 
 
-Builder = Callable[[SearchParam, str, str | None], Condition]
+Builder = Callable[[SearchParam, str, str | None], PidSet]
 BUILDERS: dict[str, Builder] = {
     "token": token,
     "string": string,
@@ -230,6 +279,7 @@ BUILDERS: dict[str, Builder] = {
     "number": number,
     "quantity": quantity,
     "uri": uri,
+    "composite": composite,
 }
 MODIFIERS: dict[str, frozenset[str]] = {
     "token": frozenset({"not", "text", "missing"}),
@@ -239,4 +289,5 @@ MODIFIERS: dict[str, frozenset[str]] = {
     "quantity": frozenset({"missing"}),
     "uri": frozenset({"below", "missing"}),
     "reference": frozenset({"missing"}),
+    "composite": frozenset({"missing"}),
 }

@@ -25,7 +25,9 @@ FHIR_DATA_DIR = Path(__file__).resolve().parents[2] / "fhir"
 REGISTRY_FILE = FHIR_DATA_DIR / "search-parameters.json"
 
 # Types whose values live in an idx_* table. composite and special are not indexed yet.
-INDEXED_TYPES = frozenset({"string", "token", "date", "number", "quantity", "uri", "reference"})
+INDEXED_TYPES = frozenset({"string", "token", "date", "number", "quantity", "uri", "reference", "composite"})
+# Composite parameters the index understands: a token first, then one of these.
+COMPOSITE_SECOND_TYPES = frozenset({"token", "quantity", "date", "string", "reference"})
 # Parameters answered from columns of the resource table rather than an index table.
 COLUMN_PARAMS = frozenset({"_id", "_lastUpdated"})
 
@@ -50,6 +52,8 @@ class SearchParam:
     targets: tuple[str, ...] = ()
     extractor: Extractor | None = field(default=None, compare=False, repr=False)
     compiled: bool = True
+    # Composite parameters: (component type, extractor relative to the element) per component.
+    components: tuple[tuple[str, Extractor], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def hash_identity(self) -> int:
@@ -71,6 +75,8 @@ class Registry:
     def __init__(self, definitions: Iterable[dict[str, Any]], resource_types: Iterable[str]) -> None:
         self.resource_types = tuple(resource_types)
         self._params: dict[str, dict[str, SearchParam]] = {t: {} for t in self.resource_types}
+        definitions = list(definitions)
+        self._by_url = {d.get("url"): d for d in definitions}
         for definition in definitions:
             self._add(definition)
 
@@ -83,7 +89,12 @@ class Registry:
             expression = definition.get("expression") or ""
             extractor: Extractor | None = None
             compiled = True
-            if kind in INDEXED_TYPES and code not in COLUMN_PARAMS and expression:
+            components: tuple[tuple[str, Extractor], ...] = ()
+            if kind == "composite":
+                components = self._components(definition)
+                if components:
+                    extractor, compiled = compile_expression(expression, resource_type)
+            elif kind in INDEXED_TYPES and code not in COLUMN_PARAMS and expression:
                 extractor, compiled = compile_expression(expression, resource_type)
             self._params[resource_type][code] = SearchParam(
                 code=code,
@@ -94,7 +105,28 @@ class Registry:
                 targets=tuple(definition.get("target", ())),
                 extractor=extractor,
                 compiled=compiled,
+                components=components,
             )
+
+    def _components(self, definition: dict[str, Any]) -> tuple[tuple[str, Extractor], ...]:
+        """Component extractors of a token-first, two-part composite; () when unsupported."""
+        parts = definition.get("component") or []
+        if len(parts) != 2:
+            return ()
+        found = []
+        for part in parts:
+            component = self._by_url.get(part.get("definition"))
+            if component is None:
+                return ()
+            # Component expressions are relative to the element; root them at a dummy type.
+            rooted = " | ".join(f"Element.{p.strip()}" for p in part["expression"].split("|"))
+            extractor, compiled = compile_expression(rooted, "Element")
+            if not compiled:
+                return ()
+            found.append((component["type"], extractor))
+        if found[0][0] != "token" or found[1][0] not in COMPOSITE_SECOND_TYPES:
+            return ()
+        return tuple(found)
 
     def param_by_identity(self, hash_identity: int) -> SearchParam | None:
         if not hasattr(self, "_by_identity"):
