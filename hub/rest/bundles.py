@@ -43,18 +43,6 @@ def _head(bundle_type: str, total: int | None, links: list[dict[str, str]]) -> b
 
 
 def _search_entry(base: str, res_type: str, res_id: str, content: bytes, mode: bytes) -> bytes:
-    return (
-        b'{"fullUrl":'
-        + orjson.dumps(f"{base}/{res_type}/{res_id}")
-        + b',"resource":'
-        + content
-        + b',"search":{"mode":"'
-        + mode
-        + b'"}}'
-    )
-
-
-def _search_entry(base: str, res_type: str, res_id: str, content: bytes, mode: bytes) -> bytes:
     url = orjson.dumps(f"{base}/{res_type}/{res_id}")
     return b'{"fullUrl":' + url + b',"resource":' + content + b',"search":{"mode":"' + mode + b'"}}'
 
