@@ -82,6 +82,26 @@ def demo(
         serve(host=host, port=port, workers=1)
 
 
+@app.command()
+def reindex(
+    resource_type: str = typer.Option(None, "--type", help="Only this resource type"),
+) -> None:
+    """Rebuild the search indexes of current resources (after the registry changed)."""
+    from hub.app_factory import build_router
+    from hub.store.reindex import reindex as run_reindex
+
+    store = build_router().ctx.store
+    with Progress(
+        TextColumn("[bold]Reindexing"),
+        TextColumn("{task.completed} resources"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("reindex", total=None)
+        report = run_reindex(store, resource_type, lambda n: progress.update(task, advance=n))
+    console.print(f"[green]Reindexed {report.resources} resources ({report.rows} index rows)[/]")
+
+
 @registry_app.command("import-official")
 def registry_import_official(
     bundle: Path = typer.Argument(..., exists=True, help="The official R4 search-parameters.json"),
