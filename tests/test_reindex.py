@@ -18,6 +18,8 @@ def test_reindex_restores_search(http: httpx.Client, router: FhirRouter, uid: st
         pid = conn.execute(
             sa.text("SELECT pid FROM resource WHERE res_id = :i"), {"i": created["id"]}
         ).scalar_one()
+        count = sa.text("SELECT count(*) FROM idx_string WHERE pid = :p")
+        before = conn.execute(count, {"p": pid}).scalar_one()
         for table in INDEX_TABLES.values():
             conn.execute(table.delete().where(table.c.pid == pid))
     assert http.get("/Patient", params={"family": f"vo{uid}"}).json()["total"] == 0
