@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from hub import __version__
+from hub.rest.operations import all_operations
 from hub.search.registry import FHIR_DATA_DIR, Registry
 
 TEMPLATE = FHIR_DATA_DIR / "capability-statement.json"
@@ -25,6 +26,10 @@ TYPE_INTERACTIONS = (
     "create",
     "search-type",
 )
+
+
+def _unique(operations: list[dict[str, str]]) -> list[dict[str, str]]:
+    return list({op["name"]: op for op in operations}.values())
 
 
 def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
@@ -41,6 +46,12 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
             {"name": p.code, "type": p.type, "definition": p.url}
             for p in sorted(registry.indexed_params(res_type), key=lambda p: p.code)
         ]
+        references = sorted(p.code for p in registry.indexed_params(res_type) if p.type == "reference")
+        operations = [
+            {"name": op.name, "definition": op.definition}
+            for op in all_operations()
+            if op.level in ("type", "instance") and op.resource_type in (res_type, None) and op.definition
+        ]
         resources.append(
             {
                 "type": res_type,
@@ -51,8 +62,23 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
                 "conditionalCreate": True,
                 "conditionalUpdate": True,
                 "conditionalDelete": "single",
+                "searchInclude": [f"{res_type}:{code}" for code in references],
+                "searchRevInclude": sorted(
+                    f"{other}:{p.code}"
+                    for other in registry.resource_types
+                    for p in registry.indexed_params(other)
+                    if p.type == "reference" and (res_type in p.targets or not p.targets)
+                ),
                 "searchParam": params,
+                **({"operation": _unique(operations)} if operations else {}),
             }
         )
     rest["resource"] = resources
+    system_operations = [
+        {"name": op.name, "definition": op.definition}
+        for op in all_operations()
+        if op.level == "system" and op.definition
+    ]
+    if system_operations:
+        rest["operation"] = _unique(system_operations)
     return statement

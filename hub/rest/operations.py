@@ -29,16 +29,29 @@ class Operation:
     resource_type: str | None  # None: any type at that level
     methods: frozenset[str]
     handler: OperationHandler
+    definition: str = ""  # canonical URL of the OperationDefinition, for the CapabilityStatement
 
 
 _OPERATIONS: list[Operation] = []
+
+
+# Canonical OperationDefinitions of the operations the hub implements.
+DEFINITIONS = {
+    "everything": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+    "export": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+}
 
 
 def operation(
     name: str, level: str, resource_type: str | None = None, methods: tuple[str, ...] = ("GET", "POST")
 ) -> Callable[[OperationHandler], OperationHandler]:
     def register(handler: OperationHandler) -> OperationHandler:
-        _OPERATIONS.append(Operation(name, level, resource_type, frozenset(methods), handler))
+        definition = DEFINITIONS.get(name, "")
+        if name == "export" and resource_type == "Patient":
+            definition = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"
+        elif name == "export" and resource_type == "Group":
+            definition = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"
+        _OPERATIONS.append(Operation(name, level, resource_type, frozenset(methods), handler, definition))
         return handler
 
     return register
