@@ -26,5 +26,6 @@ def build_router(settings: Settings | None = None, engine: sa.Engine | None = No
             base_url=settings.base_url.rstrip("/"),
             default_count=settings.default_page_size,
             max_count=settings.max_page_size,
+            export_dir=settings.export_dir,
         )
     )

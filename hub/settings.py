@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SQLITE = REPO_ROOT / "var" / "hub.sqlite3"
+DEFAULT_EXPORT_DIR = REPO_ROOT / "var" / "exports"
 
 
 class Settings(BaseSettings):
@@ -26,6 +27,8 @@ class Settings(BaseSettings):
     default_page_size: int = 20
     max_page_size: int = 1000
     sql_echo: bool = False
+    # Bulk Data $export writes its NDJSON files under {export_dir}/{job id}/.
+    export_dir: Path = DEFAULT_EXPORT_DIR
 
 
 @lru_cache

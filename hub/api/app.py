@@ -12,13 +12,14 @@ from urllib.parse import parse_qsl
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub import __version__
 from hub.app_factory import build_router
 from hub.errors import FhirError, Issue
+from hub.ops.export import NDJSON, export_file_path
 from hub.rest import FhirRequest, FhirResponse
 from hub.rest.messages import FHIR_JSON
 from hub.settings import Settings
@@ -86,7 +87,17 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     route("/{resource_type}/{resource_id}", ["GET", "PUT", "DELETE"], "instance")
     route("/{resource_type}/{resource_id}/_history", ["GET"], "history_instance")
     route("/{resource_type}/{resource_id}/_history/{version_id}", ["GET"], "vread")
-    # Operations ($everything, $export, its status and files) and anything else: the router
+
+    # Bulk Data files are streamed from disk, which a FhirResponse (bytes) cannot do.
+    @app.get("/fhir/$export-file/{job_id}/{file_name}", include_in_schema=False)
+    async def export_file(job_id: str, file_name: str) -> Response:
+        try:
+            path = await run_in_threadpool(export_file_path, router.ctx.store, job_id, file_name)
+        except FhirError as error:
+            return Response(error.outcome_bytes(), error.status, media_type=FHIR_JSON)
+        return FileResponse(path, media_type=NDJSON)
+
+    # Operations ($everything, $export, its status) and anything else: the router
     # decides, so unknown paths and methods get an OperationOutcome too.
     route("/{path:path}", ["GET", "POST", "PUT", "DELETE", "PATCH"], "operations_and_fallback")
 

@@ -42,6 +42,11 @@ def _head(bundle_type: str, total: int | None, links: list[dict[str, str]]) -> b
     return orjson.dumps(head)[:-1]
 
 
+def _entries(entries: list[bytes]) -> bytes:
+    # FHIR JSON forbids empty arrays: a Bundle without entries has no "entry" at all.
+    return b',"entry":[' + b",".join(entries) + b"]}" if entries else b"}"
+
+
 def _search_entry(base: str, res_type: str, res_id: str, content: bytes, mode: bytes) -> bytes:
     url = orjson.dumps(f"{base}/{res_type}/{res_id}")
     return b'{"fullUrl":' + url + b',"resource":' + content + b',"search":{"mode":"' + mode + b'"}}'
@@ -59,7 +64,7 @@ def searchset(
     entries += [_search_entry(base, t, i, content, b"include") for t, i, content in included]
     if outcome is not None:
         entries.append(b'{"resource":' + orjson.dumps(outcome) + b',"search":{"mode":"outcome"}}')
-    return _head("searchset", total, links) + b',"entry":[' + b",".join(entries) + b"]}"
+    return _head("searchset", total, links) + _entries(entries)
 
 
 def history(base: str, versions: Sequence[StoredResource], total: int, links: list[dict[str, str]]) -> bytes:
@@ -79,4 +84,4 @@ def history(base: str, versions: Sequence[StoredResource], total: int, links: li
             entry += b',"resource":' + v.content
         entry += b',"request":' + orjson.dumps(request) + b',"response":' + orjson.dumps(response) + b"}"
         entries.append(entry)
-    return _head("history", total, links) + b',"entry":[' + b",".join(entries) + b"]}"
+    return _head("history", total, links) + _entries(entries)

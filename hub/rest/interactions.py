@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from hub.rest.messages import FhirRequest, FhirResponse
 from hub.search import engine as search_engine
 from hub.search.dates import DateFormatError, date_range, from_micros
 from hub.search.registry import Registry
+from hub.settings import DEFAULT_EXPORT_DIR
 from hub.store import Store, StoredResource
 
 
@@ -31,6 +33,7 @@ class Context:
     base_url: str
     default_count: int = 20
     max_count: int = 1000
+    export_dir: Path = DEFAULT_EXPORT_DIR
 
 
 def _resource_headers(ctx: Context, stored: StoredResource) -> dict[str, str]:

@@ -126,7 +126,9 @@ def _result_param(registry: Registry, query: SearchQuery, raw_name: str, value: 
             descending = key.startswith("-")
             key = key.lstrip("-")
             param = registry.get(query.res_type, key)
-            if key not in ("_id", "_lastUpdated") and (param is None or not param.indexed or param.type == "composite"):
+            if key not in ("_id", "_lastUpdated") and (
+                param is None or not param.indexed or param.type == "composite"
+            ):
                 raise UnknownParameter(f"Cannot sort {query.res_type} by '{key}'")
             query.sort.append((key, descending))
     elif name in ("_include", "_revinclude"):

@@ -1,0 +1,485 @@
+"""Bulk Data ``$export`` (HL7 Bulk Data Access IG v2): kick-off, status, cancel, files.
+
+Owns: the asynchronous export jobs: validating a kick-off (``Prefer: respond-async``,
+``_outputFormat``, ``_type``, ``_since``, ``_typeFilter``), the ``export_job`` rows and
+their states (accepted -> in-progress -> completed | failed; cancelled by DELETE), writing
+one NDJSON file per resource type under ``{export_dir}/{job}/``, the completion manifest,
+and resolving a file of a completed job for download.
+Calls: the schema, ``hub.ops.compartment``, the search engine (``_typeFilter``), the
+``_type``/``_since`` parsers of ``hub.ops.everything``.
+Called by: the router (``$export``, ``$export-status``) and the FastAPI route that streams
+``$export-file/{job}/{Type}.ndjson`` (``hub.api.app``, via ``export_file_path``).
+
+Endpoints:
+
+- ``GET|POST [base]/$export``, ``[base]/Patient/$export``, ``[base]/Group/{id}/$export``:
+  202 + ``Content-Location: [base]/$export-status/{job}``.
+- ``GET [base]/$export-status/{job}``: 202 + ``X-Progress`` while running, 200 + manifest,
+  500 + OperationOutcome when the job failed, 404 for unknown or cancelled jobs.
+- ``DELETE [base]/$export-status/{job}``: 202; the files are removed, later polls get 404.
+- ``GET [base]/$export-file/{job}/{Type}.ndjson``: ``application/fhir+ndjson``, streamed.
+
+Scope: system = every stored type (or ``_type``); Patient = the Patient compartments of all
+patients; Group = the compartments of the Group's ``member.entity`` Patients. Deleted
+resources are never exported. ``transactionTime`` is the kick-off instant: the job reads one
+snapshot taken after it, so nothing modified up to it is missed (a client passing it as the
+next ``_since`` may see a few resources twice, never miss one).
+
+Where jobs run: in this process, on a small thread pool (``_EXECUTOR``), which suits the
+embedded single-process default. When Redis is configured, an arq worker takes this role
+(a later issue): the kick-off will enqueue ``run_job(job_id)`` instead of submitting it
+here, and the status/file endpoints stay as they are because all state is in
+``export_job`` and the export directory (which must then be shared storage). Jobs left
+``accepted``/``in-progress`` by a process that died are not resumed yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+import sqlalchemy as sa
+
+from hub.db.schema import export_job, idx_reference, resource
+from hub.errors import FhirError, Issue, bad_request, not_found, operation_outcome
+from hub.ops import compartment
+from hub.ops.everything import since_param, types_param
+from hub.rest.messages import FhirRequest, FhirResponse
+from hub.rest.operations import operation
+from hub.search import engine as search_engine
+from hub.search.query import RESULT_PARAMS
+from hub.store.records import as_utc, instant, now
+
+if TYPE_CHECKING:
+    from hub.rest.interactions import Context
+    from hub.rest.router import FhirRouter
+    from hub.search.registry import Registry
+    from hub.store import Store
+
+log = logging.getLogger(__name__)
+
+NDJSON = "application/fhir+ndjson"
+_OUTPUT_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "ndjson"})
+_PARAMS = frozenset({"_outputFormat", "_type", "_since", "_typeFilter", "_format", "_pretty"})
+_STREAM_ROWS = 1000  # rows per fetch from the database cursor
+_CANCEL_CHECK_ROWS = 20_000  # how often a running job looks for a DELETE of itself
+_RUNNING = ("accepted", "in-progress")
+
+# Two workers: one long export does not block a small one, and the DB keeps most of the box.
+_EXECUTOR = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hub-export")
+
+
+@dataclass
+class ExportSpec:
+    """What a job exports; stored as ``export_job.parameters`` (JSON)."""
+
+    level: str  # system | patient | group
+    types: list[str]
+    directory: str
+    group_id: str | None = None
+    since: str | None = None  # instant
+    type_filters: dict[str, list[str]] = field(default_factory=dict)  # type -> search queries, ORed
+
+
+# --- kick-off ------------------------------------------------------------------------------
+
+
+@operation("export", "system")
+def export_system(
+    router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
+) -> FhirResponse:
+    return _kick_off(router, request, "system", None, extra)
+
+
+@operation("export", "type", "Patient")
+def export_patients(
+    router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
+) -> FhirResponse:
+    return _kick_off(router, request, "patient", None, extra)
+
+
+@operation("export", "instance", "Group")
+def export_group(
+    router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
+) -> FhirResponse:
+    return _kick_off(router, request, "group", res_id, extra)
+
+
+def _kick_off(
+    router: FhirRouter, request: FhirRequest, level: str, group_id: str | None, extra: list[str]
+) -> FhirResponse:
+    ctx = router.ctx
+    if extra:
+        raise not_found(f"No FHIR interaction at '{request.path}'")
+    if request.prefer("respond-async") is None:
+        raise bad_request("$export is asynchronous: send the header 'Prefer: respond-async'")
+    lenient = request.prefer("handling") == "lenient"
+    params = _parameters(request)
+    unknown = sorted({k for k, _ in params} - _PARAMS)
+    if unknown and not lenient:
+        raise bad_request(f"$export does not support the parameter(s) {', '.join(unknown)}")
+    values: dict[str, list[str]] = {}
+    for key, value in params:
+        values.setdefault(key, []).append(value)
+    # An unencoded "+" in a URL arrives as a space: "application/fhir ndjson".
+    formats = [f.replace(" ", "+") for f in values.get("_outputFormat", [])]
+    if any(f not in _OUTPUT_FORMATS for f in formats):
+        raise bad_request(f"_outputFormat must be one of {', '.join(sorted(_OUTPUT_FORMATS))}")
+    since = since_param(values.get("_since", []))
+    types = _export_types(ctx.registry, level, types_param(values.get("_type", [])), lenient)
+    type_filters = _type_filters(ctx, values.get("_typeFilter", []), types, lenient)
+
+    job_id = uuid.uuid4().hex
+    directory = _export_dir(ctx) / job_id
+    spec = ExportSpec(
+        level=level,
+        types=types,
+        directory=str(directory),
+        group_id=group_id,
+        since=instant(since) if since is not None else None,
+        type_filters=type_filters,
+    )
+    query = f"?{urlencode(request.query)}" if request.query else ""
+    with ctx.store.write() as conn:
+        if group_id is not None:
+            ctx.store.get(conn, "Group", group_id)  # 404 unknown, 410 deleted
+        conn.execute(
+            export_job.insert().values(
+                id=job_id,
+                status="accepted",
+                request_url=f"{ctx.base_url}/{request.path.strip('/')}{query}",
+                parameters=asdict(spec),
+                created=now(),
+            )
+        )
+    _EXECUTOR.submit(run_job, ctx, job_id)
+    outcome = operation_outcome([Issue("informational", f"Export job {job_id} accepted", "information")])
+    return FhirResponse(
+        202, orjson.dumps(outcome), {"Content-Location": f"{ctx.base_url}/$export-status/{job_id}"}
+    )
+
+
+def _parameters(request: FhirRequest) -> list[tuple[str, str]]:
+    """The query, plus the primitive parameters of a POSTed Parameters resource."""
+    pairs = list(request.query)
+    if request.method == "POST" and request.body:
+        body = request.json_body()
+        if body.get("resourceType") != "Parameters":
+            raise bad_request("POST $export takes a Parameters resource")
+        for parameter in body.get("parameter", []):
+            value = next((v for k, v in parameter.items() if k.startswith("value")), None)
+            if not isinstance(value, str):
+                raise bad_request(f"Parameter '{parameter.get('name')}' needs a primitive value[x]")
+            pairs.append((str(parameter.get("name")), value))
+    return pairs
+
+
+def _export_dir(ctx: Context) -> Path:
+    return Path(ctx.export_dir)
+
+
+def _export_types(registry: Registry, level: str, requested: list[str] | None, lenient: bool) -> list[str]:
+    """The types to write, sorted. An empty list for a system export means "every stored type"."""
+    if level == "system":
+        return requested or []
+    allowed = set(compartment.compartment_types(registry))
+    if requested is None:
+        return sorted(allowed)
+    outside = [t for t in requested if t not in allowed]
+    if outside and not lenient:
+        raise bad_request(
+            f"Outside the Patient compartment (or not supported): {', '.join(outside)}; "
+            "a Patient or Group export cannot include them"
+        )
+    return [t for t in requested if t in allowed]
+
+
+def _type_filters(ctx: Context, values: list[str], types: list[str], lenient: bool) -> dict[str, list[str]]:
+    """``_typeFilter`` values (``Type?query``) by type, each checked by parsing it now."""
+    filters: dict[str, list[str]] = {}
+    for raw in (v for value in values for v in _split_filters(value)):
+        res_type, _, query = raw.partition("?")
+        if not ctx.registry.supports(res_type) or not query:
+            raise bad_request(f"_typeFilter '{raw}' must be 'Type?criteria' for a supported type")
+        if types and res_type not in types:
+            if lenient:
+                continue
+            raise bad_request(f"_typeFilter names {res_type}, which _type does not include")
+        parsed = _parse_filter(ctx, res_type, query)
+        if any(name.partition(":")[0] in RESULT_PARAMS for name, _ in parsed.used):
+            raise bad_request(f"_typeFilter '{raw}' may only hold search criteria")
+        filters.setdefault(res_type, []).append(query)
+    return filters
+
+
+def _split_filters(value: str) -> list[str]:
+    """Several filters may share one _typeFilter, comma-separated. A piece that does not start
+    with ``Type?`` continues the previous filter (an OR-list of values such as ``code=a,b``)."""
+    parts: list[str] = []
+    for piece in value.split(","):
+        if parts and "?" not in piece.split("=")[0]:
+            parts[-1] += "," + piece  # an OR-list of the previous criteria, not a new filter
+        else:
+            parts.append(piece)
+    return [p for p in parts if p]
+
+
+def _parse_filter(ctx: Context, res_type: str, query: str) -> search_engine.SearchQuery:
+    return search_engine.parse(
+        ctx.registry, res_type, parse_qsl(query, keep_blank_values=True), base_url=ctx.base_url
+    )
+
+
+# --- the job -------------------------------------------------------------------------------
+
+
+def run_job(ctx: Context, job_id: str) -> None:
+    """Run one accepted job to completion (or failure, or until it is cancelled)."""
+    store = ctx.store
+    directory: Path | None = None
+    try:
+        with store.write() as conn:
+            row = conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one_or_none()
+            if row is None or row.status != "accepted":
+                return
+            spec = ExportSpec(**row.parameters)
+            if not spec.types:
+                # Resolved now, so progress can say "k of n"; types first stored after the
+                # kick-off only hold resources newer than transactionTime.
+                spec.types = _stored_types(conn)
+            conn.execute(
+                export_job.update()
+                .where(export_job.c.id == job_id)
+                .values(status="in-progress", parameters=asdict(spec), output=[])
+            )
+        directory = Path(spec.directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        outputs = _write_files(ctx, job_id, spec, directory)
+        done = outputs is not None and _set_status(
+            store, job_id, "completed", output=[o for o in outputs if o["count"]]
+        )
+        if not done:
+            _remove(directory)  # cancelled meanwhile
+    except Exception as exc:  # noqa: BLE001  (any failure must reach the client as "failed")
+        log.exception("export job %s failed", job_id)
+        if directory is not None:
+            _remove(directory)
+        try:
+            _set_status(store, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001  (the database itself may be what failed)
+            log.exception("export job %s: could not record the failure", job_id)
+
+
+def _write_files(ctx: Context, job_id: str, spec: ExportSpec, directory: Path) -> list[dict[str, Any]] | None:
+    """Write one file per type. The output entries of every type done (count 0 included: the
+    progress report counts them), or None when the job was cancelled."""
+    store = ctx.store
+    outputs: list[dict[str, Any]] = []
+    with _snapshot(store) as conn:
+        for res_type in spec.types:
+            if _cancelled(store, job_id):
+                return None
+            path = directory / f"{res_type}.ndjson"
+            written = _write_type(ctx, conn, job_id, spec, res_type, path)
+            if written is None:
+                return None
+            if not written:
+                path.unlink(missing_ok=True)  # the manifest lists no empty files
+            url = f"{ctx.base_url}/$export-file/{job_id}/{path.name}"
+            outputs.append({"type": res_type, "url": url, "count": written})
+            _set_progress(store, job_id, outputs)
+    return outputs
+
+
+def _write_type(
+    ctx: Context, conn: sa.Connection, job_id: str, spec: ExportSpec, res_type: str, path: Path
+) -> int | None:
+    """Stream the type's rows into its file, as stored, one per line. None when cancelled."""
+    statement = sa.select(resource.c.content).where(
+        resource.c.res_type == res_type, resource.c.deleted.is_(False), *_conditions(ctx, spec, res_type)
+    )
+    written, next_check = 0, _CANCEL_CHECK_ROWS
+    with path.open("wb", buffering=1 << 20) as out:
+        result = conn.execute(statement.execution_options(stream_results=True, yield_per=_STREAM_ROWS))
+        for batch in result.scalars().partitions():
+            out.write(b"\n".join(c if isinstance(c, bytes) else c.encode() for c in batch) + b"\n")
+            written += len(batch)
+            if written >= next_check:
+                next_check += _CANCEL_CHECK_ROWS
+                if _cancelled(ctx.store, job_id):
+                    result.close()
+                    return None
+    return written
+
+
+def _conditions(ctx: Context, spec: ExportSpec, res_type: str) -> list[sa.ColumnElement[bool]]:
+    conditions: list[sa.ColumnElement[bool]] = []
+    if spec.since is not None:
+        since = since_param([spec.since])
+        assert since is not None
+        conditions.append(resource.c.last_updated >= since)
+    filters = spec.type_filters.get(res_type)
+    if filters:
+        conditions.append(sa.or_(*(sa.and_(*_parse_filter(ctx, res_type, q).conditions) for q in filters)))
+    if spec.level == "patient":
+        members = compartment.member_pids(ctx.registry, compartment.all_patient_ids(), (res_type,))
+        conditions.append(resource.c.pid.in_(members))
+    elif spec.level == "group":
+        assert spec.group_id is not None
+        members = compartment.member_pids(
+            ctx.registry, group_patient_ids(ctx.registry, spec.group_id), (res_type,)
+        )
+        conditions.append(resource.c.pid.in_(members))
+    return conditions
+
+
+def group_patient_ids(registry: Registry, group_id: str) -> sa.Select[Any]:
+    """Ids of the non-deleted Patients a Group lists in ``member.entity`` (from the index)."""
+    member = registry.get("Group", "member")
+    assert member is not None
+    group_pid = sa.select(resource.c.pid).where(
+        resource.c.res_type == "Group", resource.c.res_id == group_id, resource.c.deleted.is_(False)
+    )
+    listed = sa.select(idx_reference.c.target_id).where(
+        idx_reference.c.pid.in_(group_pid),
+        idx_reference.c.hash_identity == member.hash_identity,
+        idx_reference.c.target_type == "Patient",
+    )
+    return compartment.all_patient_ids().where(resource.c.res_id.in_(listed))
+
+
+def _stored_types(conn: sa.Connection) -> list[str]:
+    """Every res_type in ``resource``, by a loose index scan (one seek per type, not a full scan)."""
+    seen = sa.select(sa.func.min(resource.c.res_type).label("res_type")).cte("seen", recursive=True)
+    following = (
+        sa.select(sa.func.min(resource.c.res_type))
+        .where(resource.c.res_type > seen.c.res_type)
+        .scalar_subquery()
+    )
+    seen = seen.union_all(sa.select(following.label("res_type")).where(seen.c.res_type.is_not(None)))
+    return [t for (t,) in conn.execute(sa.select(seen.c.res_type)) if t is not None]
+
+
+@contextmanager
+def _snapshot(store: Store) -> Iterator[sa.Connection]:
+    """One read transaction for the whole job, so every file shows the same moment."""
+    conn = store.engine.connect()
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+    with conn, conn.begin():
+        if postgres:
+            # Every row is read, so plan cursors for the whole result rather than the first
+            # 10 % (the default picks index walks that made a Patient export 4x slower).
+            conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1.0")
+        yield conn
+
+
+# --- job state -----------------------------------------------------------------------------
+
+
+def _set_status(store: Store, job_id: str, status: str, **values: Any) -> bool:
+    """Move a running job to a final state; False when it was cancelled (or finished) already."""
+    with store.write() as conn:
+        result = conn.execute(
+            export_job.update()
+            .where(export_job.c.id == job_id, export_job.c.status.in_(_RUNNING))
+            .values(status=status, finished=now(), **values)
+        )
+    return result.rowcount == 1
+
+
+def _set_progress(store: Store, job_id: str, outputs: list[dict[str, Any]]) -> None:
+    with store.write() as conn:
+        conn.execute(
+            export_job.update()
+            .where(export_job.c.id == job_id, export_job.c.status == "in-progress")
+            .values(output=outputs)
+        )
+
+
+def _cancelled(store: Store, job_id: str) -> bool:
+    with store.read() as conn:
+        status = conn.execute(sa.select(export_job.c.status).where(export_job.c.id == job_id)).scalar()
+    return status not in _RUNNING
+
+
+def _remove(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- status, cancel, files -----------------------------------------------------------------
+
+
+@operation("export-status", "system", methods=("GET", "DELETE"))
+def export_status(
+    router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
+) -> FhirResponse:
+    if len(extra) != 1:
+        raise not_found("Use $export-status/{job id}")
+    job_id = extra[0]
+    store = router.ctx.store
+    with store.read() as conn:
+        row = conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one_or_none()
+    if row is None or row.status == "cancelled":
+        raise not_found(f"No export job '{job_id}'")
+    if request.method == "DELETE":
+        return _cancel(store, row)
+    if row.status in _RUNNING:
+        return FhirResponse(202, None, {"X-Progress": _progress(row), "Retry-After": "2"})
+    if row.status == "failed":
+        return FhirResponse(
+            500,
+            FhirError(500, [Issue("exception", f"Export job {job_id} failed: {row.error}")]).outcome_bytes(),
+        )
+    manifest = {
+        "transactionTime": instant(as_utc(row.created)),
+        "request": row.request_url,
+        "requiresAccessToken": False,
+        "output": row.output or [],
+        "error": [],
+    }
+    return FhirResponse(200, orjson.dumps(manifest), {"Content-Type": "application/json"})
+
+
+def _progress(row: Any) -> str:
+    if row.status == "accepted":
+        return "queued"
+    done, total = len(row.output or []), len(row.parameters.get("types") or [])
+    return f"{done} of {total} resource types exported"
+
+
+def _cancel(store: Store, row: Any) -> FhirResponse:
+    with store.write() as conn:
+        conn.execute(
+            export_job.update().where(export_job.c.id == row.id).values(status="cancelled", finished=now())
+        )
+    # A running job notices the status and removes what it writes after this, too.
+    _remove(Path(row.parameters["directory"]))
+    outcome = operation_outcome([Issue("informational", f"Export job {row.id} cancelled", "information")])
+    return FhirResponse(202, orjson.dumps(outcome))
+
+
+def export_file_path(store: Store, job_id: str, file_name: str) -> Path:
+    """The file of a completed job named in its manifest; FhirError 404 otherwise.
+
+    The name is matched against the job's output, never joined blindly onto the directory.
+    """
+    with store.read() as conn:
+        row = conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one_or_none()
+    if row is None or row.status != "completed":
+        raise not_found(f"No completed export job '{job_id}'")
+    names = {f"{entry['type']}.ndjson" for entry in row.output or []}
+    path = Path(row.parameters["directory"]) / file_name
+    if file_name not in names or not path.is_file():
+        raise not_found(f"Export job '{job_id}' has no file '{file_name}'")
+    return path
