@@ -25,7 +25,25 @@ def _tagged(resource: dict[str, Any], tag: str) -> dict[str, Any]:
 def world(live_server: Any) -> dict[str, Any]:
     """Three patients, an organization, a practitioner, encounters, observations, a condition."""
     tag = uuid.uuid4().hex[:10]
-    ids = {name: f"{name}-{tag}" for name in ("hoa", "duc", "lan", "org", "doc", "enc1", "enc2", "o1", "o2", "o3", "o4", "c1", "prov", "bp")}
+    ids = {
+        name: f"{name}-{tag}"
+        for name in (
+            "hoa",
+            "duc",
+            "lan",
+            "org",
+            "doc",
+            "enc1",
+            "enc2",
+            "o1",
+            "o2",
+            "o3",
+            "o4",
+            "c1",
+            "prov",
+            "bp",
+        )
+    }
     people = {
         "hoa": ("Nguyễn", ["Thị", "Hoa"], "female", "1988-03-14", "Pleiku", "064188001234"),
         "duc": ("Trần", ["Văn", "Đức"], "male", "1950-11-02", "Huế", "046050009876"),
@@ -54,37 +72,78 @@ def world(live_server: Any) -> dict[str, Any]:
         if r.get("managingOrganization") is None:
             r.pop("managingOrganization", None)
     resources += [
-        {"resourceType": "Encounter", "id": ids["enc1"], "status": "finished", "class": {"code": "AMB"},
-         "subject": {"reference": f"Patient/{ids['hoa']}"},
-         "participant": [{"individual": {"reference": f"Practitioner/{ids['doc']}"}}],
-         "period": {"start": "2026-01-10T08:00:00Z", "end": "2026-01-10T09:00:00Z"}},
-        {"resourceType": "Encounter", "id": ids["enc2"], "status": "in-progress", "class": {"code": "IMP"},
-         "subject": {"reference": f"Patient/{ids['duc']}"}, "period": {"start": "2026-02-01"}},
+        {
+            "resourceType": "Encounter",
+            "id": ids["enc1"],
+            "status": "finished",
+            "class": {"code": "AMB"},
+            "subject": {"reference": f"Patient/{ids['hoa']}"},
+            "participant": [{"individual": {"reference": f"Practitioner/{ids['doc']}"}}],
+            "period": {"start": "2026-01-10T08:00:00Z", "end": "2026-01-10T09:00:00Z"},
+        },
+        {
+            "resourceType": "Encounter",
+            "id": ids["enc2"],
+            "status": "in-progress",
+            "class": {"code": "IMP"},
+            "subject": {"reference": f"Patient/{ids['duc']}"},
+            "period": {"start": "2026-02-01"},
+        },
         _obs(ids["o1"], ids["hoa"], ids["enc1"], "8867-4", 72, "/min", "2026-01-10T08:10:00Z"),
         _obs(ids["o2"], ids["hoa"], ids["enc1"], "29463-7", 55.5, "kg", "2026-01-10T08:12:00Z"),
         _obs(ids["o3"], ids["duc"], ids["enc2"], "29463-7", 80, "kg", "2026-02-01T10:00:00Z"),
         _obs(ids["o4"], ids["duc"], ids["enc2"], "8867-4", 100, "/min", "2026-02-02"),
-        {"resourceType": "Condition", "id": ids["c1"], "subject": {"reference": f"Patient/{ids['duc']}"},
-         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
-         "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "I10", "display": "Tăng huyết áp"}], "text": "Tăng huyết áp vô căn"},
-         "onsetDateTime": "2020-05-01"},
-        {"resourceType": "Observation", "id": ids["bp"], "status": "final",
-         "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
-         "subject": {"reference": f"Patient/{ids['duc']}"}, "effectiveDateTime": "2026-02-01T10:05:00Z",
-         "component": [
-             {"code": {"coding": [{"system": LOINC, "code": "8480-6"}]},
-              "valueQuantity": {"value": 150, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}},
-             {"code": {"coding": [{"system": LOINC, "code": "8462-4"}]},
-              "valueQuantity": {"value": 95, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}},
-         ]},
-        {"resourceType": "Provenance", "id": ids["prov"], "target": [{"reference": f"Observation/{ids['o1']}"}],
-         "recorded": "2026-01-10T08:15:00Z", "agent": [{"who": {"reference": f"Practitioner/{ids['doc']}"}}]},
+        {
+            "resourceType": "Condition",
+            "id": ids["c1"],
+            "subject": {"reference": f"Patient/{ids['duc']}"},
+            "clinicalStatus": {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}
+                ]
+            },
+            "code": {
+                "coding": [
+                    {"system": "http://hl7.org/fhir/sid/icd-10", "code": "I10", "display": "Tăng huyết áp"}
+                ],
+                "text": "Tăng huyết áp vô căn",
+            },
+            "onsetDateTime": "2020-05-01",
+        },
+        {
+            "resourceType": "Observation",
+            "id": ids["bp"],
+            "status": "final",
+            "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
+            "subject": {"reference": f"Patient/{ids['duc']}"},
+            "effectiveDateTime": "2026-02-01T10:05:00Z",
+            "component": [
+                {
+                    "code": {"coding": [{"system": LOINC, "code": "8480-6"}]},
+                    "valueQuantity": {"value": 150, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"},
+                },
+                {
+                    "code": {"coding": [{"system": LOINC, "code": "8462-4"}]},
+                    "valueQuantity": {"value": 95, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"},
+                },
+            ],
+        },
+        {
+            "resourceType": "Provenance",
+            "id": ids["prov"],
+            "target": [{"reference": f"Observation/{ids['o1']}"}],
+            "recorded": "2026-01-10T08:15:00Z",
+            "agent": [{"who": {"reference": f"Practitioner/{ids['doc']}"}}],
+        },
     ]
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
-            {"resource": _tagged(r, tag), "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+            {
+                "resource": _tagged(r, tag),
+                "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"},
+            }
             for r in resources
         ],
     }
@@ -93,12 +152,23 @@ def world(live_server: Any) -> dict[str, Any]:
     return {"tag": tag, "ids": ids, "base": live_server.base}
 
 
-def _obs(oid: str, patient: str, encounter: str, code: str, value: float, unit: str, when: str) -> dict[str, Any]:
+def _obs(
+    oid: str, patient: str, encounter: str, code: str, value: float, unit: str, when: str
+) -> dict[str, Any]:
     return {
         "resourceType": "Observation",
         "id": oid,
         "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "vital-signs",
+                    }
+                ]
+            }
+        ],
         "code": {"coding": [{"system": LOINC, "code": code}]},
         "subject": {"reference": f"Patient/{patient}"},
         "encounter": {"reference": f"Encounter/{encounter}"},
@@ -193,16 +263,24 @@ def test_chaining_one_and_two_levels(world: dict[str, Any]) -> None:
 def test_reverse_chaining(world: dict[str, Any]) -> None:
     assert ids_of(world, "Patient", **{"_has:Observation:patient:code": "29463-7"}) == {"hoa", "duc"}
     assert ids_of(world, "Patient", **{"_has:Condition:subject:code": "I10"}) == {"duc"}
-    assert ids_of(world, "Patient", **{"_has:Observation:patient:_has:Provenance:target:agent": world["ids"]["doc"]}) == {"hoa"}
+    assert ids_of(
+        world, "Patient", **{"_has:Observation:patient:_has:Provenance:target:agent": world["ids"]["doc"]}
+    ) == {"hoa"}
 
 
 def test_sort_on_parameters(world: dict[str, Any]) -> None:
     newest = search(world, "Observation", _sort="-date")
-    assert [e["resource"]["id"] for e in newest["entry"]] == [world["ids"][k] for k in ("o4", "bp", "o3", "o2", "o1")]
+    assert [e["resource"]["id"] for e in newest["entry"]] == [
+        world["ids"][k] for k in ("o4", "bp", "o3", "o2", "o1")
+    ]
     by_value = search(world, "Observation", _sort="value-quantity")
-    assert [e["resource"]["id"] for e in by_value["entry"]] == [world["ids"][k] for k in ("o2", "o1", "o3", "o4", "bp")]  # no value sorts last
+    assert [e["resource"]["id"] for e in by_value["entry"]] == [
+        world["ids"][k] for k in ("o2", "o1", "o3", "o4", "bp")
+    ]  # no value sorts last
     two_keys = search(world, "Patient", _sort="family,-birthdate")
-    assert [e["resource"]["id"] for e in two_keys["entry"]] == [world["ids"][k] for k in ("lan", "hoa", "duc")]
+    assert [e["resource"]["id"] for e in two_keys["entry"]] == [
+        world["ids"][k] for k in ("lan", "hoa", "duc")
+    ]
 
 
 def test_include_revinclude_and_iterate(world: dict[str, Any]) -> None:
@@ -214,10 +292,17 @@ def test_include_revinclude_and_iterate(world: dict[str, Any]) -> None:
     rev = search(world, "Observation", _id=world["ids"]["o1"], _revinclude="Provenance:target")
     assert [e["resource"]["resourceType"] for e in rev["entry"]] == ["Observation", "Provenance"]
     chained = search(
-        world, "Observation", _id=world["ids"]["o1"],
-        _include="Observation:encounter", **{"_include:iterate": "Encounter:participant"},
+        world,
+        "Observation",
+        _id=world["ids"]["o1"],
+        _include="Observation:encounter",
+        **{"_include:iterate": "Encounter:participant"},
     )
-    assert {e["resource"]["resourceType"] for e in chained["entry"]} == {"Observation", "Encounter", "Practitioner"}
+    assert {e["resource"]["resourceType"] for e in chained["entry"]} == {
+        "Observation",
+        "Encounter",
+        "Practitioner",
+    }
     targeted = search(world, "Observation", _id=world["ids"]["o1"], _include="Observation:subject:Group")
     assert len(targeted["entry"]) == 1
 
@@ -239,10 +324,14 @@ def test_composite(world: dict[str, Any]) -> None:
     assert ids_of(world, "Observation", **{"code-value-quantity": f"8867-4$72|{UCUM}|/min"}) == {"o1"}
     assert ids_of(world, "Observation", **{"code-value-quantity": "8867-4$72|http://other|/min"}) == set()
     # The systolic component is over 140, the diastolic is not: components are not mixed up.
-    assert ids_of(world, "Observation", **{"component-code-value-quantity": f"{LOINC}|8480-6$gt140"}) == {"bp"}
+    assert ids_of(world, "Observation", **{"component-code-value-quantity": f"{LOINC}|8480-6$gt140"}) == {
+        "bp"
+    }
     assert ids_of(world, "Observation", **{"component-code-value-quantity": f"{LOINC}|8462-4$gt140"}) == set()
     assert ids_of(world, "Observation", **{"combo-code-value-quantity": "8462-4$95"}) == {"bp"}
-    assert httpx.get(f"{world['base']}/Observation", params={"code-value-quantity": "8867-4"}).status_code == 400
+    assert (
+        httpx.get(f"{world['base']}/Observation", params={"code-value-quantity": "8867-4"}).status_code == 400
+    )
 
 
 def test_unsupported_sort_and_bad_include_are_400(world: dict[str, Any]) -> None:
