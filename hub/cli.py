@@ -115,26 +115,32 @@ def registry_import_official(
 def _import(paths: list[Path], workers: int | None):  # type: ignore[no-untyped-def]
     from hub.app_factory import build_router
     from hub.ingest.pipeline import Importer
-    from hub.ingest.sources import discover, units
+    from hub.ingest.prepare import Prepared
+    from hub.ingest.sources import discover
 
     router = build_router()
-    total_units = sum(1 for _ in units(discover(paths)))
+    total_files = len(discover(paths))
     importer = Importer(router, workers=workers)
+    files_seen: set[str] = set()
     columns = (
         TextColumn("[bold]Importing"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("files"),
         TextColumn("{task.fields[stored]} resources"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("import", total=total_units, stored=0)
-        report = importer.run(
-            paths,
-            lambda _p: progress.update(
-                task, advance=1, stored=importer.report.stored + len(importer._pending)
-            ),
-        )
+        task = progress.add_task("import", total=total_files, stored=0)
+
+        def advance(prepared: Prepared) -> None:
+            source = prepared.unit.source
+            file_name = source.rsplit(":", 1)[0] if prepared.unit.kind == "ndjson" else source
+            new_file = file_name not in files_seen
+            files_seen.add(file_name)
+            progress.update(task, advance=1 if new_file else 0, stored=importer.processed)
+
+        report = importer.run(paths, advance)
     table = Table(
         title=f"Imported {report.stored} resources from {report.files} files in {report.seconds:.1f} s ({report.rate:,.0f}/s)"
     )

@@ -13,9 +13,9 @@ import multiprocessing
 import os
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from hub.search.registry import Registry
 from hub.store import NewResource, Store, reader, writer
 
 FLUSH_RESOURCES = 5000
+IN_FLIGHT_PER_WORKER = 4
 
 
 @dataclass
@@ -60,7 +61,13 @@ class Importer:
         self.workers = workers if workers is not None else max(os.cpu_count() or 1, 1)
         self.report = ImportReport()
         self._pending: list[NewResource] = []
-        self._known: dict[str, str] = {}  # id -> type, for ids created in this run
+        # id -> type of resources queued but not yet written; after a flush the database answers.
+        self._known: dict[str, str] = {}
+
+    @property
+    def processed(self) -> int:
+        """Resources stored or queued for the next bulk write."""
+        return self.report.stored + len(self._pending)
 
     def run(self, paths: list[Path], progress: Callable[[Prepared], None] | None = None) -> ImportReport:
         started = time.perf_counter()
@@ -80,8 +87,16 @@ class Importer:
             yield from map(prepare, work)
             return
         context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        # Executor.map would submit every unit at once and hold all their payloads in memory;
+        # a bounded window keeps memory flat for any input size, and results stay in order.
+        window: deque[Future[Prepared]] = deque()
         with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-            yield from pool.map(prepare, work, chunksize=1)
+            for unit in work:
+                window.append(pool.submit(prepare, unit))
+                if len(window) >= self.workers * IN_FLIGHT_PER_WORKER:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
 
     # --- main-process side ----------------------------------------------------------------
 
@@ -177,6 +192,7 @@ class Importer:
         batch, self._pending = self._pending, []
         with self.store.write() as conn:
             writer.insert_new(conn, batch)
+        self._known.clear()
         self.report.created.update(r.res_type for r in batch)
 
     def _run_transaction(self, unit: Unit) -> None:
