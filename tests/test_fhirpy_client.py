@@ -63,6 +63,29 @@ async def test_fhirpy_crud_search_and_transaction(live_server: LiveServer) -> No
     observations = await client.resources("Observation").search(subject=f"Patient/{patient.id}").fetch_all()
     assert len(observations) == 1
 
+    # Chaining, sorting and _include through the client's own query builder.
+    chained = (
+        await client.resources("Observation")
+        .search(**{"subject:Patient.identifier": f"{CCCD}|{value}"})
+        .fetch_all()
+    )
+    assert [o["subject"]["reference"] for o in chained] == [f"Patient/{patient.id}"]
+    raw = (
+        await client.resources("Observation")
+        .search(patient=patient.id)
+        .include("Observation", "patient")
+        .sort("-date")
+        .fetch_raw()
+    )
+    modes = sorted((e["resource"]["resourceType"], e["search"]["mode"]) for e in raw["entry"])
+    assert modes == [("Observation", "match"), ("Patient", "include")]
+    has = (
+        await client.resources("Patient")
+        .search(**{"_has:Observation:patient:code": "29463-7", "identifier": f"{CCCD}|{value}"})
+        .fetch_all()
+    )
+    assert [p.id for p in has] == [patient.id]
+
     await fetched.delete()
     with pytest.raises(ResourceNotFound):
         await client.reference("Patient", patient.id).to_resource()
