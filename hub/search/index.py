@@ -50,8 +50,8 @@ def _tokens(value: Any) -> Iterator[tuple[str | None, str | None, str | None]]:
         if "coding" in value or ("text" in value and "value" not in value and "code" not in value):
             text = value.get("text")
             for coding in value.get("coding", ()):
-                yield coding.get("system"), coding.get("code"), coding.get("display") or text
-            if text and not value.get("coding"):
+                yield coding.get("system"), coding.get("code"), coding.get("display")
+            if text:  # :text matches CodeableConcept.text as well as each Coding.display
                 yield None, None, text
         elif "code" in value:  # Coding, Quantity-as-token
             yield value.get("system"), value.get("code"), value.get("display")
@@ -117,7 +117,7 @@ def rows_for(param: SearchParam, resource: dict[str, Any], out: IndexRows) -> No
                         hash64(rtype, code, system, token),
                         system,
                         token,
-                        display,
+                        fold(display) if display else None,
                     )
                 )
     elif kind == "reference":

@@ -86,10 +86,11 @@ def _range_condition(
 def token(param: SearchParam, value: str, modifier: str | None) -> PidSet:
     rtype, code = param.resource_type, param.code
     if modifier == "text":
+        # R4: ":text" is a string search (folded starts-with) on Coding.display and the text.
         return _pids_in(
             idx_token,
             idx_token.c.hash_identity == param.hash_identity,
-            sa.func.lower(idx_token.c.display).like(f"%{value.lower()}%"),
+            idx_token.c.display.startswith(fold(value), autoescape=True),
         )
     if "|" in value:
         system, code_value = value.split("|", 1)
