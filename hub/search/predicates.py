@@ -70,10 +70,11 @@ def _range_condition(
         return high > q_high
     if prefix == "lt":
         return low < q_low
-    if prefix == "ge":
-        return high >= q_low
+    contained = sa.and_(low >= q_low, high <= q_high)
+    if prefix == "ge":  # the range above the search value overlaps the target, or contains it
+        return sa.or_(high > q_high, contained)
     if prefix == "le":
-        return low <= q_high
+        return sa.or_(low < q_low, contained)
     if prefix == "sa":
         return low > q_high
     if prefix == "eb":
