@@ -57,7 +57,7 @@ def issues_from(error: ValidationError, resource_type: str) -> list[Issue]:
     return issues
 
 
-def validate_resource(raw: bytes, resource_type: str) -> None:
+def validate_resource(raw: bytes, resource_type: str, document: dict[str, Any] | None = None) -> None:
     """Raise a 422 FhirError listing every problem; return None when the resource is valid."""
     model = model_class(resource_type)
     if model is None:
@@ -78,7 +78,7 @@ def validate_resource(raw: bytes, resource_type: str) -> None:
         ) from None
     # fhir_core coerces nested primitives ("active": "yes" becomes True); the store keeps the
     # received JSON, so the JSON types themselves must be right.
-    type_issues = json_type_issues(orjson.loads(raw), resource_type)
+    type_issues = json_type_issues(document if document is not None else orjson.loads(raw), resource_type)
     if type_issues:
         raise unprocessable(type_issues)
 

@@ -83,6 +83,12 @@ def test_reimport_creates_new_resources_without_collisions(fresh_database_url) -
     assert report.errors == []
     per_bundle = Counter(e["resource"]["resourceType"] for e in json.loads(one.read_bytes())["entry"])
     assert _stored_counts(url) == Counter({t: 2 * n for t, n in per_bundle.items()})
+    # The copies got fresh ids; their fullUrls now name the newest copy, as over REST.
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        aliases = conn.execute(sa.text("SELECT count(*) FROM fullurl_alias")).scalar_one()
+    engine.dispose()
+    assert aliases == sum(per_bundle.values())
 
 
 @pytest.mark.slow

@@ -24,12 +24,13 @@ import orjson
 import sqlalchemy as sa
 
 from hub.errors import FhirError
-from hub.ingest.prepare import UNRESOLVED, Prepared, prepare
+from hub.ingest.prepare import UNRESOLVED, Prepared, prepare, prepare_without_payload
 from hub.ingest.sources import Unit, discover, units
 from hub.rest import FhirRequest, FhirRouter
 from hub.search.hashing import hash64
 from hub.search.registry import Registry
 from hub.store import NewResource, Store, reader, writer
+from hub.store import aliases as fullurl_aliases
 
 FLUSH_RESOURCES = 5000
 IN_FLIGHT_PER_WORKER = 4
@@ -63,6 +64,8 @@ class Importer:
         self._pending: list[NewResource] = []
         # id -> type of resources queued but not yet written; after a flush the database answers.
         self._known: dict[str, str] = {}
+        # fullUrls whose resource got a fresh id, recorded with the next write (as REST does).
+        self._aliases: list[dict[str, str]] = []
 
     @property
     def processed(self) -> int:
@@ -89,14 +92,21 @@ class Importer:
         context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
         # Executor.map would submit every unit at once and hold all their payloads in memory;
         # a bounded window keeps memory flat for any input size, and results stay in order.
-        window: deque[Future[Prepared]] = deque()
+        window: deque[tuple[Unit, Future[Prepared]]] = deque()
+
+        def arrived() -> Prepared:
+            unit, future = window.popleft()
+            prepared = future.result()
+            prepared.unit = unit  # workers send results back without the payload
+            return prepared
+
         with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
             for unit in work:
-                window.append(pool.submit(prepare, unit))
+                window.append((unit, pool.submit(prepare_without_payload, unit)))
                 if len(window) >= self.workers * IN_FLIGHT_PER_WORKER:
-                    yield window.popleft().result()
+                    yield arrived()
             while window:
-                yield window.popleft().result()
+                yield arrived()
 
     # --- main-process side ----------------------------------------------------------------
 
@@ -128,7 +138,14 @@ class Importer:
         if taken:
             # POST always creates: a uuid already in use (Synthea repeats the hospital's
             # organizations in every patient bundle) gets a fresh id, as the REST path does.
-            resources = _renumber(self.store.registry, resources, {i: str(uuid.uuid4()) for i in taken})
+            new_ids = {i: str(uuid.uuid4()) for i in taken}
+            resources = _renumber(self.store.registry, resources, new_ids)
+            old_by_new = {new: old for old, new in new_ids.items()}
+            self._aliases += [
+                {"full_url": f"urn:uuid:{old_by_new[r.res_id]}", "res_type": r.res_type, "res_id": r.res_id}
+                for r in resources
+                if r.res_id in old_by_new
+            ]
         for item in resources:
             self._known[item.res_id] = item.res_type
         self._queue(resources)
@@ -192,6 +209,8 @@ class Importer:
         batch, self._pending = self._pending, []
         with self.store.write() as conn:
             writer.insert_new(conn, batch)
+            fullurl_aliases.record(conn, self._aliases)
+        self._aliases = []
         self._known.clear()
         self.report.created.update(r.res_type for r in batch)
 

@@ -10,7 +10,7 @@ Calls: records (finalize = validate + index), references.  Called by: the pipeli
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -49,6 +49,13 @@ def prepare(unit: Unit) -> Prepared:
         result.errors.append(f"{unit.source}: not valid JSON: {exc}")
         result.rejected += 1
     return result
+
+
+def prepare_without_payload(unit: Unit) -> Prepared:
+    """``prepare`` for a worker process: the caller keeps the unit, so its bytes need not travel back."""
+    prepared = prepare(unit)
+    prepared.unit = replace(unit, payload=b"")
+    return prepared
 
 
 def _is_plain_post(entry: dict[str, Any]) -> bool:

@@ -16,11 +16,11 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 import sqlalchemy as sa
 
-from hub.db.schema import fullurl_alias
 from hub.errors import FhirError, Issue, bad_request, precondition_failed
 from hub.rest.interactions import respond_with
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.search import engine as search_engine
+from hub.store import aliases as fullurl_aliases
 from hub.store import reader
 from hub.store.references import URN_UUID, rewrite, uuid_of
 from hub.store.store import new_id
@@ -157,11 +157,7 @@ def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry])
                         responses[current.index].status, [Issue("processing", "GET entry failed")]
                     )
             current = None
-            if new_aliases:
-                # The newest resource created under a fullUrl is what later bundles mean by it.
-                urls = [a["full_url"] for a in new_aliases]
-                conn.execute(fullurl_alias.delete().where(fullurl_alias.c.full_url.in_(urls)))
-                conn.execute(fullurl_alias.insert(), list({a["full_url"]: a for a in new_aliases}.values()))
+            fullurl_aliases.record(conn, new_aliases)
     except FhirError as error:
         where = f"Bundle.entry[{current.index}]" if current is not None else "Bundle"
         issues = [
@@ -278,13 +274,9 @@ class _Resolver:
         return None
 
     def _earlier_transaction(self, reference: str) -> str:
-        alias = self.conn.execute(
-            sa.select(fullurl_alias.c.res_type, fullurl_alias.c.res_id).where(
-                fullurl_alias.c.full_url == reference
-            )
-        ).first()
+        alias = fullurl_aliases.lookup(self.conn, reference)
         if alias is not None:
-            return f"{alias.res_type}/{alias.res_id}"
+            return f"{alias[0]}/{alias[1]}"
         bare = uuid_of(reference)
         types = reader.resolve_bare_ids(self.conn, [bare]).get(bare or "", []) if bare else []
         if len(types) == 1:

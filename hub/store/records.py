@@ -78,7 +78,7 @@ def finalize(
         meta = {}
     resource["meta"] = {**meta, "versionId": str(version), "lastUpdated": instant(last_updated)}
     content = orjson.dumps(resource)
-    validate_resource(content, res_type)
+    validate_resource(content, res_type, resource)
     return NewResource(
         res_type, res_id, version, last_updated, content, extract_index_rows(registry, res_type, resource)
     )
