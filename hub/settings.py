@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SQLITE = REPO_ROOT / "var" / "hub.sqlite3"
 DEFAULT_EXPORT_DIR = REPO_ROOT / "var" / "exports"
+KEY_DIR = REPO_ROOT / "var" / "keys"
 
 
 class Settings(BaseSettings):
@@ -29,6 +30,32 @@ class Settings(BaseSettings):
     sql_echo: bool = False
     # Bulk Data $export writes its NDJSON files under {export_dir}/{job id}/.
     export_dir: Path = DEFAULT_EXPORT_DIR
+
+    # --- access layer -------------------------------------------------------------------
+    # Every FHIR request needs a bearer token. Turn off only for a private, single-user hub.
+    auth_required: bool = True
+    # The hub's own token issuer (users in `hub_user`, `/auth/token`, `hub token`). Its
+    # ES256 key is created at first use; tokens from other issuers are verified against
+    # the keys in auth_jwks_file (a JWKS document).
+    auth_issuer: str = "http://127.0.0.1:8000/auth"
+    auth_audience: str = "http://127.0.0.1:8000/fhir"
+    auth_signing_key_file: Path = KEY_DIR / "token-signing-es256.pem"
+    auth_jwks_file: Path | None = None
+    token_ttl_seconds: int = 3600
+    # "moh": clinicians of the patient's managing organization or care team may read for
+    # treatment without explicit consent; "consent-only": every recipient needs consent.
+    consent_policy: str = "moh"
+    break_glass_minutes: int = 60
+    # Envelope encryption of identifiers and sensitive resources: the master key wraps the
+    # data keys kept in `data_key`. HUB_MASTER_KEY (base64, 32 bytes) wins over the file.
+    encrypt_at_rest: bool = True
+    master_key_file: Path = KEY_DIR / "master.key"
+    hub_master_key: str | None = None
+    # Rate limits, "count/period" with period second|minute|hour; kept in Redis when
+    # REDIS_URL is set, in process memory otherwise.
+    rate_limit_per_token: str = "1200/minute"
+    rate_limit_per_ip: str = "2400/minute"
+    rate_limit_login: str = "20/minute"
 
 
 @lru_cache

@@ -221,6 +221,100 @@ export_job = sa.Table(
     sa.Column("output", sa.JSON, nullable=True),  # [{"type", "url", "count"}]
 )
 
+# --- access layer (see consent/ and docs/storage.md) -------------------------------------
+Moment = sa.DateTime(timezone=True)
+
+# Which patients' records a resource belongs to (the R4 Patient compartment), with the
+# sensitivity labels of the resource as a bit mask (consent.labels). Derived at write time
+# like an index, but kept when the resource is deleted so its history stays protected.
+compartment = sa.Table(
+    "compartment",
+    metadata,
+    sa.Column("pid", Pid, nullable=False),
+    sa.Column("patient_id", sa.String(64), nullable=False),
+    sa.Column("labels", sa.Integer, nullable=False),
+    sa.Index(None, "pid", "patient_id"),
+    sa.Index(None, "patient_id"),
+)
+
+# Who may read a patient's data, for which purposes and labels, derived from the resource
+# that says so (pid: a Consent, a Patient's managing organization, a CareTeam, a
+# RelatedPerson). Break-glass grants have no source resource: pid is minus the
+# break_glass id, so no resource write ever removes them.
+access_grant = sa.Table(
+    "access_grant",
+    metadata,
+    sa.Column("pid", Pid, nullable=False),
+    sa.Column("patient_id", sa.String(64), nullable=False),
+    sa.Column("grantee", sa.String(130), nullable=False),  # "Organization/1", "Practitioner/2" or "*"
+    sa.Column("purpose", sa.String(32), nullable=False),  # v3 ActReason code or "*"
+    sa.Column("effect", sa.String(8), nullable=False),  # permit | deny
+    sa.Column("labels", sa.Integer, nullable=False),
+    sa.Column("basis", sa.String(16), nullable=False),  # policy | consent | break-glass
+    sa.Column("starts", Moment, nullable=True),
+    sa.Column("ends", Moment, nullable=True),
+    sa.Index(None, "patient_id", "grantee"),
+    sa.Index(None, "grantee"),
+    sa.Index(None, "pid"),
+)
+
+# Emergency access a clinician opened by stating a reason; an alert until reviewed.
+break_glass = sa.Table(
+    "break_glass",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("subject", sa.String(200), nullable=False),
+    sa.Column("fhir_user", sa.String(130), nullable=False),
+    sa.Column("organizations", sa.JSON, nullable=False),
+    sa.Column("patient_id", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("started", Moment, nullable=False),
+    sa.Column("expires", Moment, nullable=False),
+    sa.Column("reviewed_at", Moment, nullable=True),
+    sa.Column("reviewed_by", sa.String(200), nullable=True),
+    sa.Column("review_note", sa.Text, nullable=True),
+    sa.Index(None, "patient_id"),
+    sa.Index(None, "fhir_user", "expires"),
+)
+
+# Accounts for the hub's own token issuer (embedded default and demos).
+hub_user = sa.Table(
+    "hub_user",
+    metadata,
+    sa.Column("username", sa.String(200), primary_key=True),
+    sa.Column("password_hash", sa.Text, nullable=True),  # None: service account, tokens only
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("fhir_user", sa.String(130), nullable=True),
+    sa.Column("organizations", sa.JSON, nullable=False),
+    sa.Column("scopes", sa.Text, nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+    sa.Column("created", Moment, nullable=False),
+)
+
+# The audit trail's hash chain: one row per AuditEvent, in commit order. chain =
+# sha256(previous chain || digest of the AuditEvent's stored JSON); `hub audit verify`
+# recomputes it to detect edits, deletions and reordering.
+audit_chain = sa.Table(
+    "audit_chain",
+    metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("res_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("chain", sa.String(64), nullable=False),
+    sa.Column("recorded", Moment, nullable=False),
+)
+
+# Envelope encryption: data keys wrapped by a master key (hub.crypto).
+data_key = sa.Table(
+    "data_key",
+    metadata,
+    sa.Column("kid", sa.String(64), primary_key=True),
+    sa.Column("wrapped", sa.LargeBinary, nullable=False),
+    sa.Column("master_kid", sa.String(64), nullable=False),
+    sa.Column("created", Moment, nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False),
+)
+
 INDEX_TABLES: dict[str, sa.Table] = {
     "string": idx_string,
     "token": idx_token,
@@ -230,4 +324,7 @@ INDEX_TABLES: dict[str, sa.Table] = {
     "uri": idx_uri,
     "reference": idx_reference,
     "composite": idx_composite,
+    # Not search parameters, but derived from content the same way (see consent.derive).
+    "compartment": compartment,
+    "access_grant": access_grant,
 }

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from hub.auth.principal import Principal
 from hub.errors import bad_request
 
 FHIR_JSON = "application/fhir+json"
@@ -28,6 +29,9 @@ class FhirRequest:
     parsed_body: dict[str, Any] | None = None  # set when the caller already parsed the JSON
     # Set by a transaction for a POST whose id it chose up front (so references could point to it).
     assigned_id: str | None = None
+    # Who asks (set by the web adapter from the bearer token); None = not authenticated.
+    principal: Principal | None = None
+    client_address: str | None = None
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
