@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path("/work/shared/data/synthea/bundles_r4_300_patients_gz")
 HUB = str(Path(sys.executable).parent / "hub")
 PG = "postgresql://postgres@127.0.0.1:5432"
+# Rate limits (hub.api.ratelimit) lifted for the server under test: all load is one client.
+UNLIMITED = {"RATE_LIMIT_PER_IP": "1000000/second", "RATE_LIMIT_PER_TOKEN": "1000000/second"}
 LOAD_FIRST = ("hospitalInformation", "practitionerInformation")
 
 
@@ -268,7 +270,7 @@ def run_http(backend: str, files: list[Path], expected: int, concurrency: int, t
     cmd = [HUB, "serve", "--port", str(port), "--workers", "2" if backend == "postgresql" else "1"]
     log = (tmp / f"serve-{backend}.log").open("wb")
     server = subprocess.Popen(
-        cmd, env={**os.environ, "DATABASE_URL": url, "BASE_URL": base}, stdout=log, stderr=log
+        cmd, env={**os.environ, "DATABASE_URL": url, "BASE_URL": base, **UNLIMITED}, stdout=log, stderr=log
     )
     local = threading.local()
 

@@ -35,8 +35,16 @@ def serve(
     import uvicorn
 
     console.print(f"FHIR base: http://{host}:{port}/fhir  (database: {_safe_url()})")
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 and
+    # rewrite the client address; the hub decides whom to believe (TRUSTED_PROXIES).
     uvicorn.run(
-        "hub.api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info"
+        "hub.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        proxy_headers=False,
     )
 
 

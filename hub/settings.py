@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     rate_limit_per_token: str = "1200/minute"
     rate_limit_per_ip: str = "2400/minute"
     rate_limit_login: str = "20/minute"
+    # Redis key prefix of the rate-limit counters, so hubs (or test runs) can share a Redis.
+    rate_limit_key_prefix: str = "hub-ratelimit"
+    # Reverse proxies (addresses or CIDR networks) whose X-Forwarded-For is believed when
+    # limiting per client IP. Empty: the TCP peer is the client. Env: TRUSTED_PROXIES='["10.0.0.0/8"]'.
+    trusted_proxies: list[str] = []
 
 
 @lru_cache

@@ -90,7 +90,13 @@ class LiveServer:
     def __init__(self, database_url: str) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}/fhir"
-        settings = Settings(database_url=database_url, base_url=self.base)
+        # Limits out of the way of the functional tests (tests/test_ratelimit.py has its own).
+        settings = Settings(
+            database_url=database_url,
+            base_url=self.base,
+            rate_limit_per_ip="1000000/second",
+            rate_limit_per_token="1000000/second",
+        )
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

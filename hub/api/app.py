@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub import __version__
+from hub.api.ratelimit import add_rate_limits
 from hub.app_factory import build_router
 from hub.errors import FhirError, Issue
 from hub.ops.export import NDJSON, export_file_path
@@ -116,4 +117,6 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
         return _outcome_response(400, "invalid", str(exc.errors()))
 
+    # Added last so it runs first: throttling comes before authentication and routing.
+    add_rate_limits(app, settings)
     return app
