@@ -305,6 +305,7 @@ def probe(base: str, plans: dict[str, list[Request]], notes: list[str]) -> list[
 def explain(url: str, request: Request) -> str:
     """EXPLAIN ANALYZE every SELECT the hub runs to answer ``request`` (in-process, same code)."""
     from hub.app_factory import build_router
+    from hub.auth.principal import system_principal
     from hub.rest import FhirRequest
     from hub.settings import Settings
 
@@ -317,7 +318,13 @@ def explain(url: str, request: Request) -> str:
 
     path, _, query = request.path.partition("?")
     headers = {k.lower(): v for k, v in request.headers.items()}
-    fhir = FhirRequest("GET", path, query=parse_qsl(query, keep_blank_values=True), headers=headers)
+    fhir = FhirRequest(
+        "GET",
+        path,
+        query=parse_qsl(query, keep_blank_values=True),
+        headers=headers,
+        principal=system_principal("bench"),
+    )
     router.handle(fhir)  # warm caches, as the benchmark's warm-up did
     sa.event.listen(engine, "before_cursor_execute", grab)
     response = router.handle(fhir)

@@ -1,14 +1,17 @@
 """Wiring: settings -> engine -> store -> router. One place builds the object graph.
 
-Calls: settings, engine, registry, store, router.  Called by: the CLI, the API, tests, bench.
+Calls: settings, engine, key configuration (hub.crypto), registry, store, router.  Called by: the CLI, the API, tests, bench.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
+from hub.audit.trail import AuditTrail
+from hub.crypto.keys import configure as configure_keys
 from hub.db.engine import create_engine
 from hub.rest import FhirRouter
+from hub.rest.gate import Gate
 from hub.rest.interactions import Context
 from hub.search.registry import get_registry
 from hub.settings import Settings, get_settings
@@ -18,14 +21,24 @@ from hub.store import Store
 def build_router(settings: Settings | None = None, engine: sa.Engine | None = None) -> FhirRouter:
     settings = settings or get_settings()
     engine = engine or create_engine(settings.database_url, echo=settings.sql_echo)
+    # The master key and encrypt_at_rest of this database, for every store/ingest path.
+    configure_keys(settings, engine)
     registry = get_registry()
-    return FhirRouter(
-        Context(
-            store=Store(engine, registry),
-            registry=registry,
-            base_url=settings.base_url.rstrip("/"),
-            default_count=settings.default_page_size,
-            max_count=settings.max_page_size,
-            export_dir=settings.export_dir,
-        )
+    store = Store(engine, registry)
+    base_url = settings.base_url.rstrip("/")
+    gate = Gate(
+        store,
+        AuditTrail(store, base_url),
+        policy=settings.consent_policy,
+        break_glass_minutes=settings.break_glass_minutes,
     )
+    context = Context(
+        store=store,
+        registry=registry,
+        base_url=base_url,
+        default_count=settings.default_page_size,
+        max_count=settings.max_page_size,
+        export_dir=settings.export_dir,
+        disclosed=gate.disclosed,
+    )
+    return FhirRouter(context, gate)

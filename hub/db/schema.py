@@ -251,8 +251,9 @@ access_grant = sa.Table(
     sa.Column("effect", sa.String(8), nullable=False),  # permit | deny
     sa.Column("labels", sa.Integer, nullable=False),
     sa.Column("basis", sa.String(16), nullable=False),  # policy | consent | break-glass
-    sa.Column("starts", Moment, nullable=True),
-    sa.Column("ends", Moment, nullable=True),
+    # Unix seconds, so the hot visibility check compares integers on every backend.
+    sa.Column("starts", sa.BigInteger, nullable=True),
+    sa.Column("ends", sa.BigInteger, nullable=True),
     sa.Index(None, "patient_id", "grantee"),
     sa.Index(None, "grantee"),
     sa.Index(None, "pid"),

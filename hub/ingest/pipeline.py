@@ -23,6 +23,10 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from hub.auth.principal import system_principal
+from hub.crypto.keys import bound as bound_keys
+from hub.crypto.keys import install_worker as install_worker_keys
+from hub.crypto.keys import worker_state as worker_key_state
 from hub.errors import FhirError
 from hub.ingest.prepare import UNRESOLVED, Prepared, prepare, prepare_without_payload
 from hub.ingest.sources import Unit, discover, units
@@ -87,7 +91,11 @@ class Importer:
 
     def _prepared(self, work: Iterable[Unit]) -> Iterator[Prepared]:
         if self.workers <= 1:
-            yield from map(prepare, work)
+            for unit in work:
+                # finalize reads the index key and encrypt flag of the database written to
+                with bound_keys(self.store.engine):
+                    prepared = prepare(unit)
+                yield prepared
             return
         context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
         # Executor.map would submit every unit at once and hold all their payloads in memory;
@@ -100,7 +108,14 @@ class Importer:
             prepared.unit = unit  # workers send results back without the payload
             return prepared
 
-        with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+        # Workers get the index key and the encrypt flag, no DEK and no master key: they decide
+        # what is sealed, the writer in this process seals it.
+        with ProcessPoolExecutor(
+            self.workers,
+            mp_context=context,
+            initializer=install_worker_keys,
+            initargs=worker_key_state(self.store.engine),
+        ) as pool:
             for unit in work:
                 window.append((unit, pool.submit(prepare_without_payload, unit)))
                 if len(window) >= self.workers * IN_FLIGHT_PER_WORKER:
@@ -221,7 +236,9 @@ class Importer:
             self.report.errors.append(f"{unit.source}: cannot be imported")
             self.report.rejected += 1
             return
-        response = self.router.handle(FhirRequest("POST", "", body=body))
+        response = self.router.handle(
+            FhirRequest("POST", "", body=body, principal=system_principal("hub-import"))
+        )
         if response.status >= 400:
             outcome = orjson.loads(response.body or b"{}")
             messages = "; ".join(i.get("diagnostics", "") for i in outcome.get("issue", []))

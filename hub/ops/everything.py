@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from consent.context import report, visible_clause
+from hub.crypto.envelope import open_content
 from hub.db.schema import idx_reference, resource
 from hub.errors import bad_request, not_found
 from hub.ops import compartment
@@ -85,7 +87,7 @@ def everything_pids(registry: Registry, patient_ids: compartment.PatientIds) -> 
 
     Deleted resources may appear (the Patient rows, deleted reference targets): callers filter.
     """
-    members = compartment.member_pids(registry, patient_ids).cte("compartment")
+    members = compartment.member_pids(registry, patient_ids).cte("compartment_members")
     target = resource.alias("target")
     referenced = (
         sa.select(target.c.pid)
@@ -142,6 +144,9 @@ def _everything(
         resource.c.pid.in_(everything_pids(ctx.registry, patient_ids)),
         resource.c.deleted.is_(False),
     ]
+    visible = visible_clause(resource)
+    if visible is not None:
+        conditions.append(visible)
     if types is not None:
         conditions.append(resource.c.res_type.in_(types))
     if since is not None:
@@ -175,17 +180,22 @@ def _page(
         total = conn.execute(sa.select(sa.func.count()).select_from(resource).where(*conditions)).scalar_one()
         return total, []
     pids = [row.pid for row in page]
+    report(pids)
     rows = conn.execute(
         sa.select(resource.c.pid, resource.c.res_type, resource.c.res_id, resource.c.content).where(
             resource.c.pid.in_(pids)
         )
     )
     by_pid = {
-        r.pid: (r.res_type, r.res_id, r.content if isinstance(r.content, bytes) else r.content.encode())
+        r.pid: (r.res_type, r.res_id, open_content(_bytes(r.content), r.res_type, r.res_id))
         for r in rows
         if r.content is not None  # deleted by a commit between the two statements
     }
     return page[0].total, [by_pid[pid] for pid in pids if pid in by_pid]
+
+
+def _bytes(content: str | bytes) -> bytes:
+    return content if isinstance(content, bytes) else content.encode()
 
 
 @operation("everything", "instance", "Patient", methods=("GET",))

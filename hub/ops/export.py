@@ -49,6 +49,9 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 import sqlalchemy as sa
 
+from consent import context as access_context
+from hub.crypto.envelope import open_content
+from hub.crypto.keys import bound as bound_keys
 from hub.db.schema import export_job, idx_reference, resource
 from hub.errors import FhirError, Issue, bad_request, not_found, operation_outcome
 from hub.ops import compartment
@@ -60,6 +63,8 @@ from hub.search.query import RESULT_PARAMS
 from hub.store.records import as_utc, instant, now
 
 if TYPE_CHECKING:
+    from consent.decision import Access
+    from hub.auth.principal import Principal
     from hub.rest.interactions import Context
     from hub.rest.router import FhirRouter
     from hub.search.registry import Registry
@@ -88,6 +93,7 @@ class ExportSpec:
     group_id: str | None = None
     since: str | None = None  # instant
     type_filters: dict[str, list[str]] = field(default_factory=dict)  # type -> search queries, ORed
+    owner: str | None = None  # the principal (subject) who kicked it off: only they poll and download
 
 
 # --- kick-off ------------------------------------------------------------------------------
@@ -147,6 +153,7 @@ def _kick_off(
         group_id=group_id,
         since=instant(since) if since is not None else None,
         type_filters=type_filters,
+        owner=request.principal.subject if request.principal else None,
     )
     query = f"?{urlencode(request.query)}" if request.query else ""
     with ctx.store.write() as conn:
@@ -161,7 +168,9 @@ def _kick_off(
                 created=now(),
             )
         )
-    _EXECUTOR.submit(run_job, ctx, job_id)
+    # The job runs later on another thread: it carries the requester's Access with it, so
+    # an export never sees more than the same requester's searches would.
+    _EXECUTOR.submit(_run_as_requester, ctx, job_id, access_context.detached())
     outcome = operation_outcome([Issue("informational", f"Export job {job_id} accepted", "information")])
     return FhirResponse(
         202, orjson.dumps(outcome), {"Content-Location": f"{ctx.base_url}/$export-status/{job_id}"}
@@ -242,6 +251,13 @@ def _parse_filter(ctx: Context, res_type: str, query: str) -> search_engine.Sear
 # --- the job -------------------------------------------------------------------------------
 
 
+def _run_as_requester(ctx: Context, job_id: str, access: Access | None) -> None:
+    with access_context.serving(access):
+        run_job(ctx, job_id)
+    if access is not None and ctx.disclosed is not None:
+        ctx.disclosed(access, f"$export job {job_id}")
+
+
 def run_job(ctx: Context, job_id: str) -> None:
     """Run one accepted job to completion (or failure, or until it is cancelled)."""
     store = ctx.store
@@ -284,7 +300,8 @@ def _write_files(ctx: Context, job_id: str, spec: ExportSpec, directory: Path) -
     progress report counts them), or None when the job was cancelled."""
     store = ctx.store
     outputs: list[dict[str, Any]] = []
-    with _snapshot(store) as conn:
+    # The job runs on its own thread: bind the database's keys for _typeFilter predicates.
+    with _snapshot(store) as conn, bound_keys(store.engine):
         for res_type in spec.types:
             if _cancelled(store, job_id):
                 return None
@@ -304,14 +321,19 @@ def _write_type(
     ctx: Context, conn: sa.Connection, job_id: str, spec: ExportSpec, res_type: str, path: Path
 ) -> int | None:
     """Stream the type's rows into its file, as stored, one per line. None when cancelled."""
-    statement = sa.select(resource.c.content).where(
+    statement = sa.select(resource.c.pid, resource.c.res_id, resource.c.content).where(
         resource.c.res_type == res_type, resource.c.deleted.is_(False), *_conditions(ctx, spec, res_type)
     )
+    visible = access_context.visible_clause(resource)
+    if visible is not None:
+        statement = statement.where(visible)
     written, next_check = 0, _CANCEL_CHECK_ROWS
     with path.open("wb", buffering=1 << 20) as out:
         result = conn.execute(statement.execution_options(stream_results=True, yield_per=_STREAM_ROWS))
-        for batch in result.scalars().partitions():
-            out.write(b"\n".join(c if isinstance(c, bytes) else c.encode() for c in batch) + b"\n")
+        for batch in result.partitions():
+            access_context.report(row.pid for row in batch)
+            # Encrypted rows are written decrypted: the export is the client's plaintext copy.
+            out.write(b"\n".join(open_content(_bytes(r.content), res_type, r.res_id) for r in batch) + b"\n")
             written += len(batch)
             if written >= next_check:
                 next_check += _CANCEL_CHECK_ROWS
@@ -319,6 +341,10 @@ def _write_type(
                     result.close()
                     return None
     return written
+
+
+def _bytes(content: str | bytes) -> bytes:
+    return content if isinstance(content, bytes) else content.encode()
 
 
 def _conditions(ctx: Context, spec: ExportSpec, res_type: str) -> list[sa.ColumnElement[bool]]:
@@ -420,7 +446,7 @@ def _remove(directory: Path) -> None:
 # --- status, cancel, files -----------------------------------------------------------------
 
 
-@operation("export-status", "system", methods=("GET", "DELETE"))
+@operation("export-status", "system", methods=("GET", "DELETE"), permission=None)
 def export_status(
     router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
 ) -> FhirResponse:
@@ -430,7 +456,7 @@ def export_status(
     store = router.ctx.store
     with store.read() as conn:
         row = conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one_or_none()
-    if row is None or row.status == "cancelled":
+    if row is None or row.status == "cancelled" or not _owned_by(row, request.principal):
         raise not_found(f"No export job '{job_id}'")
     if request.method == "DELETE":
         return _cancel(store, row)
@@ -444,7 +470,7 @@ def export_status(
     manifest = {
         "transactionTime": instant(as_utc(row.created)),
         "request": row.request_url,
-        "requiresAccessToken": False,
+        "requiresAccessToken": True,
         "output": row.output or [],
         "error": [],
     }
@@ -469,14 +495,20 @@ def _cancel(store: Store, row: Any) -> FhirResponse:
     return FhirResponse(202, orjson.dumps(outcome))
 
 
-def export_file_path(store: Store, job_id: str, file_name: str) -> Path:
+def _owned_by(row: Any, principal: Principal | None) -> bool:
+    """Jobs are private to whoever started them (another user's job reads as unknown)."""
+    owner = row.parameters.get("owner")
+    return owner is None or (principal is not None and principal.subject == owner)
+
+
+def export_file_path(store: Store, job_id: str, file_name: str, principal: Principal | None = None) -> Path:
     """The file of a completed job named in its manifest; FhirError 404 otherwise.
 
     The name is matched against the job's output, never joined blindly onto the directory.
     """
     with store.read() as conn:
         row = conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one_or_none()
-    if row is None or row.status != "completed":
+    if row is None or row.status != "completed" or not _owned_by(row, principal):
         raise not_found(f"No completed export job '{job_id}'")
     names = {f"{entry['type']}.ndjson" for entry in row.output or []}
     path = Path(row.parameters["directory"]) / file_name

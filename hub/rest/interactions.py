@@ -7,6 +7,7 @@ Calls: the store, the search engine, bundle builders.  Called by: the router.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from consent.decision import Access
 from hub.errors import Issue, bad_request, conflict, operation_outcome, precondition_failed
 from hub.rest import bundles
 from hub.rest.messages import FhirRequest, FhirResponse
@@ -34,6 +36,9 @@ class Context:
     default_count: int = 20
     max_count: int = 1000
     export_dir: Path = DEFAULT_EXPORT_DIR
+    # Called when work detached from a request (an $export job) has disclosed data, so the
+    # audit trail records it; set by the router.
+    disclosed: Callable[[Access, str], None] | None = None
 
 
 def _resource_headers(ctx: Context, stored: StoredResource) -> dict[str, str]:

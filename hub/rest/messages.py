@@ -32,6 +32,8 @@ class FhirRequest:
     # Who asks (set by the web adapter from the bearer token); None = not authenticated.
     principal: Principal | None = None
     client_address: str | None = None
+    # Set by the access gate when this request opened break-glass access: (ids, reason).
+    break_glass: tuple[list[int], str] | None = None
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

@@ -30,6 +30,9 @@ class Operation:
     methods: frozenset[str]
     handler: OperationHandler
     definition: str = ""  # canonical URL of the OperationDefinition, for the CapabilityStatement
+    # The SMART permission the caller needs on the resource type (system level: on "*");
+    # None when the operation checks for itself (e.g. only a job's owner polls its status).
+    permission: str | None = "s"
 
 
 _OPERATIONS: list[Operation] = []
@@ -43,7 +46,11 @@ DEFINITIONS = {
 
 
 def operation(
-    name: str, level: str, resource_type: str | None = None, methods: tuple[str, ...] = ("GET", "POST")
+    name: str,
+    level: str,
+    resource_type: str | None = None,
+    methods: tuple[str, ...] = ("GET", "POST"),
+    permission: str | None = "s",
 ) -> Callable[[OperationHandler], OperationHandler]:
     def register(handler: OperationHandler) -> OperationHandler:
         definition = DEFINITIONS.get(name, "")
@@ -51,7 +58,9 @@ def operation(
             definition = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"
         elif name == "export" and resource_type == "Group":
             definition = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"
-        _OPERATIONS.append(Operation(name, level, resource_type, frozenset(methods), handler, definition))
+        _OPERATIONS.append(
+            Operation(name, level, resource_type, frozenset(methods), handler, definition, permission)
+        )
         return handler
 
     return register

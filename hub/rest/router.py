@@ -7,50 +7,84 @@ Called by: the web adapter (``hub.api``) and Bundle processing (per entry).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
 import sqlalchemy as sa
 
-import hub.ops  # noqa: E402,F401  (registers the operations)
+import hub.ops.everything  # noqa: F401  (registers the operation)
+import hub.ops.export  # noqa: F401  (registers the operations)
+from consent.context import current as current_access
+from consent.context import serving
+from consent.decision import PERMISSION, Access, unauthorized
 from hub.errors import FhirError, not_allowed, not_found
 from hub.rest import interactions as ix
 from hub.rest import operations
 from hub.rest.capability import capability_statement
+from hub.rest.gate import audit_failure
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.validation import is_resource_type
 
+if TYPE_CHECKING:
+    from hub.rest.gate import Gate
+
+log = logging.getLogger(__name__)
 Handler = Callable[[sa.Connection], FhirResponse]
 _READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 class FhirRouter:
-    def __init__(self, ctx: ix.Context) -> None:
+    def __init__(self, ctx: ix.Context, gate: Gate) -> None:
         self.ctx = ctx
+        self.gate = gate
         self._capability: bytes | None = None
 
     def handle(self, request: FhirRequest) -> FhirResponse:
-        """Answer one request in its own database transaction; errors become OperationOutcome."""
-        try:
-            operation = self._operation(request)
-            if operation is not None:
-                return operation()
-            if request.path.strip("/") == "metadata":
-                return FhirResponse(200, self.capability())
-            if request.path.strip("/") == "" and request.method == "POST":
-                from hub.rest.transaction import process_bundle
+        """Answer one request in its own database transaction; errors become OperationOutcome.
 
-                return process_bundle(self, request)
-            handler = self.route(request)
-            session = self.ctx.store.read() if request.method in _READ_METHODS else self.ctx.store.write()
-            with session as conn:
-                return handler(conn)
+        Around every interaction: the access decision (401/403 before any data is read, then
+        the row filter the store applies), and afterwards exactly one AuditEvent."""
+        if request.path.strip("/") == "metadata":
+            return FhirResponse(200, self.capability())
+        if request.principal is None:
+            return error_response(unauthorized())
+        access: Access | None = None
+        interaction = interaction_of(request)
+        try:
+            access = self.gate.admit(request)
+            with serving(access):
+                response = self._dispatch(request, access)
         except FhirError as error:
-            return error_response(error)
+            response = error_response(error)
+        if interaction != "batch":  # each batch entry is a request of its own, audited as such
+            try:
+                self.gate.audit(request, access, interaction, response.status)
+            except Exception as exc:  # noqa: BLE001  (no answer leaves without its audit record)
+                log.exception("audit failed for %s %s", request.method, request.path)
+                return error_response(audit_failure(exc))
+        return response
+
+    def _dispatch(self, request: FhirRequest, access: Access) -> FhirResponse:
+        operation = self._operation(request)
+        if operation is not None:
+            return operation()
+        if request.path.strip("/") == "" and request.method == "POST":
+            from hub.rest.transaction import process_bundle
+
+            return process_bundle(self, request)
+        handler = self.route(request, access)
+        session = self.ctx.store.read() if request.method in _READ_METHODS else self.ctx.store.write()
+        with session as conn:
+            return handler(conn)
 
     def handle_in(self, conn: sa.Connection, request: FhirRequest) -> FhirResponse:
         """Answer a request inside the caller's transaction (Bundle entries). Errors propagate."""
-        return self.route(request)(conn)
+        access = current_access()
+        if access is None:
+            raise unauthorized()
+        return self.route(request, access)(conn)
 
     def _operation(self, request: FhirRequest) -> Callable[[], FhirResponse] | None:
         """The handler for a ``$operation`` path, or None when the path names none."""
@@ -72,6 +106,9 @@ class FhirRouter:
         chosen = next((op for op in candidates if request.method in op.methods), None)
         if chosen is None:
             raise not_allowed(f"${name} does not accept {request.method}")
+        access = current_access()
+        if access is not None and chosen.permission is not None:
+            access.require(res_type, chosen.permission)
         return lambda: chosen.handler(self, request, res_type, res_id, extra)
 
     def capability(self) -> bytes:
@@ -79,7 +116,16 @@ class FhirRouter:
             self._capability = orjson.dumps(capability_statement(self.ctx.registry, self.ctx.base_url))
         return self._capability
 
-    def route(self, request: FhirRequest) -> Handler:
+    def route(self, request: FhirRequest, access: Access) -> Handler:
+        """The handler of a request, once the access layer allows the interaction."""
+        handler = self._route(request)
+        permission = PERMISSION.get(interaction_of(request))
+        if permission is not None and permission in "rs":  # writes are checked by the store
+            parts = [p for p in request.path.strip("/").split("/") if p]
+            access.require(parts[0] if parts and parts[0] != "_history" else None, permission)
+        return handler
+
+    def _route(self, request: FhirRequest) -> Handler:
         ctx, method = self.ctx, request.method
         parts = [p for p in request.path.strip("/").split("/") if p]
         if not parts:
@@ -119,6 +165,37 @@ class FhirRouter:
         if method not in handlers:
             raise not_allowed(f"{method} is not allowed on '{request.path}'")
         return handlers[method]
+
+
+def interaction_of(request: FhirRequest) -> str:
+    """The FHIR restful-interaction code of a request (AuditEvent.subtype, SMART permission)."""
+    parts = [p for p in request.path.strip("/").split("/") if p]
+    method = "GET" if request.method == "HEAD" else request.method
+    if any(p.startswith("$") for p in parts[:3]):
+        return "operation"
+    if not parts:
+        if method != "POST":
+            return "search-system"
+        try:
+            kind = request.json_body().get("type")
+        except FhirError:
+            kind = None
+        return "batch" if kind == "batch" else "transaction"
+    if parts == ["_history"]:
+        return "history-system"
+    if len(parts) == 1:
+        return {"GET": "search-type", "POST": "create", "PUT": "update", "DELETE": "delete"}.get(
+            method, "operation"
+        )
+    if parts[1] == "_search":
+        return "search-type"
+    if parts[1] == "_history":
+        return "history-type"
+    if len(parts) == 2:
+        return {"GET": "read", "PUT": "update", "DELETE": "delete", "PATCH": "patch"}.get(method, "operation")
+    if len(parts) == 3:
+        return "history-instance"
+    return "vread"
 
 
 def error_response(error: FhirError) -> FhirResponse:

@@ -59,6 +59,10 @@ def process_bundle(router: FhirRouter, request: FhirRequest) -> FhirResponse:
     return _transaction(router, request, entries)
 
 
+# Headers that say why the principal asks; every entry is asked for the same reason.
+_ACCESS_HEADERS = ("x-purpose-of-use", "x-break-glass-reason")
+
+
 def _entries(bundle: dict[str, Any]) -> list[Entry]:
     entries = []
     for i, raw in enumerate(bundle.get("entry") or []):
@@ -77,8 +81,9 @@ def _entries(bundle: dict[str, Any]) -> list[Entry]:
     return entries
 
 
-def _entry_request(entry: Entry, base_headers: dict[str, str]) -> FhirRequest:
-    headers = {k: v for k, v in base_headers.items() if k == "prefer"}
+def _entry_request(entry: Entry, parent: FhirRequest) -> FhirRequest:
+    """An entry as a request of its own, made by the same principal as the Bundle."""
+    headers = {k: v for k, v in parent.headers.items() if k in ("prefer", *_ACCESS_HEADERS)}
     for field, header in (
         ("ifNoneExist", "if-none-exist"),
         ("ifMatch", "if-match"),
@@ -86,7 +91,15 @@ def _entry_request(entry: Entry, base_headers: dict[str, str]) -> FhirRequest:
     ):
         if entry.request.get(field):
             headers[header] = entry.request[field]
-    return FhirRequest(entry.method, entry.path, entry.query, headers, parsed_body=entry.resource)
+    return FhirRequest(
+        entry.method,
+        entry.path,
+        entry.query,
+        headers,
+        parsed_body=entry.resource,
+        principal=parent.principal,
+        client_address=parent.client_address,
+    )
 
 
 def _response_entry(router: FhirRouter, response: FhirResponse, include_resource: bool) -> dict[str, Any]:
@@ -119,7 +132,7 @@ def _batch(router: FhirRouter, request: FhirRequest, entries: list[Entry]) -> Fh
     include = request.prefer("return") != "minimal"
     results: list[dict[str, Any]] = []
     for entry in entries:
-        entry_request = _entry_request(entry, request.headers)
+        entry_request = _entry_request(entry, request)
         response = router.handle(entry_request)  # its own database transaction
         results.append(_response_entry(router, response, include))
     return _bundle_response("batch-response", results)
@@ -137,7 +150,7 @@ def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry])
     try:
         with router.ctx.store.write() as conn:
             for current in (e for e in ordered if e.method == "DELETE"):
-                responses[current.index] = router.handle_in(conn, _entry_request(current, request.headers))
+                responses[current.index] = router.handle_in(conn, _entry_request(current, request))
             current = None
             targets, new_aliases = _plan_targets(router, conn, entries)
             for entry in entries:
@@ -151,7 +164,7 @@ def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry])
                 current = bulk[error.item_index] if error.item_index is not None else None
                 raise
             for current in (e for e in ordered if e.method != "DELETE" and e.index not in responses):
-                responses[current.index] = router.handle_in(conn, _entry_request(current, request.headers))
+                responses[current.index] = router.handle_in(conn, _entry_request(current, request))
                 if responses[current.index].status >= 400 and current.method in ("GET", "HEAD"):
                     raise FhirError(
                         responses[current.index].status, [Issue("processing", "GET entry failed")]
@@ -186,7 +199,7 @@ def _create_all(
             )
         bodies.append((entry.resource, targets.assigned[entry.index]))
     stored = router.ctx.store.create_many(conn, bodies)
-    entry_requests = [_entry_request(e, request.headers) for e in posts]
+    entry_requests = [_entry_request(e, request) for e in posts]
     return {
         e.index: respond_with(router.ctx, r, s, 201, f"Created {s.res_type}/{s.res_id}")
         for e, r, s in zip(posts, entry_requests, stored, strict=True)

@@ -14,6 +14,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from consent.context import report, visible_clause
+from hub.crypto.envelope import open_content
 from hub.db.schema import INDEX_TABLES, idx_reference, resource
 from hub.errors import bad_request
 from hub.search.query import Include, SearchQuery, parse
@@ -47,8 +49,25 @@ def _content(value: Any) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
+def _opened(row: Any) -> bytes:
+    """A row's JSON, decrypted when it is stored encrypted (hub.crypto)."""
+    return open_content(_content(row.content), row.res_type, row.res_id)
+
+
+def _visible(table: sa.Table = resource) -> list[sa.ColumnElement[bool]]:
+    """The access layer's condition for this request: hidden rows never reach a page, a
+    total, an include or a conditional match."""
+    clause = visible_clause(table)
+    return [] if clause is None else [clause]
+
+
 def _where(query: SearchQuery) -> list[sa.ColumnElement[bool]]:
-    return [resource.c.res_type == query.res_type, resource.c.deleted.is_(False), *query.conditions]
+    return [
+        resource.c.res_type == query.res_type,
+        resource.c.deleted.is_(False),
+        *query.conditions,
+        *_visible(),
+    ]
 
 
 def _sort_key(registry: Registry, query: SearchQuery, key: str, descending: bool) -> sa.ColumnElement[Any]:
@@ -96,11 +115,12 @@ def execute(conn: sa.Connection, registry: Registry, query: SearchQuery) -> Sear
         .offset(query.offset)
     )
     rows = conn.execute(statement).all()
-    matches = [Match(r.pid, r.res_type, r.res_id, _content(r.content)) for r in rows[: query.count]]
+    matches = [Match(r.pid, r.res_type, r.res_id, _opened(r)) for r in rows[: query.count]]
     included = _included(conn, query.includes, matches) if query.includes else []
     if query.summary not in (None, "false") or query.elements:
         matches = [_shaped(m, query) for m in matches]
         included = [_shaped(m, query) for m in included]
+    report(m.pid for m in [*matches, *included])
     return SearchResult(matches, included, total, len(rows) > query.count)
 
 
@@ -152,6 +172,7 @@ def _include_rows(conn: sa.Connection, include: Include, frontier: list[Match]) 
                     idx_reference.c.pid.in_(chunk),
                     idx_reference.c.hash_identity == include.hash_identity,
                     resource.c.deleted.is_(False),
+                    *_visible(),
                 )
                 .distinct()
             )
@@ -171,10 +192,11 @@ def _include_rows(conn: sa.Connection, include: Include, frontier: list[Match]) 
             statement = sa.select(*columns).where(
                 resource.c.res_type == include.source_type,
                 resource.c.deleted.is_(False),
+                *_visible(),
                 resource.c.pid.in_(pointing),
             )
             rows += conn.execute(statement).all()
-    return [Match(r.pid, r.res_type, r.res_id, _content(r.content)) for r in rows]
+    return [Match(r.pid, r.res_type, r.res_id, _opened(r)) for r in rows]
 
 
 def find_ids(

@@ -3,7 +3,7 @@
 Owns: how each FHIR element kind becomes rows of the ``idx_*`` tables. Rows are plain
 tuples in table column order without the leading ``pid`` (assigned at write time), so
 they pickle cheaply across ingest worker processes and feed COPY directly.
-Calls: registry, hashing, normalize, dates.  Called by: the store (every write), bulk ingest.
+Calls: registry, hashing, normalize, dates, ``hub.crypto.blind``.  Called by: the store (every write), bulk ingest.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from consent.derive import access_rows
+from hub.crypto.blind import index_contact, index_identifier
 from hub.search.dates import DateFormatError, date_range
 from hub.search.hashing import hash64
 from hub.search.normalize import fold
@@ -59,9 +61,11 @@ def _tokens(value: Any) -> Iterator[tuple[str | None, str | None, str | None]]:
             id_type = value.get("type")
             display = id_type.get("text") if isinstance(id_type, dict) else None
             system = value.get("system")
+            # CCCD/BHYT/BHXH numbers and phone numbers are indexed as keyed hashes (hub.crypto).
             if system in _CONTACT_CHANNELS:
-                system = None  # ContactPoint.system is a channel, not a code system
-            yield system, str(value["value"]), display
+                yield None, index_contact(system, str(value["value"])), display  # a channel, not a code system
+            else:
+                yield system, index_identifier(system, str(value["value"])), display
 
 
 def _reference(value: Any) -> tuple[str | None, str | None, str | None] | None:
@@ -210,4 +214,6 @@ def extract_index_rows(registry: Registry, resource_type: str, resource: dict[st
     rows: IndexRows = {}
     for param in registry.indexed_params(resource_type):
         rows_for(param, resource, rows)
-    return {kind: list(dict.fromkeys(found)) for kind, found in rows.items() if found}
+    unique = {kind: list(dict.fromkeys(found)) for kind, found in rows.items() if found}
+    unique.update(access_rows(registry, resource_type, resource.get("id", ""), resource, unique))
+    return unique

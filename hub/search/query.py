@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from consent.context import visible_clause
 from hub.db.schema import idx_reference, resource
 from hub.errors import Issue, bad_request
 from hub.search import predicates
@@ -232,7 +233,7 @@ def _chain(
                 raise
             continue  # that target type lacks the chained parameter; the others may have it
         matching_ids = sa.select(inner.c.res_id).where(
-            inner.c.res_type == target_type, inner.c.deleted.is_(False), inner_condition
+            inner.c.res_type == target_type, inner.c.deleted.is_(False), inner_condition, *_visible(inner)
         )
         selects.append(
             sa.select(idx_reference.c.pid)
@@ -262,7 +263,7 @@ def _reverse_chain(
     source = resource.alias()
     source_condition = condition(registry, source, source_type, rest, value, base_url, depth + 1)
     source_pids = sa.select(source.c.pid).where(
-        source.c.res_type == source_type, source.c.deleted.is_(False), source_condition
+        source.c.res_type == source_type, source.c.deleted.is_(False), source_condition, *_visible(source)
     )
     pointed_at = (
         sa.select(idx_reference.c.target_id)
@@ -274,6 +275,13 @@ def _reverse_chain(
         .correlate(None)
     )
     return target.c.res_id.in_(pointed_at)
+
+
+def _visible(alias: sa.FromClause) -> list[sa.ColumnElement[bool]]:
+    """Chains and _has only look through resources the request may see: otherwise
+    ``Patient?_has:Observation:subject:code=<HIV test>`` would tell who has a hidden result."""
+    clause = visible_clause(alias)  # type: ignore[arg-type]
+    return [] if clause is None else [clause]
 
 
 def _split_or(value: str) -> list[str]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from consent.context import report, visible_clause
+from hub.crypto.envelope import open_content
 from hub.db.schema import resource, resource_history
 from hub.store.records import StoredResource, as_utc
 
@@ -24,34 +26,42 @@ def _content_bytes(value: Any) -> bytes | None:
 
 
 def to_stored(row: sa.Row[Any]) -> StoredResource:
+    content = _content_bytes(row.content)
     return StoredResource(
         res_type=row.res_type,
         res_id=row.res_id,
         version=row.version,
         last_updated=as_utc(row.last_updated),
         deleted=bool(row.deleted),
-        content=_content_bytes(row.content),
+        # Encrypted versions are opened here, once; plain ones pass through untouched.
+        content=None if content is None else open_content(content, row.res_type, row.res_id),
     )
 
 
 def current_row(
-    conn: sa.Connection, res_type: str, res_id: str, *, for_update: bool = False
+    conn: sa.Connection, res_type: str, res_id: str, *, for_update: bool = False, visible_only: bool = False
 ) -> sa.Row[Any] | None:
+    """The current row; with visible_only, None also when the request may not see it."""
     query = sa.select(resource.c.pid, *(resource.c[c] for c in _COLUMNS)).where(
         resource.c.res_id == res_id, resource.c.res_type == res_type
     )
+    clause = visible_clause(resource) if visible_only else None
+    if clause is not None:
+        query = query.where(clause)
     if for_update and conn.dialect.name == "postgresql":
         query = query.with_for_update()
     return conn.execute(query).first()
 
 
 def version_row(conn: sa.Connection, res_type: str, res_id: str, version: int) -> sa.Row[Any] | None:
-    row = current_row(conn, res_type, res_id)
+    # Visibility is decided on the current row: every version shares its pid, compartment
+    # and labels (labels only ever accumulate across versions; see Store.update).
+    row = current_row(conn, res_type, res_id, visible_only=True)
     if row is None:
         return None
     if row.version == version:
         return row
-    query = sa.select(*(resource_history.c[c] for c in _COLUMNS)).where(
+    query = sa.select(resource_history.c.pid, *(resource_history.c[c] for c in _COLUMNS)).where(
         resource_history.c.pid == row.pid, resource_history.c.version == version
     )
     return conn.execute(query).first()
@@ -69,7 +79,10 @@ def history(
     """Versions newest first, and how many there are in all."""
 
     def select_from(table: sa.Table) -> sa.Select[Any]:
-        query = sa.select(*(table.c[c] for c in _COLUMNS))
+        query = sa.select(table.c.pid, *(table.c[c] for c in _COLUMNS))
+        clause = visible_clause(table)
+        if clause is not None:
+            query = query.where(clause)
         if res_type is not None:
             query = query.where(table.c.res_type == res_type)
         if res_id is not None:
@@ -86,6 +99,7 @@ def history(
         .limit(count)
         .offset(offset)
     ).all()
+    report(r.pid for r in rows)
     return [to_stored(r) for r in rows], total
 
 

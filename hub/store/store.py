@@ -18,6 +18,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from consent import context as access
+from hub.crypto.keys import bound as bound_keys
+from hub.db.schema import compartment
 from hub.errors import FhirError, conflict, gone, not_found, precondition_failed
 from hub.search.registry import Registry
 from hub.store import reader, writer
@@ -33,22 +36,30 @@ class Store:
         self.engine = engine
         self.registry = registry
 
+    # Both bind the database's keys (hub.crypto) for the code run inside: index extraction,
+    # search predicates and decryption find them there. Bound before connecting: loading the
+    # keys the first time may write, which must not queue behind our own transaction.
     @contextmanager
     def write(self) -> Iterator[sa.Connection]:
-        with self.engine.connect().execution_options(write=True) as conn, conn.begin():
+        with (
+            bound_keys(self.engine),
+            self.engine.connect().execution_options(write=True) as conn,
+            conn.begin(),
+        ):
             yield conn
 
     @contextmanager
     def read(self) -> Iterator[sa.Connection]:
-        with self.engine.connect() as conn, conn.begin():
+        with bound_keys(self.engine), self.engine.connect() as conn, conn.begin():
             yield conn
 
     # --- reads --------------------------------------------------------------------------
 
     def get(self, conn: sa.Connection, res_type: str, res_id: str) -> StoredResource:
-        row = reader.current_row(conn, res_type, res_id)
+        row = reader.current_row(conn, res_type, res_id, visible_only=True)
         if row is None:
             raise not_found(f"{res_type}/{res_id} is not known")
+        access.report([row.pid])
         stored = reader.to_stored(row)
         if stored.deleted:
             raise gone(f"{res_type}/{res_id} was deleted")
@@ -58,6 +69,7 @@ class Store:
         row = reader.version_row(conn, res_type, res_id, version)
         if row is None:
             raise not_found(f"{res_type}/{res_id}/_history/{version} is not known")
+        access.report([row.pid])
         stored = reader.to_stored(row)
         if stored.deleted:
             raise gone(f"{res_type}/{res_id}/_history/{version} is a deletion")
@@ -73,7 +85,11 @@ class Store:
         count: int = 20,
         offset: int = 0,
     ) -> tuple[list[StoredResource], int]:
-        if res_id is not None and res_type is not None and reader.current_row(conn, res_type, res_id) is None:
+        if (
+            res_id is not None
+            and res_type is not None
+            and reader.current_row(conn, res_type, res_id, visible_only=True) is None
+        ):
             raise not_found(f"{res_type}/{res_id} is not known")
         return reader.history(conn, res_type=res_type, res_id=res_id, since=since, count=count, offset=offset)
 
@@ -93,17 +109,21 @@ class Store:
         items = []
         for index, (body, res_id) in enumerate(resources):
             try:
-                items.append(finalize(self.registry, body, res_id or new_id(), 1, moment))
+                access.before_write(body)
+                item = finalize(self.registry, body, res_id or new_id(), 1, moment)
+                access.authorize_write(conn, item.res_type, "c", None, item.index_rows)
+                items.append(item)
             except FhirError as error:
                 error.item_index = index
                 raise
-        self.insert(conn, items)
+        pids = self.insert(conn, items)
+        access.report(pids)
         return [_stored(item) for item in items]
 
-    def insert(self, conn: sa.Connection, items: list[NewResource]) -> None:
+    def insert(self, conn: sa.Connection, items: list[NewResource]) -> list[int]:
         try:
             with conn.begin_nested():
-                writer.insert_new(conn, items)
+                return writer.insert_new(conn, items)
         except IntegrityError:
             raise conflict("A resource with that id was created concurrently") from None
 
@@ -127,11 +147,16 @@ class Store:
         if if_match is not None and row.version != if_match:
             raise precondition_failed(f"{res_type}/{res_id} is at version {row.version}, not {if_match}")
         current = reader.to_stored(row)
+        access.authorize_write(conn, res_type, "u", row.pid, None)
+        access.before_write(resource)
         if not current.deleted and current.content is not None and same_content(current.content, resource):
             return current, False
         item = finalize(self.registry, resource, res_id, row.version + 1, max(now(), current.last_updated))
+        _keep_earlier_labels(conn, row.pid, item)
+        access.authorize_write(conn, res_type, "u", None, item.index_rows)
+        access.report([row.pid])
         if not writer.replace_current(
-            conn, row.pid, row.version, item.version, item.last_updated, item.content
+            conn, row.pid, row.version, item.version, item.last_updated, writer.stored_content(conn, item)
         ):
             raise conflict(f"{res_type}/{res_id} was changed concurrently; retry with its new version")
         writer.insert_index_rows(conn, [row.pid], [item])
@@ -141,11 +166,26 @@ class Store:
         """Delete the current version; a resource already deleted or never known is fine."""
         row = reader.current_row(conn, res_type, res_id, for_update=True)
         if row is None or row.deleted:
+            access.authorize_write(conn, res_type, "d", None, None)
             return None
+        access.authorize_write(conn, res_type, "d", row.pid, None)
+        access.report([row.pid])
         moment = max(now(), reader.to_stored(row).last_updated)
         if not writer.replace_current(conn, row.pid, row.version, row.version + 1, moment, None):
             raise conflict(f"{res_type}/{res_id} was changed concurrently")
         return StoredResource(res_type, res_id, row.version + 1, moment, True, None)
+
+
+def _keep_earlier_labels(conn: sa.Connection, pid: int, item: NewResource) -> None:
+    """A version's labels include every earlier version's, so removing an HIV code in a new
+    version cannot make the old, sensitive versions readable through history."""
+    earlier = 0
+    for (mask,) in conn.execute(sa.select(compartment.c.labels).where(compartment.c.pid == pid)):
+        earlier |= mask
+    members = item.index_rows.get("compartment")
+    if earlier and members:
+        merged = earlier | members[0][1]
+        item.index_rows["compartment"] = [(patient, merged) for patient, _ in members]
 
 
 def _stored(item: NewResource) -> StoredResource:

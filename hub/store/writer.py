@@ -1,8 +1,9 @@
 """Writing resource rows and their index rows.
 
 Owns: pid allocation, bulk insertion (COPY on PostgreSQL, executemany on SQLite), moving
-the current version into history, and replacing index rows.
-Calls: SQLAlchemy, psycopg (COPY).  Called by: the store and bulk ingest.
+the current version into history, replacing index rows, and sealing versions that are
+stored encrypted.
+Calls: SQLAlchemy, psycopg (COPY), ``hub.crypto`` (seal).  Called by: the store and bulk ingest.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from hub.crypto.envelope import seal
+from hub.crypto.keys import keyring_for
 from hub.db.schema import INDEX_TABLES, resource, resource_history
-from hub.store.records import NewResource
+from hub.store.records import NewResource, instant
 
 _COPY_THRESHOLD = 64  # below this many rows, plain INSERTs beat setting up a COPY
 
@@ -70,11 +73,29 @@ def insert_index_rows(conn: sa.Connection, pids: Sequence[int], items: Sequence[
         _bulk_rows(conn, table, [c.name for c in table.columns], rows)
 
 
+def stored_content(conn: sa.Connection, item: NewResource) -> bytes:
+    """The bytes to store for a version: its JSON, or the envelope sealing it (hub.crypto).
+
+    Sealing happens here, at the last moment, with the keys of the database written to:
+    until then the content may still be edited (bulk ingest renumbers ids in it).
+    """
+    if not item.encrypt:
+        return item.content
+    return seal(
+        keyring_for(conn.engine),
+        item.content,
+        item.res_type,
+        item.res_id,
+        item.version,
+        instant(item.last_updated),
+    )
+
+
 def insert_new(conn: sa.Connection, items: Sequence[NewResource]) -> list[int]:
     """Insert resources that do not exist yet (any version number), with their indexes."""
     pids = allocate_pids(conn, len(items))
     rows = [
-        (pid, it.res_type, it.res_id, it.version, it.last_updated, False, it.content.decode())
+        (pid, it.res_type, it.res_id, it.version, it.last_updated, False, stored_content(conn, it).decode())
         for pid, it in zip(pids, items, strict=True)
     ]
     _bulk_rows(conn, resource, _RESOURCE_COLUMNS, rows)
@@ -96,9 +117,10 @@ def archive_current(conn: sa.Connection, pid: int) -> None:
     )
 
 
-def delete_index_rows(conn: sa.Connection, pid: int) -> None:
-    for table in INDEX_TABLES.values():
-        conn.execute(table.delete().where(table.c.pid == pid))
+def delete_index_rows(conn: sa.Connection, pid: int, *, keep_compartment: bool = False) -> None:
+    for kind, table in INDEX_TABLES.items():
+        if not (keep_compartment and kind == "compartment"):
+            conn.execute(table.delete().where(table.c.pid == pid))
 
 
 def replace_current(
@@ -123,5 +145,6 @@ def replace_current(
     )
     if result.rowcount != 1:
         return False
-    delete_index_rows(conn, pid)
+    # A deleted resource keeps its compartment rows: its history stays that patient's data.
+    delete_index_rows(conn, pid, keep_compartment=content is None)
     return True

@@ -31,8 +31,8 @@ def upgrade() -> None:
         sa.Column("effect", sa.String(length=8), nullable=False),
         sa.Column("labels", sa.Integer(), nullable=False),
         sa.Column("basis", sa.String(length=16), nullable=False),
-        sa.Column("starts", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("ends", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("starts", sa.BigInteger(), nullable=True),
+        sa.Column("ends", sa.BigInteger(), nullable=True),
     )
     with op.batch_alter_table("access_grant", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_access_grant_grantee"), ["grantee"], unique=False)

@@ -1,0 +1,145 @@
+"""The interceptor around every FHIR interaction: admission before, audit after.
+
+Owns: turning a request's principal and headers (purpose of use, break-glass reason) into
+the ``Access`` the store applies, opening break-glass access, and writing exactly one
+AuditEvent per request once its answer is known, naming every patient whose data it
+disclosed or changed. What is allowed is decided in ``consent.decision``, not here.
+Calls: consent (decision, break-glass), the audit trail.  Called by: the router.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+import sqlalchemy as sa
+
+from consent import breakglass
+from consent.decision import Access, decide
+from hub.audit.events import AccessEvent
+from hub.audit.trail import AuditTrail
+from hub.db.schema import compartment, resource
+from hub.errors import FhirError, Issue
+from hub.rest.messages import FhirRequest
+from hub.store import Store
+
+log = logging.getLogger(__name__)
+PURPOSE_HEADER = "x-purpose-of-use"
+_CHUNK = 900
+_ACTIONS = {
+    "create": "C", "update": "U", "patch": "U", "delete": "D", "transaction": "E", "batch": "E",
+    "operation": "E",
+}  # fmt: skip
+
+
+@dataclass
+class Gate:
+    store: Store
+    trail: AuditTrail | None
+    policy: str = "moh"
+    break_glass_minutes: int = 60
+
+    def admit(self, request: FhirRequest) -> Access:
+        """The Access of a request; 403 if it states a purpose its role may not use."""
+        assert request.principal is not None
+        reason = request.header(breakglass.HEADER)
+        with self.store.read() as conn:
+            if reason is not None:
+                # Opening needs a write; the patients are looked up unfiltered on purpose:
+                # break-glass is exactly access to what the clinician could not see.
+                with self.store.write() as write_conn:
+                    patients = breakglass.patients_of_request(write_conn, request.path, request.query)
+                    ids = breakglass.open_access(
+                        write_conn, request.principal, patients, reason, self.break_glass_minutes
+                    )
+                request.break_glass = (ids, reason)
+            access = decide(
+                conn,
+                request.principal,
+                self.store.registry,
+                purpose=request.header(PURPOSE_HEADER),
+                policy=self.policy,
+            )
+        return access
+
+    def audit(self, request: FhirRequest, access: Access | None, interaction: str, status: int) -> None:
+        """One AuditEvent for the request. A failure to audit is logged loudly; the answer
+        has been computed but the caller's transaction (if any) already committed."""
+        if self.trail is None or request.principal is None:
+            return
+        parts = [p for p in request.path.strip("/").split("/") if p]
+        touched = list(dict.fromkeys(access.touched)) if access is not None else []
+        patients, entities = self._described(touched)
+        operation = next((p for p in parts if p.startswith("$")), None)
+        opened = getattr(request, "break_glass", None)
+        bg_patients = set(access.break_glass_patients) if access is not None else set()
+        used_break_glass = opened is not None or bool(bg_patients & set(patients))
+        event = AccessEvent(
+            principal=request.principal,
+            interaction=interaction,
+            action=_ACTIONS.get(interaction, "R"),
+            resource_type=parts[0] if parts and not parts[0].startswith(("$", "_")) else None,
+            resource_id=parts[1] if len(parts) >= 2 and not parts[1].startswith(("$", "_")) else None,
+            query=urlencode(request.query) if request.query else None,
+            operation=operation,
+            patients=patients,
+            entities=entities,
+            outcome_status=status,
+            purpose="ETREAT" if used_break_glass else (access.purpose if access else "UNKNOWN"),
+            break_glass_reason=opened[1]
+            if opened
+            else ("open break-glass access" if used_break_glass else None),
+            break_glass_id=opened[0][0] if opened and opened[0] else None,
+            client_address=request.client_address,
+        )
+        self.trail.record([event])
+
+    def disclosed(self, access: Access, what: str) -> None:
+        """Audit work that ran detached from its request (an $export job)."""
+        if self.trail is None:
+            return
+        patients, entities = self._described(list(dict.fromkeys(access.touched)))
+        self.trail.record(
+            [
+                AccessEvent(
+                    principal=access.principal,
+                    interaction="operation",
+                    action="E",
+                    operation="$export",
+                    query=what,
+                    patients=patients,
+                    entities=entities,
+                    purpose=access.purpose,
+                )
+            ]
+        )
+
+    def _described(self, pids: list[int]) -> tuple[list[str], list[str]]:
+        """The patients whose records the pids belong to, and the resources as references."""
+        if not pids:
+            return [], []
+        patients: dict[str, None] = {}
+        entities: list[str] = []
+        with self.store.read() as conn:
+            for chunk in _chunks(pids):
+                for (patient,) in conn.execute(
+                    sa.select(compartment.c.patient_id).where(compartment.c.pid.in_(chunk)).distinct()
+                ):
+                    patients[patient] = None
+                if len(entities) < 100:
+                    rows = conn.execute(
+                        sa.select(resource.c.res_type, resource.c.res_id).where(resource.c.pid.in_(chunk))
+                    )
+                    entities += [f"{t}/{i}" for t, i in rows]
+        return sorted(patients), entities
+
+
+def _chunks(items: list[int]) -> Iterable[list[int]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def audit_failure(error: Exception) -> FhirError:
+    return FhirError(500, [Issue("exception", f"The access could not be audited: {error}")])
