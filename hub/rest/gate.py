@@ -44,6 +44,7 @@ class Gate:
     def admit(self, request: FhirRequest) -> Access:
         """The Access of a request; 403 if it states a purpose its role may not use."""
         assert request.principal is not None
+        _resolve_me(request)
         reason = request.header(breakglass.HEADER)
         with self.store.read() as conn:
             if reason is not None:
@@ -134,6 +135,23 @@ class Gate:
                     )
                     entities += [f"{t}/{i}" for t, i in rows]
         return sorted(patients), entities
+
+
+def _resolve_me(request: FhirRequest) -> None:
+    """``AuditEvent?patient=me``: "me" in a reference parameter is the caller's own
+    fhirUser (a patient's Patient id, a clinician's Practitioner id)."""
+    principal = request.principal
+    if principal is None or principal.fhir_user is None or not any(v == "me" for _, v in request.query):
+        return
+    request.query = [
+        (key, principal.fhir_user if value == "me" and key.split(":")[0] in _ME_PARAMS else value)
+        for key, value in request.query
+    ]
+
+
+_ME_PARAMS = frozenset(
+    {"patient", "subject", "agent", "beneficiary", "performer", "requester", "actor", "who"}
+)
 
 
 def _chunks(items: list[int]) -> Iterable[list[int]]:
