@@ -1,6 +1,6 @@
 """The ``hub`` command line.
 
-Owns: the commands an operator runs: serve, db upgrade, import, demo, registry.
+Owns: the commands an operator runs: serve, db upgrade, import, demo, registry, audit.
 Calls: the app factory, migrations, the import pipeline, uvicorn.  Called by: people, make, CI.
 """
 
@@ -20,6 +20,8 @@ db_app = typer.Typer(help="Database schema (Alembic migrations)", no_args_is_hel
 registry_app = typer.Typer(help="The search-parameter registry in fhir/", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(registry_app, name="registry")
+audit_app = typer.Typer(help="The audit trail's hash chain", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 console = Console()
 
 DEMO_DIR = REPO_ROOT / "demo"
@@ -118,6 +120,59 @@ def registry_import_official(
     from hub.search.registry import import_official
 
     console.print(f"Kept {import_official(bundle)} search parameters")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    expect_head: str = typer.Option(
+        None,
+        "--expect-head",
+        help="A head printed earlier by `hub audit head`; the chain must pass through it",
+    ),
+) -> None:
+    """Check every AuditEvent against the hash chain; exit 1 on any problem.
+
+    Removing the newest entries leaves a consistent shorter chain: only a head kept outside
+    the database (--expect-head) shows that.
+    """
+    from hub.audit.verify import verify_chain
+    from hub.db.engine import create_engine
+
+    engine = create_engine(get_settings().database_url)
+    try:
+        report = verify_chain(engine, expect_head)
+    finally:
+        engine.dispose()
+    console.print(f"Audit chain of {_safe_url()}: {report.verified} entries, head seq {report.head_seq}")
+    console.print(f"head {report.head}")
+    if report.anchored_at is not None and expect_head:
+        console.print(f"expected head found at seq {report.anchored_at}")
+    if report.ok:
+        console.print(f"[green]Intact: {report.verified} entries verified[/]")
+        raise typer.Exit(code=0)
+    table = Table("seq", "kind", "AuditEvent", "detail", title=f"{report.problem_count} problems")
+    for problem in sorted(report.problems, key=lambda p: (p.seq is None, p.seq or 0))[:50]:
+        table.add_row(str(problem.seq or ""), problem.kind, problem.res_id or "", problem.detail)
+    console.print(table)
+    first = report.first_broken
+    if first is not None:
+        where = f"seq {first.seq}" if first.seq is not None else "outside the chain"
+        console.print(f"[red]Broken: first problem at {where} ({first.kind})[/]")
+    raise typer.Exit(code=1)
+
+
+@audit_app.command("head")
+def audit_head() -> None:
+    """Print the chain head (hex) to keep outside the database, for --expect-head."""
+    from hub.audit.verify import head
+    from hub.db.engine import create_engine
+
+    engine = create_engine(get_settings().database_url)
+    try:
+        _, value = head(engine)
+    finally:
+        engine.dispose()
+    typer.echo(value)
 
 
 def _import(paths: list[Path], workers: int | None):  # type: ignore[no-untyped-def]

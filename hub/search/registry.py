@@ -4,7 +4,7 @@ Owns: which search parameters exist for which resource type, with their type, ta
 hash identity and compiled value extractor. Built from ``fhir/search-parameters.json``, a
 Bundle of the official R4 SearchParameter resources the hub supports (kept verbatim, so a
 parameter's provenance is its ``url``). ``hub registry import-official`` rewrites that file
-from the official definitions.
+from the official definitions. ``fhir/search-parameters-hub.json`` adds the hub's own few.
 Calls: ``extract`` (compilation), ``hashing``.  Called by: indexing, search, metadata.
 """
 
@@ -23,6 +23,9 @@ from hub.search.hashing import hash64
 
 FHIR_DATA_DIR = Path(__file__).resolve().parents[2] / "fhir"
 REGISTRY_FILE = FHIR_DATA_DIR / "search-parameters.json"
+# The hub's own parameters, where R4 defines none (AuditEvent?purpose=); import-official
+# leaves this file alone.
+HUB_REGISTRY_FILE = FHIR_DATA_DIR / "search-parameters-hub.json"
 
 # Types whose values live in an idx_* table. composite and special are not indexed yet.
 INDEXED_TYPES = frozenset({"string", "token", "date", "number", "quantity", "uri", "reference", "composite"})
@@ -155,7 +158,7 @@ def load_definitions(path: Path = REGISTRY_FILE) -> list[dict[str, Any]]:
 
 @lru_cache(maxsize=1)
 def get_registry() -> Registry:
-    return Registry(load_definitions(), SUPPORTED_RESOURCE_TYPES)
+    return Registry(load_definitions() + load_definitions(HUB_REGISTRY_FILE), SUPPORTED_RESOURCE_TYPES)
 
 
 def import_official(official_bundle: Path, out: Path = REGISTRY_FILE) -> int:

@@ -69,8 +69,15 @@ def finalize(
     res_id: str,
     version: int,
     last_updated: datetime,
+    *,
+    validate: bool = True,
 ) -> NewResource:
-    """Stamp id and meta, serialize once, validate those bytes, extract index rows."""
+    """Stamp id and meta, serialize once, validate those bytes, extract index rows.
+
+    ``validate=False`` is for resources the hub builds itself from a fixed template (the
+    audit trail's AuditEvents, one per request): validating them would cost more than the
+    rest of the write and can only find the hub's own bugs, which tests catch instead.
+    """
     res_type = resource["resourceType"]
     resource["id"] = res_id
     meta = resource.get("meta")
@@ -78,7 +85,8 @@ def finalize(
         meta = {}
     resource["meta"] = {**meta, "versionId": str(version), "lastUpdated": instant(last_updated)}
     content = orjson.dumps(resource)
-    validate_resource(content, res_type, resource)
+    if validate:
+        validate_resource(content, res_type, resource)
     return NewResource(
         res_type, res_id, version, last_updated, content, extract_index_rows(registry, res_type, resource)
     )
