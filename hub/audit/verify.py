@@ -152,15 +152,15 @@ def _walk(conn: sa.Connection, report: VerifyReport, expect_head: str | None) ->
                     "forged, reordered or had its digest replaced",
                 )
         if row.content is None and row.version is None:
-            report.add("deleted", seq, res_id, f"AuditEvent/{res_id} is missing from resource")
+            report.add("deleted", seq, res_id, "the AuditEvent row is missing from resource")
         elif row.deleted or row.content is None:
-            report.add("deleted", seq, res_id, f"AuditEvent/{res_id} is marked deleted")
+            report.add("deleted", seq, res_id, "the AuditEvent is marked deleted")
         else:
             if row.version != 1:
-                report.add("updated", seq, res_id, f"AuditEvent/{res_id} is at version {row.version}")
+                report.add("updated", seq, res_id, f"the AuditEvent is at version {row.version}")
             # A broken link already explains a digest mismatch (the chain row was changed).
             if link_ok and content_digest(row.content) != row.digest:
-                report.add("edited", seq, res_id, f"AuditEvent/{res_id} differs from what was recorded")
+                report.add("edited", seq, res_id, "the AuditEvent differs from what was recorded")
         if expect_head is not None and row.chain == expect_head:
             report.anchored_at = seq
         previous_seq, previous_chain = seq, str(row.chain)
@@ -181,7 +181,7 @@ def _history(conn: sa.Connection, report: VerifyReport) -> None:
             "updated",
             None if row.seq is None else int(row.seq),
             str(row.res_id),
-            f"AuditEvent/{row.res_id} has earlier versions in resource_history",
+            "the AuditEvent has earlier versions in resource_history",
         )
 
 
@@ -193,4 +193,4 @@ def _unchained(conn: sa.Connection, report: VerifyReport) -> None:
         .order_by(resource.c.pid)
     )
     for row in conn.execute(query):
-        report.add("unchained", None, str(row.res_id), f"AuditEvent/{row.res_id} is not in the audit chain")
+        report.add("unchained", None, str(row.res_id), "the AuditEvent is not in the audit chain")
