@@ -183,6 +183,8 @@ def interaction_of(request: FhirRequest) -> str:
         return "batch" if kind == "batch" else "transaction"
     if parts == ["_history"]:
         return "history-system"
+    if parts == ["_search"]:
+        return "search-system"
     if len(parts) == 1:
         return {"GET": "search-type", "POST": "create", "PUT": "update", "DELETE": "delete"}.get(
             method, "operation"
