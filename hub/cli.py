@@ -1,6 +1,6 @@
 """The ``hub`` command line.
 
-Owns: the commands an operator runs: serve, db upgrade, import, demo, registry, audit.
+Owns: the commands an operator runs: serve, db upgrade, import, demo, registry, audit, users, token.
 Calls: the app factory, migrations, the import pipeline, uvicorn.  Called by: people, make, CI.
 """
 
@@ -20,6 +20,8 @@ db_app = typer.Typer(help="Database schema (Alembic migrations)", no_args_is_hel
 registry_app = typer.Typer(help="The search-parameter registry in fhir/", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(registry_app, name="registry")
+users_app = typer.Typer(help="The hub's own accounts (people and service accounts)", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 audit_app = typer.Typer(help="The audit trail's hash chain", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 console = Console()
@@ -83,11 +85,13 @@ def demo(
     upgrade(get_settings().database_url)
     router = build_router()
     with router.ctx.store.read() as conn:
-        already = reader.resolve_bare_ids(conn, ["vn-demo-patient-1"])
+        # The practitioner came later: a database loaded before it gets the file again (PUTs).
+        already = len(reader.resolve_bare_ids(conn, ["vn-demo-patient-1", "vn-demo-practitioner-1"])) == 2
     if already:
         console.print("Demo data already loaded.")
     else:
         _import([DEMO_DIR], None)
+    _demo_users(router.ctx.store.engine)
     if serve_after:
         serve(host=host, port=port, workers=1)
 
@@ -173,6 +177,214 @@ def audit_head() -> None:
     finally:
         engine.dispose()
     typer.echo(value)
+
+
+# --- accounts and tokens ----------------------------------------------------------------------
+
+# `hub demo` accounts: (username, role, fhirUser, organizations). Their password is
+# "demo-<role>": for the demo database only, printed by `hub demo`.
+DEMO_USERS: tuple[tuple[str, str, str | None, tuple[str, ...]], ...] = (
+    ("admin", "hub-admin", None, ()),
+    ("bs.tuan", "clinician", "Practitioner/vn-demo-practitioner-1", ("vn-demo-org-tyt-iakrai",)),
+    ("hoa.nguyen", "patient", "Patient/vn-demo-patient-1", ()),
+    ("auditor", "auditor", None, ()),
+)
+
+
+def _engine():  # type: ignore[no-untyped-def]
+    from hub.db.engine import create_engine
+
+    return create_engine(get_settings().database_url)
+
+
+def _read_password(password: str | None, password_stdin: bool, username: str) -> str:
+    import sys
+
+    if password_stdin:
+        value = sys.stdin.readline().rstrip("\r\n")
+    elif password is not None:
+        value = password
+    else:
+        value = typer.prompt(f"Password for {username}", hide_input=True, confirmation_prompt=True)
+    if not value:
+        raise typer.BadParameter("The password must not be empty")
+    return value
+
+
+@users_app.command("add")
+def users_add(
+    username: str = typer.Argument(..., help="Login name (service accounts: the client_id)"),
+    role: str = typer.Option(
+        ...,
+        "--role",
+        help="clinician, patient, proxy, facility-admin, food-safety-inspector, integration-service, auditor, hub-admin",
+    ),
+    fhir_user: str = typer.Option(
+        None, "--fhir-user", help="Practitioner/<id>, Patient/<id> or RelatedPerson/<id>"
+    ),
+    organizations: list[str] = typer.Option(
+        [], "--org", help="An Organization id the account acts for (repeatable)"
+    ),
+    scopes: str = typer.Option(None, "--scopes", help="SMART v2 scopes (default: the role's)"),
+    password: str = typer.Option(
+        None, "--password", help="The password (visible in the process list: prefer --password-stdin)"
+    ),
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from the first line of stdin"
+    ),
+    no_password: bool = typer.Option(
+        False, "--no-password", help="No password: tokens only from `hub token`"
+    ),
+) -> None:
+    """Add an account. Service accounts (integration-service) get no password unless given one."""
+    from hub.auth import users
+
+    service = role == "integration-service"
+    secret: str | None = None
+    if password is not None or password_stdin or not (service or no_password):
+        secret = _read_password(password, password_stdin, username)
+    engine = _engine()
+    try:
+        user = users.add_user(
+            engine,
+            username,
+            role,
+            fhir_user=fhir_user,
+            organizations=organizations,
+            scopes=scopes,
+            password=secret,
+        )
+    except users.UserError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(code=1) from None
+    finally:
+        engine.dispose()
+    kind = "password" if user.has_password else "no password (service account: `hub token`)"
+    console.print(f"[green]Added {user.username}[/] ({user.role.value}, {kind}); scopes: {user.scopes}")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List the accounts."""
+    from hub.auth import users
+
+    engine = _engine()
+    try:
+        accounts = users.list_users(engine)
+    finally:
+        engine.dispose()
+    table = Table()
+    for column in ("username", "role", "fhirUser", "organizations", "password", "disabled", "scopes"):
+        table.add_column(column, overflow="fold")  # narrow terminals wrap cells, never cut them
+    for user in accounts:
+        table.add_row(
+            user.username,
+            user.role.value,
+            user.fhir_user or "",
+            " ".join(user.organizations),
+            "yes" if user.has_password else "no",
+            "yes" if user.disabled else "",
+            user.scopes,
+        )
+    console.print(table)
+
+
+@users_app.command("disable")
+def users_disable(
+    username: str,
+    enable: bool = typer.Option(False, "--enable", help="Enable the account again instead"),
+) -> None:
+    """Disable an account: its tokens stop working within 30 seconds, its logins at once."""
+    from hub.auth import users
+
+    engine = _engine()
+    try:
+        users.disable_user(engine, username, disabled=not enable)
+    except users.UserError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(code=1) from None
+    finally:
+        engine.dispose()
+    console.print(f"{username} {'enabled' if enable else 'disabled'}")
+
+
+@users_app.command("passwd")
+def users_passwd(
+    username: str,
+    password_stdin: bool = typer.Option(
+        False, "--password-stdin", help="Read the password from the first line of stdin"
+    ),
+    remove: bool = typer.Option(False, "--remove", help="Remove the password (a service account again)"),
+) -> None:
+    """Set (or remove) an account's password."""
+    from hub.auth import users
+
+    secret = None if remove else _read_password(None, password_stdin, username)
+    engine = _engine()
+    try:
+        users.set_password(engine, username, secret)
+    except users.UserError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(code=1) from None
+    finally:
+        engine.dispose()
+    console.print(f"Password of {username} {'removed' if remove else 'set'}")
+
+
+@app.command("token")
+def token(
+    username: str,
+    scopes: str = typer.Option(None, "--scopes", help="Ask for fewer scopes than the account allows"),
+    ttl: int = typer.Option(None, "--ttl", help="Lifetime in seconds (default: TOKEN_TTL_SECONDS)"),
+) -> None:
+    """Print an access token (JWT) for an account, e.g. a service account's connector."""
+    from hub.auth import users
+    from hub.auth.tokens import AuthError, TokenService
+
+    settings = get_settings()
+    engine = _engine()
+    try:
+        user = users.get_user(engine, username)
+        if user is None:
+            console.print(f"[red]No user {username!r}[/]")
+            raise typer.Exit(code=1)
+        try:
+            value = TokenService(settings, engine).issue(user, scopes=scopes, ttl=ttl)
+        except AuthError as error:
+            console.print(f"[red]{error.message}[/]")
+            raise typer.Exit(code=1) from None
+    finally:
+        engine.dispose()
+    typer.echo(value)  # plain stdout, unwrapped: scripts capture it
+
+
+def _demo_users(engine) -> None:  # type: ignore[no-untyped-def]
+    """Create the demo accounts that are missing, and print all of them."""
+    import orjson
+
+    from hub.auth import users
+    from hub.store import reader
+
+    demo = orjson.loads((DEMO_DIR / "vn-demo.json").read_bytes())
+    related = [e["resource"]["id"] for e in demo["entry"] if e["resource"]["resourceType"] == "RelatedPerson"]
+    with engine.connect() as conn:
+        related = [
+            rid for rid in related if "RelatedPerson" in reader.resolve_bare_ids(conn, [rid]).get(rid, [])
+        ]
+    wanted = list(DEMO_USERS)
+    if related:  # a proxy only when the demo data has a RelatedPerson to bind it to
+        wanted.append(("proxy", "proxy", f"RelatedPerson/{related[0]}", ()))
+    console.print("Demo accounts (POST /auth/token with grant_type=password; demo passwords only):")
+    for username, role, fhir_user, orgs in wanted:
+        if users.get_user(engine, username) is None:
+            users.add_user(
+                engine, username, role, fhir_user=fhir_user, organizations=orgs, password=f"demo-{role}"
+            )
+        bound = f"  {fhir_user}" if fhir_user else ""
+        at = f" at Organization/{', '.join(orgs)}" if orgs else ""
+        # One line per account, never wrapped, so it can be copied (and grepped by tests).
+        console.print(f"  {username:<11} password {f'demo-{role}':<16} {role}{bound}{at}", soft_wrap=True)
+
 
 
 def _import(paths: list[Path], workers: int | None):  # type: ignore[no-untyped-def]

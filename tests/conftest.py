@@ -1,19 +1,30 @@
 """Test fixtures: a migrated database (SQLite by default, PostgreSQL when
 HUB_TEST_DATABASE_URL is set) and a real uvicorn server on a free port.
 
+Authentication: every test server signs and verifies with one ES256 key in a temporary
+directory (``KEY_FILE``; ``auth_env()`` passes it to ``hub`` subprocesses) and holds a
+hub-admin account ``test-admin``. ``ADMIN_AUTH`` is that account's Authorization header,
+valid on every test server; the ``http`` fixture sends it. ``make_token`` mints tokens for
+other roles, ``client_for`` opens clients that send them.
+
 CI runs the suite once per backend (see .ci/run). When HUB_TEST_DATABASE_URL names a
 PostgreSQL database that is not reachable, the run fails rather than skips.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +33,9 @@ import uvicorn
 
 from hub.api.app import create_app
 from hub.app_factory import build_router
+from hub.auth import users
+from hub.auth.principal import Role
+from hub.auth.tokens import TokenService
 from hub.db.engine import create_engine, normalize_url
 from hub.db.migrate import downgrade, upgrade
 from hub.rest import FhirRouter
@@ -30,6 +44,42 @@ from hub.settings import Settings
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
+
+_KEY_DIR = Path(tempfile.mkdtemp(prefix="hub-test-keys-"))
+atexit.register(shutil.rmtree, _KEY_DIR, ignore_errors=True)
+KEY_FILE = _KEY_DIR / "token-signing-es256.pem"
+# Fixed, so that one token works on every test server whatever its port.
+TEST_ISSUER = "http://hub.test/auth"
+TEST_AUDIENCE = "http://hub.test/fhir"
+ADMIN_USER = "test-admin"
+ADMIN_TTL = 24 * 3600  # outlives any test session
+
+
+def auth_settings(database_url: str, **overrides: Any) -> Settings:
+    """Settings of a test hub: the shared test key, issuer and audience."""
+    return Settings(
+        **{
+            "database_url": database_url,
+            "auth_signing_key_file": KEY_FILE,
+            "auth_issuer": TEST_ISSUER,
+            "auth_audience": TEST_AUDIENCE,
+            **overrides,
+        }
+    )
+
+
+def auth_env() -> dict[str, str]:
+    """Environment for `hub serve` / `hub token` subprocesses: the same key, issuer, audience."""
+    return {
+        "AUTH_SIGNING_KEY_FILE": str(KEY_FILE),
+        "AUTH_ISSUER": TEST_ISSUER,
+        "AUTH_AUDIENCE": TEST_AUDIENCE,
+    }
+
+
+_ISSUER = TokenService(auth_settings("sqlite://"))  # signs only; servers check the account
+ADMIN_TOKEN = _ISSUER.issue({"username": ADMIN_USER, "role": Role.ADMIN}, ttl=ADMIN_TTL)
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def backend() -> str:
@@ -87,19 +137,38 @@ def _free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, **settings: Any) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}/fhir"
         # Limits out of the way of the functional tests (tests/test_ratelimit.py has its own).
-        settings = Settings(
-            database_url=database_url,
-            base_url=self.base,
-            rate_limit_per_ip="1000000/second",
-            rate_limit_per_token="1000000/second",
+        self.settings = auth_settings(
+            database_url,
+            **{
+                "base_url": self.base,
+                "rate_limit_per_ip": "1000000/second",
+                "rate_limit_per_token": "1000000/second",
+                **settings,
+            },
         )
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.app = create_app(self.settings)
+        self.engine: sa.Engine = self.app.state.engine
+        self.tokens: TokenService = self.app.state.tokens
+        _ensure_user(self.engine, ADMIN_USER, Role.ADMIN)  # ADMIN_TOKEN's account
+        self.admin_token = ADMIN_TOKEN
+        self.auth = dict(ADMIN_AUTH)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def client(self, token: str | None, **kwargs: Any) -> httpx.Client:
+        """A client of this server sending ``token`` (None: no Authorization header)."""
+        headers = {"Accept": "application/fhir+json", **kwargs.pop("headers", {})}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.Client(base_url=self.base, headers=headers, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def admin_client(self, **kwargs: Any) -> httpx.Client:
+        return self.client(self.admin_token, **kwargs)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
@@ -123,10 +192,85 @@ def live_server(database_url: str) -> Iterator[LiveServer]:
 
 @pytest.fixture()
 def http(live_server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=live_server.base, headers={"Accept": "application/fhir+json"}, timeout=60
-    ) as client:
+    """A client of the shared server, as hub-admin (unrestricted by the access rules)."""
+    with live_server.admin_client() as client:
         yield client
+
+
+def _ensure_user(
+    engine: sa.Engine,
+    username: str,
+    role: Role | str,
+    fhir_user: str | None = None,
+    organizations: Iterable[str] = (),
+    scopes: str | None = None,
+    password: str | None = None,
+) -> users.User:
+    user = users.get_user(engine, username)
+    if user is None:
+        try:
+            user = users.add_user(
+                engine,
+                username,
+                role,
+                fhir_user=fhir_user,
+                organizations=organizations,
+                scopes=scopes,
+                password=password,
+            )
+        except users.UserError:  # created meanwhile by another server of the same database
+            user = users.get_user(engine, username)
+            if user is None:
+                raise
+    return user
+
+
+_engines: dict[str, tuple[sa.Engine, TokenService]] = {}
+
+
+def make_token(
+    target: LiveServer | str,
+    *,
+    role: Role | str = Role.ADMIN,
+    fhir_user: str | None = None,
+    organizations: Iterable[str] = (),
+    scopes: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    ttl: int | None = None,
+) -> str:
+    """A token for an account of ``role`` on a test server (or a database URL), creating
+    the account if needed. Without ``username`` the account is named after its fields, so
+    equal calls share one. ``scopes`` are the account's allowed scopes (default: the role's)
+    and the token's."""
+    if isinstance(target, LiveServer):
+        engine, tokens = target.engine, target.tokens
+    else:
+        if target not in _engines:
+            engine = create_engine(target)
+            _engines[target] = (engine, TokenService(auth_settings(target), engine))
+        engine, tokens = _engines[target]
+    organizations = tuple(organizations)
+    if username is None:
+        fields = repr((str(role), fhir_user, organizations, scopes))
+        username = f"t-{Role(role).value}-{hashlib.sha256(fields.encode()).hexdigest()[:12]}"
+    user = _ensure_user(engine, username, role, fhir_user, organizations, scopes, password)
+    return tokens.issue(user, scopes=scopes, ttl=ttl)
+
+
+@pytest.fixture()
+def client_for(live_server: LiveServer) -> Iterator[Callable[[str | None], httpx.Client]]:
+    """``client_for(token)``: a client of the shared server sending that token (None: none)."""
+    clients: list[httpx.Client] = []
+
+    def make(token: str | None) -> httpx.Client:
+        client = live_server.client(token)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 @pytest.fixture()
@@ -135,4 +279,14 @@ def uid() -> str:
     return uuid.uuid4().hex[:12]
 
 
-__all__ = ["LiveServer", "SHARED", "backend", "downgrade"]
+__all__ = [
+    "ADMIN_AUTH",
+    "KEY_FILE",
+    "SHARED",
+    "LiveServer",
+    "auth_env",
+    "auth_settings",
+    "backend",
+    "downgrade",
+    "make_token",
+]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import REPO, _free_port
+from conftest import REPO, _free_port, auth_env
 
 HUB = str(Path(sys.executable).parent / "hub")
 
@@ -17,16 +17,18 @@ HUB = str(Path(sys.executable).parent / "hub")
 def test_demo_loads_once_and_serve_answers(fresh_database_url) -> None:  # type: ignore[no-untyped-def]
     url = fresh_database_url("demo")
     port = _free_port()
-    env = {**os.environ, "DATABASE_URL": url, "BASE_URL": f"http://127.0.0.1:{port}/fhir"}
+    env = {**os.environ, "DATABASE_URL": url, "BASE_URL": f"http://127.0.0.1:{port}/fhir", **auth_env()}
     first = subprocess.run(
         [HUB, "demo", "--no-serve"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300
     )
     assert first.returncode == 0, first.stderr
     assert "No errors" in first.stdout
+    assert "demo-hub-admin" in first.stdout and "vn-demo-practitioner-1" in first.stdout
     second = subprocess.run(
         [HUB, "demo", "--no-serve"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300
     )
     assert "already loaded" in second.stdout
+    assert "demo-clinician" in second.stdout  # the accounts are listed again, not added twice
 
     server = subprocess.Popen(
         [HUB, "serve", "--port", str(port)],
@@ -46,14 +48,31 @@ def test_demo_loads_once_and_serve_answers(fresh_database_url) -> None:  # type:
                 pass
             assert time.monotonic() < deadline, "hub serve did not answer"
             time.sleep(0.2)
+        assert httpx.get(f"{base}/Patient").status_code == 401
+        # The demo accounts log in with the printed passwords.
+        login = httpx.post(
+            f"http://127.0.0.1:{port}/auth/token",
+            data={"grant_type": "password", "username": "admin", "password": "demo-hub-admin"},
+        )
+        assert login.status_code == 200, login.text
+        auth = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        doctor = httpx.post(
+            f"http://127.0.0.1:{port}/auth/token",
+            data={"grant_type": "password", "username": "bs.tuan", "password": "demo-clinician"},
+        ).json()
+        assert doctor["fhirUser"] == "Practitioner/vn-demo-practitioner-1"
         # Vietnamese names are found without accents; citizens by CCCD.
-        by_name = httpx.get(f"{base}/Patient", params={"name": "nguyen thi"}).json()
+        by_name = httpx.get(f"{base}/Patient", params={"name": "nguyen thi"}, headers=auth).json()
         assert [e["resource"]["id"] for e in by_name["entry"]] == ["vn-demo-patient-1"]
         by_cccd = httpx.get(
-            f"{base}/Patient", params={"identifier": "https://ehealth-hub.vn/sid/cccd|064075009876"}
+            f"{base}/Patient",
+            params={"identifier": "https://ehealth-hub.vn/sid/cccd|064075009876"},
+            headers=auth,
         )
         assert by_cccd.json()["entry"][0]["resource"]["name"][0]["family"] == "Trần"
-        observations = httpx.get(f"{base}/Observation", params={"patient": "vn-demo-patient-2"}).json()
+        observations = httpx.get(
+            f"{base}/Observation", params={"patient": "vn-demo-patient-2"}, headers=auth
+        ).json()
         assert observations["total"] == 2
     finally:
         server.terminate()

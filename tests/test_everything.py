@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LiveServer
+from conftest import ADMIN_AUTH, LiveServer
 
 CCCD = "https://ehealth-hub.vn/sid/cccd"
 LOINC = "http://loinc.org"
@@ -114,7 +114,7 @@ def build_world(client: httpx.Client, tag: str) -> World:
 
 @pytest.fixture(scope="module")
 def world(live_server: LiveServer) -> World:
-    with httpx.Client(base_url=live_server.base, timeout=60) as client:
+    with httpx.Client(base_url=live_server.base, timeout=60, headers=ADMIN_AUTH) as client:
         return build_world(client, uuid.uuid4().hex[:12])
 
 
@@ -215,7 +215,7 @@ def test_unknown_deleted_and_bad_requests(http: httpx.Client, world: World) -> N
 def test_all_patients_on_a_fresh_database(fresh_database_url: Any) -> None:
     with (
         LiveServer(fresh_database_url("everything_all")) as server,
-        httpx.Client(base_url=server.base, timeout=60) as client,
+        httpx.Client(base_url=server.base, timeout=60, headers=ADMIN_AUTH) as client,
     ):
         w = build_world(client, "fresh")
         loner = _post(client, {"resourceType": "Practitioner"})  # referenced by nobody: not listed

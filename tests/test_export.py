@@ -160,7 +160,7 @@ def _build(client: httpx.Client) -> World:
 def hub(fresh_database_url: Any) -> Iterator[tuple[Exports, World]]:
     with (
         LiveServer(fresh_database_url("export")) as server,
-        httpx.Client(base_url=server.base, headers={"Accept": "application/fhir+json"}, timeout=60) as client,
+        server.admin_client() as client,
     ):
         exports = Exports(client)
         world = _build(client)

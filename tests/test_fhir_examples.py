@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SHARED
+from conftest import ADMIN_AUTH, SHARED
 
 EXAMPLES = SHARED / "data" / "fhir-examples"
 # The folder holds 332 example files (+ SOURCES.txt and package.json). A smaller count means a
@@ -348,7 +348,7 @@ def test_r4_only_type_inside_a_bundle_is_422(live_server: Any, uid: str) -> None
         ],
     }
     # A fresh client: the 500 path makes uvicorn drop the keep-alive connection.
-    with httpx.Client(base_url=live_server.base, timeout=60) as client:
+    with httpx.Client(base_url=live_server.base, timeout=60, headers=ADMIN_AUTH) as client:
         answer = client.put(f"/Bundle/r4only-{uid}", json=bundle, headers=FHIR_JSON)
     outcome = assert_operation_outcome(answer, 422)
     assert "Bundle.entry[0].resource" in " ".join(expressions(outcome)), outcome

@@ -13,7 +13,11 @@ CCCD = "https://vnhub.example/cccd"
 
 
 async def test_fhirpy_crud_search_and_transaction(live_server: LiveServer) -> None:
-    client = AsyncFHIRClient(live_server.base, extra_headers={"Accept": "application/fhir+json"})
+    client = AsyncFHIRClient(
+        live_server.base,
+        authorization=f"Bearer {live_server.admin_token}",
+        extra_headers={"Accept": "application/fhir+json"},
+    )
     value = uuid.uuid4().hex[:12]
 
     patient = client.resource(

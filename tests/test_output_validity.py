@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SHARED, LiveServer
+from conftest import ADMIN_AUTH, SHARED, LiveServer
 from test_fhir_examples import EXPECTED_REJECTIONS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ FHIRVAL_DIR = REPO / ".fhirval"
 VALIDATOR = SHARED / "tools" / "validate_fhir.js"
 SYNTHEA = SHARED / "data" / "synthea" / "bundles_r4_small"
 EXAMPLES = SHARED / "data" / "fhir-examples"
-FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json", **ADMIN_AUTH}
 PER_TYPE = 5
 
 # Official examples that are invalid for the validator as published (not because of the hub).
@@ -133,7 +133,7 @@ def synthea_hub(fresh_database_url: Any) -> Iterator[tuple[LiveServer, list[tupl
     stored: list[tuple[str, str]] = []
     with (
         LiveServer(fresh_database_url("outval")) as server,
-        httpx.Client(base_url=server.base, timeout=300) as client,
+        httpx.Client(base_url=server.base, timeout=300, headers=ADMIN_AUTH) as client,
     ):
         for path in files:
             bundle = json.loads(path.read_bytes())

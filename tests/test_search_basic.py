@@ -69,7 +69,7 @@ def test_paging_links(http: httpx.Client, uid: str) -> None:
     assert page["total"] == 5
     while any(link["relation"] == "next" for link in page["link"]):
         next_url = next(link["url"] for link in page["link"] if link["relation"] == "next")
-        page = httpx.get(next_url).json()
+        page = http.get(next_url).json()
         seen += [e["resource"]["id"] for e in page["entry"]]
     assert sorted(seen) == sorted(ids) and len(seen) == 5
     assert [e["search"]["mode"] for e in page["entry"]] == ["match"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SHARED, LiveServer
+from conftest import ADMIN_AUTH, SHARED, LiveServer
 
 from hub.app_factory import build_router
 from hub.ingest.pipeline import Importer
@@ -218,7 +218,7 @@ class Found:
 
 
 def search_all(base: str, res_type: str, params: list[tuple[str, str]]) -> Found:
-    with httpx.Client(headers={"Accept": "application/fhir+json"}, timeout=120) as client:
+    with httpx.Client(headers={"Accept": "application/fhir+json", **ADMIN_AUTH}, timeout=120) as client:
         response = client.get(f"{base}/{res_type}", params=params)
         pages = 0
         total, matches, included = None, [], {}

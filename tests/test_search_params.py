@@ -7,10 +7,12 @@ it, so other tests writing to the same database cannot change the answers.
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Any
 
 import httpx
 import pytest
+from conftest import ADMIN_AUTH
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -147,7 +149,7 @@ def world(live_server: Any) -> dict[str, Any]:
             for r in resources
         ],
     }
-    response = httpx.post(live_server.base, json=bundle, timeout=60)
+    response = httpx.post(live_server.base, json=bundle, timeout=60, headers=ADMIN_AUTH)
     assert response.status_code == 200, response.text
     return {"tag": tag, "ids": ids, "base": live_server.base}
 
@@ -179,7 +181,7 @@ def _obs(
 
 def search(world: dict[str, Any], path: str, **params: Any) -> dict[str, Any]:
     query = {"_tag": f"urn:hub-test|{world['tag']}", "_count": "100", **params}
-    response = httpx.get(f"{world['base']}/{path}", params=query, timeout=30)
+    response = httpx.get(f"{world['base']}/{path}", params=query, timeout=30, headers=ADMIN_AUTH)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -331,12 +333,16 @@ def test_composite(world: dict[str, Any]) -> None:
     assert ids_of(world, "Observation", **{"component-code-value-quantity": f"{LOINC}|8462-4$gt140"}) == set()
     assert ids_of(world, "Observation", **{"combo-code-value-quantity": "8462-4$95"}) == {"bp"}
     assert (
-        httpx.get(f"{world['base']}/Observation", params={"code-value-quantity": "8867-4"}).status_code == 400
+        httpx.get(
+            f"{world['base']}/Observation", params={"code-value-quantity": "8867-4"}, headers=ADMIN_AUTH
+        ).status_code
+        == 400
     )
 
 
 def test_unsupported_sort_and_bad_include_are_400(world: dict[str, Any]) -> None:
     base = world["base"]
-    assert httpx.get(f"{base}/Patient", params={"_sort": "shoe-size"}).status_code == 400
-    assert httpx.get(f"{base}/Patient", params={"_include": "Patient:name"}).status_code == 400
-    assert httpx.get(f"{base}/Observation", params={"subject.shoe": "x"}).status_code == 400
+    get = partial(httpx.get, headers=ADMIN_AUTH)
+    assert get(f"{base}/Patient", params={"_sort": "shoe-size"}).status_code == 400
+    assert get(f"{base}/Patient", params={"_include": "Patient:name"}).status_code == 400
+    assert get(f"{base}/Observation", params={"subject.shoe": "x"}).status_code == 400

@@ -17,16 +17,23 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub import __version__
+from hub.api.auth_routes import NO_TOKEN, Bearer, mount_auth_routes, unauthorized
 from hub.api.ratelimit import add_rate_limits
 from hub.app_factory import build_router
+from hub.auth.tokens import AuthError, TokenService
 from hub.errors import FhirError, Issue
 from hub.ops.export import NDJSON, export_file_path
 from hub.rest import FhirRequest, FhirResponse
 from hub.rest.messages import FHIR_JSON
-from hub.settings import Settings
+from hub.settings import Settings, get_settings
 
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "text/json")
 _FORM = "application/x-www-form-urlencoded"
+
+
+def _is_public(path: str) -> bool:
+    """The CapabilityStatement and discovery documents are readable without a token."""
+    return path == "metadata" or path.startswith(".well-known/")
 
 
 def _outcome_response(status: int, code: str, message: str) -> Response:
@@ -59,17 +66,37 @@ async def _fhir_request(request: Request, path: str) -> FhirRequest | Response:
 
 
 def create_app(settings: Settings | None = None, engine: sa.Engine | None = None) -> FastAPI:
+    settings = settings or get_settings()
     router = build_router(settings, engine)
     engine = router.ctx.store.engine
+    tokens = TokenService(settings, engine)
+    bearer = Bearer(settings, tokens)
     app = FastAPI(title="Vietnam e-health integration hub", version=__version__, redirect_slashes=False)
     app.state.router = router
     app.state.engine = engine
+    app.state.settings = settings
+    app.state.tokens = tokens
+
+    def authenticated(fhir_request: FhirRequest) -> FhirResponse:
+        # In the worker thread with the interaction: verifying is cheap (an LRU of verified
+        # tokens), but the periodic "is the account still enabled" read is a query.
+        try:
+            fhir_request.principal = bearer.principal(
+                fhir_request.header("authorization"), public=_is_public(fhir_request.path)
+            )
+        except AuthError as error:
+            return unauthorized(error)
+        return router.handle(fhir_request)
 
     async def dispatch(request: Request, path: str) -> Response:
+        if settings.auth_required and not request.headers.get("authorization") and not _is_public(path):
+            # Refused before the body is read: an anonymous caller gets nothing but the 401.
+            return _to_http(unauthorized(AuthError(NO_TOKEN, None)))
         fhir_request = await _fhir_request(request, path)
         if isinstance(fhir_request, Response):
             return fhir_request
-        return _to_http(await run_in_threadpool(router.handle, fhir_request))
+        fhir_request.client_address = request.client.host if request.client else None
+        return _to_http(await run_in_threadpool(authenticated, fhir_request))
 
     def route(path: str, methods: list[str], name: str) -> None:
         async def endpoint(request: Request) -> Response:
@@ -78,6 +105,8 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
         endpoint.__name__ = name
         app.add_api_route(f"/fhir{path}", endpoint, methods=methods, name=name, response_class=Response)
 
+    # First: /fhir/.well-known/smart-configuration would otherwise match /fhir/{type}/{id}.
+    mount_auth_routes(app, settings, engine, tokens)
     route("/metadata", ["GET"], "capabilities")
     route("", ["POST"], "transaction_or_batch")
     route("/", ["POST"], "transaction_or_batch_slash")
@@ -91,7 +120,11 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
 
     # Bulk Data files are streamed from disk, which a FhirResponse (bytes) cannot do.
     @app.get("/fhir/$export-file/{job_id}/{file_name}", include_in_schema=False)
-    async def export_file(job_id: str, file_name: str) -> Response:
+    async def export_file(request: Request, job_id: str, file_name: str) -> Response:
+        try:
+            await run_in_threadpool(bearer.principal, request.headers.get("authorization"))
+        except AuthError as error:
+            return _to_http(unauthorized(error))
         try:
             path = await run_in_threadpool(export_file_path, router.ctx.store, job_id, file_name)
         except FhirError as error:

@@ -2,7 +2,7 @@
 
 Owns: stating only what works. Per type: the interactions the router implements and the
 search parameters that have an index (plus ``_id`` and ``_lastUpdated``).
-Calls: the registry.  Called by: the router (``GET /metadata``).
+Calls: the registry, ``hub.auth.tokens`` (the token URL).  Called by: the router (``GET /metadata``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from hub import __version__
+from hub.auth.tokens import auth_url
 from hub.rest.operations import all_operations
 from hub.search.registry import FHIR_DATA_DIR, Registry
 
@@ -30,6 +31,31 @@ TYPE_INTERACTIONS = (
 
 def _unique(operations: list[dict[str, str]]) -> list[dict[str, str]]:
     return list({op["name"]: op for op in operations}.values())
+
+
+def _security(base_url: str) -> dict[str, Any]:
+    """SMART on FHIR: where to get a token (the full discovery is .well-known/smart-configuration)."""
+    return {
+        "extension": [
+            {
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": auth_url(base_url, "token")}],
+            }
+        ],
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ],
+                "text": "OAuth2 bearer tokens with SMART App Launch v2 scopes",
+            }
+        ],
+        "description": "Send Authorization: Bearer <JWT>, from the token endpoint above or a trusted "
+        "identity provider; this CapabilityStatement and the SMART configuration are public.",
+    }
 
 
 def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
@@ -74,6 +100,7 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
             }
         )
     rest["resource"] = resources
+    rest["security"] = _security(base_url)
     system_operations = [
         {"name": op.name, "definition": op.definition}
         for op in all_operations()
