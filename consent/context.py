@@ -69,9 +69,13 @@ EVIDENCE_EXTENSION = "https://ehealth-hub.vn/fhir/StructureDefinition/consent-ev
 
 
 def before_write(body: dict[str, object]) -> None:
-    """Stamp what a write must carry: a Consent records when and how it was given."""
+    """Stamp what a write must carry: a Consent a patient (or their proxy) gives through the
+    hub records when and how it was given. Staff recording a consent given elsewhere (a
+    signed form) carry its own dateTime and sourceAttachment; their content is not touched."""
     access = _current.get()
-    if body.get("resourceType") != "Consent":
+    if body.get("resourceType") != "Consent" or access is None:
+        return
+    if access.principal.role.value not in ("patient", "proxy"):
         return
     from datetime import UTC, datetime
 
@@ -80,13 +84,7 @@ def before_write(body: dict[str, object]) -> None:
     if isinstance(extensions, list) and not any(
         isinstance(e, dict) and e.get("url") == EVIDENCE_EXTENSION for e in extensions
     ):
-        # Written through the hub by the person it names: an electronic record of their act.
-        method = (
-            "electronic"
-            if access is None or access.principal.role.value in ("patient", "proxy")
-            else "recorded-by-staff"
-        )
-        extensions.append({"url": EVIDENCE_EXTENSION, "valueCode": method})
+        extensions.append({"url": EVIDENCE_EXTENSION, "valueCode": "electronic"})
 
 
 def authorize_write(

@@ -57,6 +57,11 @@ _KNOWN = frozenset({"_type", "_since", "_count", "_offset"}) | _IGNORED
 _PATIENTS_FIRST = sa.case((resource.c.res_type == "Patient", 0), else_=1)
 
 
+# The access log about a patient is in their compartment but is not part of their health
+# record: $everything and $export leave it out unless _type asks for it.
+AUDIT_TRAIL_TYPES = frozenset({"AuditEvent"})
+
+
 def types_param(values: list[str]) -> list[str] | None:
     """``_type`` (repeatable, comma lists) as a sorted list of resource types; None when absent."""
     if not values:
@@ -86,8 +91,15 @@ def everything_pids(registry: Registry, patient_ids: compartment.PatientIds) -> 
     """Pids of the compartment members of the patients plus the shared resources they reference.
 
     Deleted resources may appear (the Patient rows, deleted reference targets): callers filter.
+    References are followed only from members the request may see: a Practitioner that only
+    a hidden HIV result (or a hidden AuditEvent) points at would otherwise tell of it.
     """
     members = compartment.member_pids(registry, patient_ids).cte("compartment_members")
+    sources = sa.select(members.c.pid)
+    source = resource.alias("source")
+    visible = visible_clause(source)
+    if visible is not None:
+        sources = sa.select(source.c.pid).where(source.c.pid.in_(sa.select(members.c.pid)), visible)
     target = resource.alias("target")
     referenced = (
         sa.select(target.c.pid)
@@ -101,7 +113,7 @@ def everything_pids(registry: Registry, patient_ids: compartment.PatientIds) -> 
             )
         )
         .where(
-            idx_reference.c.pid.in_(sa.select(members.c.pid)),
+            idx_reference.c.pid.in_(sources),
             idx_reference.c.target_type.in_(compartment.shared_types()),
         )
     )
@@ -149,6 +161,8 @@ def _everything(
         conditions.append(visible)
     if types is not None:
         conditions.append(resource.c.res_type.in_(types))
+    else:
+        conditions.append(resource.c.res_type.not_in(sorted(AUDIT_TRAIL_TYPES)))
     if since is not None:
         conditions.append(resource.c.last_updated >= since)
     with ctx.store.read() as conn:

@@ -55,7 +55,7 @@ from hub.crypto.keys import bound as bound_keys
 from hub.db.schema import export_job, idx_reference, resource
 from hub.errors import FhirError, Issue, bad_request, not_found, operation_outcome
 from hub.ops import compartment
-from hub.ops.everything import since_param, types_param
+from hub.ops.everything import AUDIT_TRAIL_TYPES, since_param, types_param
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.rest.operations import operation
 from hub.search import engine as search_engine
@@ -202,7 +202,7 @@ def _export_types(registry: Registry, level: str, requested: list[str] | None, l
         return requested or []
     allowed = set(compartment.compartment_types(registry))
     if requested is None:
-        return sorted(allowed)
+        return sorted(allowed - AUDIT_TRAIL_TYPES)
     outside = [t for t in requested if t not in allowed]
     if outside and not lenient:
         raise bad_request(
@@ -392,7 +392,8 @@ def _stored_types(conn: sa.Connection) -> list[str]:
         .scalar_subquery()
     )
     seen = seen.union_all(sa.select(following.label("res_type")).where(seen.c.res_type.is_not(None)))
-    return [t for (t,) in conn.execute(sa.select(seen.c.res_type)) if t is not None]
+    found = [t for (t,) in conn.execute(sa.select(seen.c.res_type)) if t is not None]
+    return [t for t in found if t not in AUDIT_TRAIL_TYPES]
 
 
 @contextmanager
