@@ -73,7 +73,43 @@ def test_demo_loads_once_and_serve_answers(fresh_database_url) -> None:  # type:
         observations = httpx.get(
             f"{base}/Observation", params={"patient": "vn-demo-patient-2"}, headers=auth
         ).json()
-        assert observations["total"] == 2
+        assert observations["total"] == 3
+        # The clinician of the commune station treats patient 2 (managing organization), but
+        # the PHQ-9 score is mental-health data: it needs the patient's explicit consent.
+        as_doctor = {"Authorization": f"Bearer {doctor['access_token']}"}
+        seen = httpx.get(
+            f"{base}/Observation", params={"patient": "vn-demo-patient-2"}, headers=as_doctor
+        ).json()
+        assert seen["total"] == 2
+        assert "vn-demo-phq9-2" not in {e["resource"]["id"] for e in seen["entry"]}
+        # Patient 4 is the provincial hospital's: not the commune doctor's to read...
+        assert httpx.get(f"{base}/Patient/vn-demo-patient-4", headers=as_doctor).status_code == 404
+        # ...unless they break the glass, which the patient sees in their access log.
+        emergency = {**as_doctor, "X-Break-Glass-Reason": "unconscious on arrival, no relatives"}
+        assert httpx.get(f"{base}/Patient/vn-demo-patient-4", headers=emergency).status_code == 200
+        # The husband (proxy) sees his wife's record.
+        proxy = httpx.post(
+            f"http://127.0.0.1:{port}/auth/token",
+            data={"grant_type": "password", "username": "proxy", "password": "demo-proxy"},
+        ).json()
+        as_proxy = {"Authorization": f"Bearer {proxy['access_token']}"}
+        mine = httpx.get(f"{base}/Observation", headers=as_proxy).json()
+        assert {e["resource"]["subject"]["reference"] for e in mine["entry"]} == {"Patient/vn-demo-patient-1"}
+        alerts = httpx.get(
+            f"http://127.0.0.1:{port}/access/break-glass",
+            headers={
+                "Authorization": "Bearer "
+                + httpx.post(
+                    f"http://127.0.0.1:{port}/auth/token",
+                    data={
+                        "grant_type": "password",
+                        "username": "qtv.iakrai",
+                        "password": "demo-facility-admin",
+                    },
+                ).json()["access_token"]
+            },
+        ).json()
+        assert [a["patient"] for a in alerts] == ["Patient/vn-demo-patient-4"]
     finally:
         server.terminate()
         server.wait(timeout=20)
