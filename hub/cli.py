@@ -1,6 +1,6 @@
 """The ``hub`` command line.
 
-Owns: the commands an operator runs: serve, db upgrade, import, demo, registry, audit, users, token.
+Owns: the commands an operator runs: serve, db upgrade, import, demo, registry, audit, users, token, keys.
 Calls: the app factory, migrations, the import pipeline, uvicorn.  Called by: people, make, CI.
 """
 
@@ -20,6 +20,8 @@ db_app = typer.Typer(help="Database schema (Alembic migrations)", no_args_is_hel
 registry_app = typer.Typer(help="The search-parameter registry in fhir/", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(registry_app, name="registry")
+keys_app = typer.Typer(help="Encryption at rest: master key and data keys", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 users_app = typer.Typer(help="The hub's own accounts (people and service accounts)", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 audit_app = typer.Typer(help="The audit trail's hash chain", no_args_is_help=True)
@@ -386,6 +388,77 @@ def _demo_users(engine) -> None:  # type: ignore[no-untyped-def]
         console.print(f"  {username:<11} password {f'demo-{role}':<16} {role}{bound}{at}", soft_wrap=True)
 
 
+
+@keys_app.command("status")
+def keys_status() -> None:
+    """List the data keys, which is active, and the master key wrapping them."""
+    from hub.crypto.admin import status
+    from hub.db.engine import create_engine
+
+    settings = get_settings()
+    engine = create_engine(settings.database_url)
+    try:
+        report = status(engine, settings)
+    finally:
+        engine.dispose()
+    state = "on" if report.encrypt_at_rest else "off"
+    console.print(
+        f"Encryption at rest: {state}; master key {report.master_kid or '(none)'} ({report.master_source or '-'})"
+    )
+    table = Table("kid", "kind", "active", "wrapped by", "created", title=f"Data keys of {_safe_url()}")
+    for row in report.rows:
+        table.add_row(
+            row["kid"], row["kind"], "yes" if row["active"] else "", row["master_kid"], str(row["created"])
+        )
+    console.print(table)
+    if report.problem:
+        console.print(f"[red]{report.problem}[/]")
+        raise typer.Exit(code=1)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    new_master_key_file: Path = typer.Option(
+        None,
+        "--new-master-key-file",
+        exists=True,
+        help="The new master key (32 bytes, raw or base64); default: a random one",
+    ),
+    reencrypt: bool = typer.Option(
+        False, "--reencrypt", help="Then re-encrypt stored rows with the new data key"
+    ),
+) -> None:
+    """New master key: re-wrap every data key under it, and start a fresh data key for new writes."""
+    from hub.crypto.admin import reencrypt as run_reencrypt
+    from hub.crypto.admin import rotate
+    from hub.crypto.keys import KeyConfigError, configure
+    from hub.db.engine import create_engine
+
+    settings = get_settings()
+    engine = create_engine(settings.database_url)
+    try:
+        configure(settings, engine)
+        try:
+            done = rotate(engine, settings, new_master_key_file)
+        except KeyConfigError as error:
+            console.print(f"[red]{error}[/]")
+            raise typer.Exit(code=1) from None
+        console.print(
+            f"[green]Re-wrapped {done.rewrapped} data keys under master key {done.new_master_kid}[/] "
+            f"(was {', '.join(done.old_master_kids)}); new writes use {done.new_dek}"
+        )
+        if settings.hub_master_key:
+            console.print("[yellow]Set HUB_MASTER_KEY to the new key and restart the hub.[/]")
+        if reencrypt:
+            report = run_reencrypt(engine)
+            console.print(
+                f"Re-encrypted {report.resealed} stored versions, sealed {report.sealed} plaintext ones "
+                f"({report.scanned} scanned)"
+            )
+            if report.sealed:
+                console.print("Run `hub reindex` so their identifiers are indexed as keyed hashes.")
+    finally:
+        engine.dispose()
 
 def _import(paths: list[Path], workers: int | None):  # type: ignore[no-untyped-def]
     from hub.app_factory import build_router

@@ -3,7 +3,8 @@
 Owns: how each FHIR element kind becomes rows of the ``idx_*`` tables. Rows are plain
 tuples in table column order without the leading ``pid`` (assigned at write time), so
 they pickle cheaply across ingest worker processes and feed COPY directly.
-Calls: registry, hashing, normalize, dates, ``hub.crypto.blind``.  Called by: the store (every write), bulk ingest.
+Calls: registry, hashing, normalize, dates, ``hub.crypto.blind``.
+Called by: the store (every write), bulk ingest.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def _tokens(value: Any) -> Iterator[tuple[str | None, str | None, str | None]]:
             display = id_type.get("text") if isinstance(id_type, dict) else None
             system = value.get("system")
             # CCCD/BHYT/BHXH numbers and phone numbers are indexed as keyed hashes (hub.crypto).
-            if system in _CONTACT_CHANNELS:
-                yield None, index_contact(system, str(value["value"])), display  # a channel, not a code system
+            if system in _CONTACT_CHANNELS:  # a channel, not a code system
+                yield None, index_contact(system, str(value["value"])), display
             else:
                 yield system, index_identifier(system, str(value["value"])), display
 

@@ -5,7 +5,8 @@ pids, as a ``PidSet``: a SELECT of pids from one ``idx_*`` table (one index rang
 thanks to the leading hash column) and whether the match is negated (``:not``, ``:missing``).
 The engine applies it to whichever alias of ``resource`` it is filtering, which is what
 makes chaining and ``_has`` possible.
-Calls: SQLAlchemy, hashing, normalize, dates.  Called by: ``hub.search.engine``.
+Calls: SQLAlchemy, hashing, normalize, dates, ``hub.crypto.blind``.
+Called by: ``hub.search.engine``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from hub.crypto.blind import search_forms
 from hub.db.schema import (
     idx_composite,
     idx_date,
@@ -84,6 +86,11 @@ def _range_condition(
     return sa.and_(low <= q_high + margin, high >= q_low - margin)
 
 
+def _any_of(column: sa.ColumnElement[Any], hashes: list[int]) -> Condition:
+    # OR of equalities rather than IN: IN's expanding parameter is re-rendered per statement.
+    return column == hashes[0] if len(hashes) == 1 else sa.or_(*(column == h for h in hashes))
+
+
 def token(param: SearchParam, value: str, modifier: str | None) -> PidSet:
     rtype, code = param.resource_type, param.code
     if modifier == "text":
@@ -93,20 +100,26 @@ def token(param: SearchParam, value: str, modifier: str | None) -> PidSet:
             idx_token.c.hash_identity == param.hash_identity,
             idx_token.c.display.startswith(fold(value), autoescape=True),
         )
+    # Each value is looked for as given and, for CCCD/BHYT/BHXH identifiers and phone
+    # numbers, as the keyed hash the index stores them under (hub.crypto.blind).
     if "|" in value:
         system, code_value = value.split("|", 1)
         if system and code_value:
-            condition = idx_token.c.hash_sys_value == hash64(rtype, code, system, code_value)
+            forms = [code_value, *search_forms(param.expression, system, code_value)]
+            condition = _any_of(idx_token.c.hash_sys_value, [hash64(rtype, code, system, f) for f in forms])
         elif system:
             condition = sa.and_(
                 idx_token.c.hash_identity == param.hash_identity, idx_token.c.system == system
             )
         else:
+            forms = [code_value, *search_forms(param.expression, None, code_value)]
             condition = sa.and_(
-                idx_token.c.hash_value == hash64(rtype, code, code_value), idx_token.c.system.is_(None)
+                _any_of(idx_token.c.hash_value, [hash64(rtype, code, f) for f in forms]),
+                idx_token.c.system.is_(None),
             )
     else:
-        condition = idx_token.c.hash_value == hash64(rtype, code, value)
+        forms = [value, *search_forms(param.expression, None, value)]
+        condition = _any_of(idx_token.c.hash_value, [hash64(rtype, code, f) for f in forms])
     matched = _pids_in(idx_token, condition)
     return PidSet(matched.pids, negated=True) if modifier == "not" else matched
 

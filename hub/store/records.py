@@ -1,7 +1,9 @@
 """The records the store reads and writes, and the one place a resource's JSON is finalized.
 
-Owns: setting ``id`` and ``meta.versionId``/``meta.lastUpdated`` and serializing once.
-Calls: orjson, validation, index extraction.  Called by: the store and bulk ingest workers.
+Owns: setting ``id`` and ``meta.versionId``/``meta.lastUpdated`` and serializing once,
+and deciding whether the version is stored encrypted.
+Calls: orjson, validation, index extraction, ``hub.crypto`` (policy).
+Called by: the store and bulk ingest workers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from hub.crypto.keys import current as current_keyring
+from hub.crypto.policy import needs_sealing
 from hub.search.index import IndexRows, extract_index_rows
 from hub.search.registry import Registry
 from hub.validation import validate_resource
@@ -59,8 +63,9 @@ class NewResource:
     res_id: str
     version: int
     last_updated: datetime
-    content: bytes
+    content: bytes  # always the plaintext JSON; the writer seals it when ``encrypt`` says so
     index_rows: IndexRows
+    encrypt: bool = False  # store as an envelope (hub.crypto.policy)
 
 
 def finalize(
@@ -87,9 +92,12 @@ def finalize(
     content = orjson.dumps(resource)
     if validate:
         validate_resource(content, res_type, resource)
-    return NewResource(
-        res_type, res_id, version, last_updated, content, extract_index_rows(registry, res_type, resource)
-    )
+    index_rows = extract_index_rows(registry, res_type, resource)
+    # Decided here, where the plaintext dict and index rows exist; sealing itself happens in
+    # the writer, because bulk ingest still edits ids and references in these bytes.
+    ring = current_keyring()
+    encrypt = ring is not None and ring.encrypt and needs_sealing(res_type, content, resource, index_rows)
+    return NewResource(res_type, res_id, version, last_updated, content, index_rows, encrypt)
 
 
 def same_content(stored: bytes, candidate: dict[str, Any]) -> bool:

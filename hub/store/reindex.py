@@ -3,7 +3,7 @@
 Owns: re-extracting index rows for current versions after the registry changes (a new
 parameter, a fixed extractor, a changed hashing scheme). It works in batches, each in its
 own transaction, so a large store is reindexed without holding one long lock.
-Calls: index extraction, the writer.  Called by: the CLI, tests.
+Calls: index extraction, the writer, ``hub.crypto`` (decryption).  Called by: the CLI, tests.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import orjson
 import sqlalchemy as sa
 
+from hub.crypto.envelope import open_content
 from hub.db.schema import INDEX_TABLES, resource
 from hub.search.index import extract_index_rows
 from hub.store import Store
@@ -53,6 +54,8 @@ def reindex(
             items = []
             for row in rows:
                 content = row.content if isinstance(row.content, bytes) else row.content.encode()
+                # Index values come from the plaintext (identifiers hash with the index key).
+                content = open_content(content, row.res_type, row.res_id)
                 index_rows = extract_index_rows(store.registry, row.res_type, orjson.loads(content))
                 report.rows += sum(len(v) for v in index_rows.values())
                 items.append(NewResource(row.res_type, row.res_id, 0, None, content, index_rows))  # type: ignore[arg-type]
