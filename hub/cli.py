@@ -388,7 +388,6 @@ def _demo_users(engine) -> None:  # type: ignore[no-untyped-def]
         console.print(f"  {username:<11} password {f'demo-{role}':<16} {role}{bound}{at}", soft_wrap=True)
 
 
-
 @keys_app.command("status")
 def keys_status() -> None:
     """List the data keys, which is active, and the master key wrapping them."""
@@ -459,6 +458,7 @@ def keys_rotate(
                 console.print("Run `hub reindex` so their identifiers are indexed as keyed hashes.")
     finally:
         engine.dispose()
+
 
 def _import(paths: list[Path], workers: int | None):  # type: ignore[no-untyped-def]
     from hub.app_factory import build_router
