@@ -83,7 +83,7 @@ class Gate:
             action=_ACTIONS.get(interaction, "R"),
             resource_type=parts[0] if parts and not parts[0].startswith(("$", "_")) else None,
             resource_id=parts[1] if len(parts) >= 2 and not parts[1].startswith(("$", "_")) else None,
-            query=urlencode(request.query) if request.query else None,
+            query=urlencode(_redacted(request.query)) if request.query else None,
             operation=operation,
             patients=patients,
             entities=entities,
@@ -135,6 +135,23 @@ class Gate:
                     )
                     entities += [f"{t}/{i}" for t, i in rows]
         return sorted(patients), entities
+
+
+# Search values that are themselves protected identifiers (encrypted at rest): the audit
+# trail keeps which system was searched, not the number.
+_PROTECTED_PARAMS = frozenset({"identifier", "phone", "telecom", "email"})
+
+
+def _redacted(query: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    def mask(value: str) -> str:
+        return ",".join(
+            f"{item.rsplit('|', 1)[0]}|***" if "|" in item else "***" for item in value.split(",")
+        )
+
+    return [
+        (key, mask(value) if key.split(":")[0].rsplit(".", 1)[-1] in _PROTECTED_PARAMS else value)
+        for key, value in query
+    ]
 
 
 def _resolve_me(request: FhirRequest) -> None:
