@@ -48,7 +48,14 @@ DATA = Path("/work/shared/data/synthea/bundles_r4_300_patients_gz")
 HUB = str(Path(sys.executable).parent / "hub")
 PG = "postgresql://postgres@127.0.0.1:5432"
 # Rate limits (hub.api.ratelimit) lifted for the server under test: all load is one client.
-UNLIMITED = {"RATE_LIMIT_PER_IP": "1000000/second", "RATE_LIMIT_PER_TOKEN": "1000000/second"}
+# The benchmarked server: no rate limits (all load comes from one address), and no bearer
+# tokens (an unrestricted anonymous principal: the admin baseline; bench/access.py measures
+# what consent enforcement adds).
+UNLIMITED = {
+    "RATE_LIMIT_PER_IP": "1000000/second",
+    "RATE_LIMIT_PER_TOKEN": "1000000/second",
+    "AUTH_REQUIRED": "false",
+}
 LOAD_FIRST = ("hospitalInformation", "practitionerInformation")
 
 

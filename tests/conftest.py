@@ -48,6 +48,9 @@ PG_URL = os.environ.get("HUB_TEST_DATABASE_URL")
 _KEY_DIR = Path(tempfile.mkdtemp(prefix="hub-test-keys-"))
 atexit.register(shutil.rmtree, _KEY_DIR, ignore_errors=True)
 KEY_FILE = _KEY_DIR / "token-signing-es256.pem"
+# The master key of encryption at rest, also in the temporary directory (never var/keys):
+# through the environment, so Settings() anywhere in the run and `hub` subprocesses use it.
+os.environ.setdefault("MASTER_KEY_FILE", str(_KEY_DIR / "master.key"))
 # Fixed, so that one token works on every test server whatever its port.
 TEST_ISSUER = "http://hub.test/auth"
 TEST_AUDIENCE = "http://hub.test/fhir"
