@@ -182,7 +182,7 @@ def _observations(w: World, *, keys: str = "abc", code: str | None = None) -> se
 def test_system_export_writes_every_type(hub: tuple[Exports, World]) -> None:
     exports, w = hub
     manifest = exports.run("/$export")
-    assert manifest["requiresAccessToken"] is False and manifest["error"] == []
+    assert manifest["requiresAccessToken"] is True and manifest["error"] == []
     assert manifest["request"] == str(exports.client.base_url).rstrip("/") + "/$export"
     assert manifest["transactionTime"].endswith("Z")
     assert [o["type"] for o in manifest["output"]] == sorted(w.by_type)

@@ -95,11 +95,16 @@ def everything_pids(registry: Registry, patient_ids: compartment.PatientIds) -> 
     a hidden HIV result (or a hidden AuditEvent) points at would otherwise tell of it.
     """
     members = compartment.member_pids(registry, patient_ids).cte("compartment_members")
-    sources = sa.select(members.c.pid)
     source = resource.alias("source")
-    visible = visible_clause(source)
+    # What the access log points at is not part of the record: AuditEvents are no source.
+    source_conditions = [
+        source.c.pid.in_(sa.select(members.c.pid)),
+        source.c.res_type.not_in(sorted(AUDIT_TRAIL_TYPES)),
+    ]
+    visible = visible_clause(source)  # type: ignore[arg-type]
     if visible is not None:
-        sources = sa.select(source.c.pid).where(source.c.pid.in_(sa.select(members.c.pid)), visible)
+        source_conditions.append(visible)
+    sources = sa.select(source.c.pid).where(*source_conditions)
     target = resource.alias("target")
     referenced = (
         sa.select(target.c.pid)
@@ -133,7 +138,7 @@ def _params(router: FhirRouter, request: FhirRequest) -> tuple[list[str] | None,
     for key in ("_count", "_offset"):
         if key in values:
             raw = values[key][-1]
-            if not raw.isdigit():
+            if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):  # see query._non_negative
                 raise bad_request(f"{key} must be a non-negative integer")
             if key == "_count":
                 count = min(int(raw), router.ctx.max_count)
