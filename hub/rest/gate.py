@@ -28,6 +28,7 @@ from hub.store import Store
 log = logging.getLogger(__name__)
 PURPOSE_HEADER = "x-purpose-of-use"
 _CHUNK = 900
+_MAX_ENTITIES = 100
 _ACTIONS = {
     "create": "C", "update": "U", "patch": "U", "delete": "D", "transaction": "E", "batch": "E",
     "operation": "E",
@@ -66,42 +67,50 @@ class Gate:
         return access
 
     def audit(self, request: FhirRequest, access: Access | None, interaction: str, status: int) -> None:
-        """One AuditEvent for the request. A failure to audit is logged loudly; the answer
-        has been computed but the caller's transaction (if any) already committed."""
+        """The audit record of a request: one AuditEvent per patient whose data it disclosed
+        or changed (IHE BALP), each naming only that patient's resources, so no patient reads
+        in their own access log who else was looked at; one AuditEvent when it touched no
+        patient's data (or failed)."""
         if self.trail is None or request.principal is None:
             return
         parts = [p for p in request.path.strip("/").split("/") if p]
         touched = list(dict.fromkeys(access.touched)) if access is not None else []
-        patients, entities = self._described(touched)
-        operation = next((p for p in parts if p.startswith("$")), None)
-        opened = getattr(request, "break_glass", None)
+        by_patient, shared = self._described(touched)
+        opened = request.break_glass
         bg_patients = set(access.break_glass_patients) if access is not None else set()
-        used_break_glass = opened is not None or bool(bg_patients & set(patients))
-        event = AccessEvent(
-            principal=request.principal,
-            interaction=interaction,
-            action=_ACTIONS.get(interaction, "R"),
-            resource_type=parts[0] if parts and not parts[0].startswith(("$", "_")) else None,
-            resource_id=parts[1] if len(parts) >= 2 and not parts[1].startswith(("$", "_")) else None,
-            query=urlencode(_redacted(request.query)) if request.query else None,
-            operation=operation,
-            patients=patients,
-            entities=entities,
-            outcome_status=status,
-            purpose="ETREAT" if used_break_glass else (access.purpose if access else "UNKNOWN"),
-            break_glass_reason=opened[1]
-            if opened
-            else ("open break-glass access" if used_break_glass else None),
-            break_glass_id=opened[0][0] if opened and opened[0] else None,
-            client_address=request.client_address,
-        )
-        self.trail.record([event])
+
+        def event(patients: list[str], entities: list[str]) -> AccessEvent:
+            used_break_glass = opened is not None or bool(bg_patients & set(patients))
+            reason = opened[1] if opened else ("open break-glass access" if used_break_glass else None)
+            return AccessEvent(
+                principal=request.principal,  # type: ignore[arg-type]
+                interaction=interaction,
+                action=_ACTIONS.get(interaction, "R"),
+                resource_type=parts[0] if parts and not parts[0].startswith(("$", "_")) else None,
+                resource_id=parts[1] if len(parts) >= 2 and not parts[1].startswith(("$", "_")) else None,
+                query=urlencode(_redacted(request.query)) if request.query else None,
+                operation=next((p for p in parts if p.startswith("$")), None),
+                patients=patients,
+                entities=entities,
+                outcome_status=status,
+                purpose="ETREAT" if used_break_glass else (access.purpose if access else "UNKNOWN"),
+                break_glass_reason=reason,
+                break_glass_id=opened[0][0] if opened and opened[0] else None,
+                client_address=request.client_address,
+            )
+
+        if len(by_patient) <= 1:
+            events = [event(sorted(by_patient), [e for es in by_patient.values() for e in es] + shared)]
+        else:
+            events = [event([patient], entities) for patient, entities in sorted(by_patient.items())]
+        self.trail.record(events)
 
     def disclosed(self, access: Access, what: str) -> None:
-        """Audit work that ran detached from its request (an $export job)."""
+        """Audit work that ran detached from its request (an $export job): per patient too."""
         if self.trail is None:
             return
-        patients, entities = self._described(list(dict.fromkeys(access.touched)))
+        by_patient, shared = self._described(list(dict.fromkeys(access.touched)))
+        groups = sorted(by_patient.items()) or [(None, shared)]
         self.trail.record(
             [
                 AccessEvent(
@@ -110,31 +119,33 @@ class Gate:
                     action="E",
                     operation="$export",
                     query=what,
-                    patients=patients,
+                    patients=[patient] if patient else [],
                     entities=entities,
                     purpose=access.purpose,
                 )
+                for patient, entities in groups
             ]
         )
 
-    def _described(self, pids: list[int]) -> tuple[list[str], list[str]]:
-        """The patients whose records the pids belong to, and the resources as references."""
+    def _described(self, pids: list[int]) -> tuple[dict[str, list[str]], list[str]]:
+        """The touched resources as references, grouped by the patient whose record holds
+        them, and those in no patient's record (at most ``_MAX_ENTITIES`` of each group)."""
+        by_patient: dict[str, list[str]] = {}
+        shared: list[str] = []
         if not pids:
-            return [], []
-        patients: dict[str, None] = {}
-        entities: list[str] = []
+            return by_patient, shared
         with self.store.read() as conn:
             for chunk in _chunks(pids):
-                for (patient,) in conn.execute(
-                    sa.select(compartment.c.patient_id).where(compartment.c.pid.in_(chunk)).distinct()
-                ):
-                    patients[patient] = None
-                if len(entities) < 100:
-                    rows = conn.execute(
-                        sa.select(resource.c.res_type, resource.c.res_id).where(resource.c.pid.in_(chunk))
-                    )
-                    entities += [f"{t}/{i}" for t, i in rows]
-        return sorted(patients), entities
+                rows = conn.execute(
+                    sa.select(resource.c.res_type, resource.c.res_id, compartment.c.patient_id)
+                    .select_from(resource.outerjoin(compartment, compartment.c.pid == resource.c.pid))
+                    .where(resource.c.pid.in_(chunk))
+                )
+                for res_type, res_id, patient in rows:
+                    group = shared if patient is None else by_patient.setdefault(patient, [])
+                    if len(group) < _MAX_ENTITIES:
+                        group.append(f"{res_type}/{res_id}")
+        return by_patient, shared
 
 
 # Search values that are themselves protected identifiers (encrypted at rest): the audit
