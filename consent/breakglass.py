@@ -34,13 +34,13 @@ def patients_of_request(conn: sa.Connection, path: str, query: list[tuple[str, s
     the compartment of ``Type/{id}``. Break-glass opens access to these only."""
     parts = [p for p in path.strip("/").split("/") if p]
     if len(parts) >= 2 and parts[0] == "Patient":
-        return [parts[1]]
+        return [parts[1]] if len(parts[1]) <= 64 else []  # no FHIR id is longer
     found = []
     for key, value in query:
         if key in _PATIENT_PARAMS and (key != "_id" or parts[:1] == ["Patient"]):
             for item in value.split(","):
                 ref = item.strip().rstrip("/")
-                if ref.startswith("Patient/") or "/" not in ref:
+                if (ref.startswith("Patient/") or "/" not in ref) and len(ref.split("/")[-1]) <= 64:
                     found.append(ref.split("/")[-1])
     if found:
         return list(dict.fromkeys(found))

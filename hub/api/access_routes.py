@@ -69,6 +69,7 @@ def mount_access_routes(app: FastAPI, router: FhirRouter, bearer: Any) -> None:
             except ValueError:
                 form = {}
         note = str(form.get("note", "")) if isinstance(form, dict) else ""
+        note = note.replace("\x00", "")  # PostgreSQL text cannot hold NUL
 
         def run() -> dict[str, Any]:
             principal = principal_of(request)

@@ -49,7 +49,10 @@ async def _fhir_request(request: Request, path: str) -> FhirRequest | Response:
     body = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if body and content_type.startswith(_FORM) and path.endswith("_search"):
-        query += parse_qsl(body.decode(), keep_blank_values=True)
+        try:
+            query += parse_qsl(body.decode(), keep_blank_values=True)
+        except UnicodeDecodeError:
+            return _outcome_response(400, "invalid", "The form is not UTF-8")
         body = b""
     elif body and content_type and content_type not in _JSON_TYPES:
         return _outcome_response(
@@ -58,6 +61,9 @@ async def _fhir_request(request: Request, path: str) -> FhirRequest | Response:
     accepted = [part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")]
     if any(accepted) and not any(a in _JSON_TYPES or a in ("*/*", "application/*") for a in accepted):
         return _outcome_response(406, "not-supported", "This server answers in application/fhir+json only")
+    if "\x00" in path or any("\x00" in k or "\x00" in v for k, v in query):
+        # PostgreSQL text cannot hold NUL, and no FHIR id, type or parameter has one.
+        return _outcome_response(400, "invalid", "The URL contains a NUL character (%00)")
     formats = [v for k, v in query if k == "_format"]
     if formats and not any("json" in f for f in formats):
         return _outcome_response(406, "not-supported", "_format must be json")
@@ -125,6 +131,8 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
             await run_in_threadpool(bearer.principal, request.headers.get("authorization"))
         except AuthError as error:
             return _to_http(unauthorized(error))
+        if "\x00" in job_id + file_name:  # PostgreSQL text cannot hold NUL; no job or file has one
+            return _outcome_response(404, "not-found", "No such export file")
         try:
             path = await run_in_threadpool(export_file_path, router.ctx.store, job_id, file_name)
         except FhirError as error:

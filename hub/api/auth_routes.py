@@ -140,6 +140,8 @@ def mount_auth_routes(app: FastAPI, settings: Settings, engine: sa.Engine, token
         except UnicodeDecodeError:
             return _oauth_error(400, "invalid_request", "The form is not UTF-8")
         form: dict[str, str] = {}
+        if any("\x00" in name + value for name, value in pairs):  # PostgreSQL text cannot hold NUL
+            return _oauth_error(400, "invalid_request", "The form contains a NUL character")
         for name, value in pairs:
             if name in form:  # RFC 6749 section 3.2: no parameter more than once
                 return _oauth_error(400, "invalid_request", f"Parameter {name} is repeated")
@@ -217,7 +219,7 @@ def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
     except (binascii.Error, UnicodeDecodeError):
         raise ValueError("malformed Basic credentials") from None
     client_id, sep, secret = decoded.partition(":")
-    if not sep:
+    if not sep or "\x00" in decoded:
         raise ValueError("Basic credentials without a colon")
     # RFC 6749 section 2.3.1: both parts are form-urlencoded before Basic encoding.
     return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))

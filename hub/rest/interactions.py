@@ -85,7 +85,7 @@ def read(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str,
 def vread(
     ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str, vid: str
 ) -> FhirResponse:
-    if not vid.isdigit():
+    if not (vid.isascii() and vid.isdigit() and len(vid) <= 18):  # see search.query._non_negative
         raise bad_request(f"Version id must be a number, not {vid!r}")
     stored = ctx.store.get_version(conn, res_type, res_id, int(vid))
     headers = _resource_headers(ctx, stored)
@@ -107,7 +107,7 @@ def _paging(ctx: Context, request: FhirRequest) -> tuple[int, int]:
     count, offset = ctx.default_count, 0
     for key, value in request.query:
         if key in ("_count", "_offset"):
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit() and len(value) <= 18):  # see query._non_negative
                 raise bad_request(f"{key} must be a non-negative integer")
             if key == "_count":
                 count = min(int(value), ctx.max_count)
@@ -180,6 +180,8 @@ def create(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: st
 def update(
     ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str
 ) -> FhirResponse:
+    if len(res_id) > 64:  # FHIR ids are 1-64 characters (and res_id is VARCHAR(64))
+        raise bad_request(f"The id {res_id[:64]!r}... is longer than the 64 characters of a FHIR id")
     body = _body_for(request, res_type)
     if body.get("id") != res_id:
         raise bad_request(f"The body's id ({body.get('id')!r}) must equal the id in the URL ({res_id!r})")

@@ -17,6 +17,8 @@ from hub.errors import bad_request
 
 FHIR_JSON = "application/fhir+json"
 _ETAG_RE = re.compile(r'^(?:W/)?"?(\d+)"?$')
+# A JSON \u0000 escape (not an escaped backslash followed by "u0000").
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @dataclass
@@ -43,6 +45,8 @@ class FhirRequest:
             return self.parsed_body
         if not self.body:
             raise bad_request("The request has no body")
+        if _NUL_ESCAPE.search(self.body):  # FHIR strings may not hold it, nor PostgreSQL text/jsonb
+            raise bad_request("The body contains a NUL character (\\u0000)")
         try:
             document = orjson.loads(self.body)
         except orjson.JSONDecodeError as exc:

@@ -65,13 +65,30 @@ _ACCESS_HEADERS = ("x-purpose-of-use", "x-break-glass-reason")
 
 def _entries(bundle: dict[str, Any]) -> list[Entry]:
     entries = []
-    for i, raw in enumerate(bundle.get("entry") or []):
+    raw_entries = bundle.get("entry") or []
+    if not isinstance(raw_entries, list):
+        raise bad_request("Bundle.entry must be an array", ("Bundle.entry",))
+    for i, raw in enumerate(raw_entries):
+        if not isinstance(raw, dict):
+            raise bad_request(f"Bundle.entry[{i}] must be an object", (f"Bundle.entry[{i}]",))
         req = raw.get("request") or {}
-        method, url = req.get("method"), req.get("url")
-        if method not in _ORDER or not url:
+        method, url = (req.get("method"), req.get("url")) if isinstance(req, dict) else (None, None)
+        if not isinstance(method, str) or method not in _ORDER or not isinstance(url, str) or not url:
             raise bad_request(
                 f"Bundle.entry[{i}].request needs a method and a url", (f"Bundle.entry[{i}].request",)
             )
+        strings = {"fullUrl": raw.get("fullUrl")} | {
+            f: req.get(f) for f in ("ifNoneExist", "ifMatch", "ifNoneMatch")
+        }
+        for field, value in strings.items():
+            if value is not None and not isinstance(value, str):
+                raise bad_request(f"Bundle.entry[{i}]: {field} must be a string", (f"Bundle.entry[{i}]",))
+        try:
+            urlsplit(url)
+        except ValueError:  # e.g. "http://[::1"
+            raise bad_request(
+                f"Bundle.entry[{i}].request.url is not a URL", (f"Bundle.entry[{i}].request",)
+            ) from None
         resource = raw.get("resource")
         if method in ("POST", "PUT") and not isinstance(resource, dict):
             raise bad_request(

@@ -69,5 +69,5 @@ def date_range(text: str) -> tuple[int, int]:
         else:
             span = timedelta(seconds=1)
         return to_micros(low), to_micros(low + span) - 1
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # OverflowError: past 9999-12-31 once shifted
         raise DateFormatError(f"not a valid calendar date: {text!r}") from exc

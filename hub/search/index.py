@@ -77,6 +77,8 @@ def _reference(value: Any) -> tuple[str | None, str | None, str | None] | None:
     if "://" in ref or ref.startswith("urn:"):
         return None, None, ref.split("|", 1)[0]
     parts = ref.split("/")
+    if len(parts) in (2, 4) and max(len(parts[0]), len(parts[1])) > 64:
+        return None, None, ref  # no local type or id is that long (nor fits target_type/target_id)
     if len(parts) == 2:
         return parts[0], parts[1], None
     if len(parts) == 4 and parts[2] == "_history":

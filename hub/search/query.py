@@ -84,6 +84,8 @@ def parse(
 ) -> SearchQuery:
     query = SearchQuery(res_type, count=default_count)
     for raw_name, raw_value in params:
+        if "\x00" in raw_name + raw_value:  # PostgreSQL text cannot hold NUL; no FHIR value has one
+            raise bad_request(f"Search parameter {raw_name!r} contains a NUL character")
         try:
             if raw_name.partition(":")[0] in RESULT_PARAMS:
                 _result_param(registry, query, raw_name, raw_value, max_count)
@@ -101,7 +103,9 @@ def parse(
 
 
 def _non_negative(name: str, value: str) -> int:
-    if not value.isdigit():
+    # ASCII digits only ("²".isdigit() is true, int() refuses it), and few enough that the
+    # database takes the number (both cap LIMIT/OFFSET at 2**63 - 1).
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
         raise bad_request(f"{name} must be a non-negative integer, not {value!r}")
     return int(value)
 

@@ -18,7 +18,10 @@ def record(conn: sa.Connection, aliases: list[dict[str, str]]) -> None:
     """Point each fullUrl at its newest resource (later bundles mean the newest one)."""
     if not aliases:
         return
-    rows = list({a["full_url"]: a for a in aliases}.values())
+    # Longer ones cannot be a urn:uuid (nor fit the column); the transaction resolved them already.
+    rows = list({a["full_url"]: a for a in aliases if len(a["full_url"]) <= 200}.values())
+    if not rows:
+        return
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     statement = insert(fullurl_alias).values(rows)
     conn.execute(

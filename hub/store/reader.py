@@ -17,6 +17,7 @@ from hub.db.schema import resource, resource_history
 from hub.store.records import StoredResource, as_utc
 
 _COLUMNS = ("res_type", "res_id", "version", "last_updated", "deleted", "content")
+_MAX_VERSION = 2**31 - 1  # the version column is an INTEGER (int4 on PostgreSQL)
 
 
 def _content_bytes(value: Any) -> bytes | None:
@@ -61,6 +62,8 @@ def version_row(conn: sa.Connection, res_type: str, res_id: str, version: int) -
         return None
     if row.version == version:
         return row
+    if not 0 < version <= _MAX_VERSION:  # no such version; PostgreSQL would fail on the bind
+        return None
     query = sa.select(resource_history.c.pid, *(resource_history.c[c] for c in _COLUMNS)).where(
         resource_history.c.pid == row.pid, resource_history.c.version == version
     )
