@@ -190,6 +190,7 @@ DEMO_USERS: tuple[tuple[str, str, str | None, tuple[str, ...]], ...] = (
     ("bs.tuan", "clinician", "Practitioner/vn-demo-practitioner-1", ("vn-demo-org-tyt-iakrai",)),
     ("hoa.nguyen", "patient", "Patient/vn-demo-patient-1", ()),
     ("auditor", "auditor", None, ()),
+    ("qtv.iakrai", "facility-admin", None, ("vn-demo-org-tyt-iakrai",)),
 )
 
 

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub import __version__
+from hub.api.access_routes import mount_access_routes
 from hub.api.auth_routes import NO_TOKEN, Bearer, mount_auth_routes, unauthorized
 from hub.api.ratelimit import add_rate_limits
 from hub.app_factory import build_router
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
 
     # First: /fhir/.well-known/smart-configuration would otherwise match /fhir/{type}/{id}.
     mount_auth_routes(app, settings, engine, tokens)
+    mount_access_routes(app, router, bearer)
     route("/metadata", ["GET"], "capabilities")
     route("", ["POST"], "transaction_or_batch")
     route("/", ["POST"], "transaction_or_batch_slash")
@@ -128,13 +130,13 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     @app.get("/fhir/$export-file/{job_id}/{file_name}", include_in_schema=False)
     async def export_file(request: Request, job_id: str, file_name: str) -> Response:
         try:
-            await run_in_threadpool(bearer.principal, request.headers.get("authorization"))
+            principal = await run_in_threadpool(bearer.principal, request.headers.get("authorization"))
         except AuthError as error:
             return _to_http(unauthorized(error))
         if "\x00" in job_id + file_name:  # PostgreSQL text cannot hold NUL; no job or file has one
             return _outcome_response(404, "not-found", "No such export file")
         try:
-            path = await run_in_threadpool(export_file_path, router.ctx.store, job_id, file_name)
+            path = await run_in_threadpool(export_file_path, router.ctx.store, job_id, file_name, principal)
         except FhirError as error:
             return Response(error.outcome_bytes(), error.status, media_type=FHIR_JSON)
         return FileResponse(path, media_type=NDJSON)
