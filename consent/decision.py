@@ -111,6 +111,9 @@ class Access:
     break_glass_patients: tuple[str, ...] = ()  # open break-glass grants of this principal
     now: int = field(default_factory=lambda: int(time.time()))
     touched: list[int] = field(default_factory=list)  # pids of resources returned
+    _clauses: dict[tuple[object, ...], sa.ColumnElement[bool] | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def unrestricted(self) -> bool:
@@ -149,13 +152,16 @@ class Access:
 
     def visible(self, table: sa.Table = resource) -> sa.ColumnElement[bool] | None:
         """The SQL condition a row of ``table`` (resource or resource_history) must meet;
-        None when the principal sees every row."""
-        types = self._types_clause(table)
-        data = None if self.unrestricted else self._data_clause(table)
-        parts = [p for p in (types, data) if p is not None]
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else sa.and_(*parts)
+        None when the principal sees every row. Built once per table and request (a search
+        asks for it for its total and again for its page)."""
+        key = (table, self.principal, self.purpose, self.policy, self.identities, self.own_patients,
+               self.context_patients, self.break_glass_patients, self.now)  # fmt: skip
+        if key not in self._clauses:
+            types = self._types_clause(table)
+            data = None if self.unrestricted else self._data_clause(table)
+            parts = [p for p in (types, data) if p is not None]
+            self._clauses[key] = None if not parts else parts[0] if len(parts) == 1 else sa.and_(*parts)
+        return self._clauses[key]
 
     def _types_clause(self, table: sa.Table) -> sa.ColumnElement[bool] | None:
         scopes = [s for s in self.principal.scopes.scopes if s.permissions & {"r", "s"}]
@@ -192,34 +198,50 @@ class Access:
         return sa.and_(*(_rebind(c, pid_column) for c in query.conditions))
 
     def _data_clause(self, table: sa.Table) -> sa.ColumnElement[bool]:
-        pid = table.c.pid
-        member = sa.select(compartment.c.pid).where(compartment.c.pid == pid)
-        if self.principal.role in NO_PATIENT_DATA:
-            return ~sa.exists(member)
-        outside_records = ~sa.exists(member)
-        if self.context_patients is not None:
-            # patient/ scopes: only these patients' records, whatever else is granted.
-            in_context = sa.exists(member.where(compartment.c.patient_id.in_(self.context_patients)))
-            if self.principal.role in UNRESTRICTED:
-                return sa.or_(outside_records, in_context)
-            return sa.or_(outside_records, sa.and_(in_context, self._records_clause(pid)))
-        return sa.or_(outside_records, self._records_clause(pid))
+        """Scalar subqueries over the row's compartment rows (an index probe per row):
 
-    def _records_clause(self, pid: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+            (SELECT CASE WHEN count(*) = 0 THEN 1           -- in no patient's record
+                         ELSE max(CASE WHEN <permitted> THEN 1 ELSE 0 END) END
+             FROM compartment WHERE pid = <row>.pid) > 0
+
+        With patient/ scopes, a first probe tells outside (2), in a context patient's record
+        (1) or not (0), and only rows in context are probed for ``<permitted>``.
+
+        Written this way, not as ``NOT EXISTS(member) OR EXISTS(permitted member)``, because
+        PostgreSQL may run such EXISTS arms as hashed subplans over the whole compartment
+        table (every row's grants, deny checks included, for a page of 20), misjudges their
+        size by orders of magnitude, and plans them slowly; a scalar subquery is always one
+        probe per candidate row. ``> 0`` rather than ``= 1`` gives the planner a default
+        estimate of a third of the rows instead of 0.5%, which keeps it from plans built
+        for a handful of rows."""
+        c = compartment
+        if self.principal.role in NO_PATIENT_DATA:
+            return ~sa.exists(sa.select(c.c.pid).where(c.c.pid == table.c.pid))
+
+        def over_records(value: sa.ColumnElement[int], outside: int) -> sa.ScalarSelect[int]:
+            verdict = sa.case((sa.func.count() == 0, outside), else_=value)
+            return sa.select(verdict).where(c.c.pid == table.c.pid).scalar_subquery()
+
+        permitted = sa.func.max(sa.case((self._member_permitted(), 1), else_=0))
+        if self.context_patients is None:
+            return over_records(permitted, 1) > 0
+        # patient/ scopes: only these patients' records, whatever else is granted.
+        in_context = sa.func.max(sa.case((c.c.patient_id.in_(self.context_patients), 1), else_=0))
+        if self.principal.role in UNRESTRICTED:
+            return over_records(in_context, 1) > 0
+        return sa.case({2: 1, 1: over_records(permitted, 1)}, value=over_records(in_context, 2), else_=0) > 0
+
+    def _member_permitted(self) -> sa.ColumnElement[bool]:
+        """Whether a ``compartment`` row (one patient's record) is open to the principal."""
+        c = compartment
         alternatives: list[sa.ColumnElement[bool]] = []
         if self.own_patients:
-            alternatives.append(
-                sa.exists().where(compartment.c.pid == pid, compartment.c.patient_id.in_(self.own_patients))
-            )
+            alternatives.append(c.c.patient_id.in_(self.own_patients))
         if self.identities:
-            alternatives.append(self._granted(pid))
+            alternatives.append(self._granted())
         if self.break_glass_patients:
             alternatives.append(
-                sa.exists().where(
-                    compartment.c.pid == pid,
-                    compartment.c.patient_id.in_(self.break_glass_patients),
-                    compartment.c.labels.op("&")(labels.AUDIT) == 0,
-                )
+                sa.and_(c.c.patient_id.in_(self.break_glass_patients), c.c.labels.op("&")(labels.AUDIT) == 0)
             )
         return sa.or_(*alternatives) if alternatives else sa.false()
 
@@ -234,23 +256,28 @@ class Access:
             sa.func.coalesce(grant.c.ends, _FAR_FUTURE) >= self.now,
         ]
 
-    def _granted(self, pid: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
-        permit, deny = access_grant.alias("permit_grant"), access_grant.alias("deny_grant")
-        denied = sa.exists().where(
-            deny.c.patient_id == compartment.c.patient_id,
-            deny.c.effect == "deny",
-            deny.c.labels.op("&")(compartment.c.labels) != 0,
-            *self._in_force(deny),
+    def _granted(self) -> sa.ColumnElement[bool]:
+        """A permit grant in force covers every label of the compartment row, and no deny
+        grant in force touches any of them: one probe of the patient's grants, each scored
+        deny 2, covering permit 1, other 0; the row is open when the highest score is 1."""
+        c, grant = compartment, access_grant
+        score = sa.case(
+            (sa.and_(grant.c.effect == "deny", grant.c.labels.op("&")(c.c.labels) != 0), 2),
+            (
+                sa.and_(
+                    grant.c.effect == "permit",
+                    grant.c.basis.in_(self._bases()),
+                    grant.c.labels.op("&")(c.c.labels) == c.c.labels,
+                ),
+                1,
+            ),
+            else_=0,
         )
-        return sa.exists().where(
-            compartment.c.pid == pid,
-            permit.c.patient_id == compartment.c.patient_id,
-            permit.c.effect == "permit",
-            permit.c.basis.in_(self._bases()),
-            permit.c.labels.op("&")(compartment.c.labels) == compartment.c.labels,
-            *self._in_force(permit),
-            ~denied,
+        strongest = sa.select(sa.func.max(score)).where(
+            grant.c.patient_id == c.c.patient_id, *self._in_force(grant)
         )
+        # Nested in a CASE, SQLAlchemy would not correlate compartment by itself.
+        return strongest.correlate_except(grant).scalar_subquery() == 1
 
     # --- checks on single rows (writes) ---------------------------------------------------
 
@@ -276,7 +303,13 @@ class Access:
         wanted -= set(self.own_patients) | set(self.break_glass_patients)
         if not wanted or not self.identities:
             return not wanted
-        grant = access_grant
+        grant, deny = access_grant, access_grant.alias("deny_grant")
+        denied = sa.exists().where(
+            deny.c.patient_id == grant.c.patient_id,
+            deny.c.effect == "deny",
+            deny.c.labels.op("&")(labels.NORMAL) != 0,
+            *self._in_force(deny),  # type: ignore[arg-type]
+        )
         rows = conn.execute(
             sa.select(grant.c.patient_id)
             .where(
@@ -285,6 +318,7 @@ class Access:
                 grant.c.basis.in_(self._bases()),
                 grant.c.labels.op("&")(labels.NORMAL) != 0,
                 *self._in_force(grant),
+                ~denied,  # a patient who denied this principal their record: no writing into it
             )
             .distinct()
         ).all()
@@ -303,23 +337,29 @@ def _rebind(condition: sa.ColumnElement[bool], pid: sa.ColumnElement[int]) -> sa
 # --- making an Access for a request ---------------------------------------------------------
 
 
-def identities_of(conn: sa.Connection, principal: Principal) -> tuple[str, ...]:
+def identities_of(conn: sa.Connection, principal: Principal, now: int | None = None) -> tuple[str, ...]:
     """Grantee references a principal acts as: its fhirUser, its organizations, and the care
-    teams it takes part in (from the care teams' own grants)."""
+    teams it takes part in now (from the care teams' own grants, within their period)."""
+    now = int(time.time()) if now is None else now
     found = [principal.fhir_user] if principal.fhir_user else []
     found += [f"Organization/{o}" for o in principal.organizations]
     if principal.fhir_user and principal.role == Role.CLINICIAN:
+        # Only a CareTeam's own grants say who is on it: a Consent naming the clinician and
+        # some CareTeam together, or a care team listing another team, does not make the
+        # clinician a member of that team.
         teams = conn.execute(
-            sa.select(access_grant.c.grantee)
+            sa.select(resource.c.res_id)
+            .join(access_grant, access_grant.c.pid == resource.c.pid)
             .where(
-                access_grant.c.grantee.like("CareTeam/%"),
-                access_grant.c.pid.in_(
-                    sa.select(access_grant.c.pid).where(access_grant.c.grantee == principal.fhir_user)
-                ),
+                resource.c.res_type == "CareTeam",
+                access_grant.c.basis == "policy",
+                access_grant.c.grantee == principal.fhir_user,
+                sa.func.coalesce(access_grant.c.starts, 0) <= now,
+                sa.func.coalesce(access_grant.c.ends, _FAR_FUTURE) >= now,
             )
             .distinct()
         ).all()
-        found += [r[0] for r in teams]
+        found += [f"CareTeam/{r[0]}" for r in teams]
     return tuple(dict.fromkeys(found))
 
 
@@ -367,7 +407,7 @@ def decide(
     access = Access(principal, purpose_for(principal, purpose), registry, policy=policy)
     role = principal.role
     if role == Role.CLINICIAN:
-        access.identities = identities_of(conn, principal)
+        access.identities = identities_of(conn, principal, access.now)
         access.break_glass_patients = open_break_glass(conn, principal, access.now)
     elif role == Role.PATIENT and principal.fhir_user_type == "Patient":
         access.own_patients = (principal.fhir_user_id or "",)

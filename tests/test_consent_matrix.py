@@ -1398,12 +1398,15 @@ class Matrix:
 
     def everything_expected(self, who: Who, patient: str, types: set[str] | None = None) -> set[str]:
         """The patient's compartment and the shared resources its visible members reference,
-        as far as the principal may see them; the audit trail only when ``_type`` names it."""
+        as far as the principal may see them; the audit trail only when ``_type`` names it, and
+        what AuditEvents point at never (the access log is not part of the record)."""
         members = [i for i in self.world.live() if patient in i.current_comps]
         visible = [i for i in members if self.world.sees(who, i)]
         expected = {i.key for i in visible}
         for item in visible:
             assert item.body is not None
+            if item.key.startswith("AuditEvent/"):
+                continue
             for target in shared_references(item.body):
                 shared = self.world.get(target)
                 if shared is not None and not shared.deleted and self.world.sees(who, shared):

@@ -177,15 +177,20 @@ class Store:
 
 
 def _keep_earlier_labels(conn: sa.Connection, pid: int, item: NewResource) -> None:
-    """A version's labels include every earlier version's, so removing an HIV code in a new
-    version cannot make the old, sensitive versions readable through history."""
-    earlier = 0
-    for (mask,) in conn.execute(sa.select(compartment.c.labels).where(compartment.c.pid == pid)):
+    """A version's labels include every earlier version's, and its patients every earlier
+    version's, so neither removing an HIV code nor moving the resource to another patient
+    (or out of every compartment) makes the old versions readable through history."""
+    earlier, patients = 0, dict[str, None]()
+    for patient, mask in conn.execute(
+        sa.select(compartment.c.patient_id, compartment.c.labels).where(compartment.c.pid == pid)
+    ):
         earlier |= mask
-    members = item.index_rows.get("compartment")
-    if earlier and members:
-        merged = earlier | members[0][1]
-        item.index_rows["compartment"] = [(patient, merged) for patient, _ in members]
+        patients[patient] = None
+    members = item.index_rows.get("compartment") or []
+    if earlier:
+        merged = earlier | (members[0][1] if members else 0)
+        wanted = dict.fromkeys(patient for patient, _ in members) | patients
+        item.index_rows["compartment"] = [(patient, merged) for patient in wanted]
 
 
 def _stored(item: NewResource) -> StoredResource:
