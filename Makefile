@@ -8,7 +8,7 @@ PYTEST       = $(VENV)/bin/pytest
 PG_TEST_URL ?= postgresql://postgres@127.0.0.1:5432/hub_test
 FHIRVAL      = .fhirval/node_modules/@medplum/core
 
-.PHONY: setup run test test-sqlite test-postgres validator check bench clean
+.PHONY: setup run test test-sqlite test-postgres validator check bench bench-access clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ check: setup
 
 bench: setup
 	$(VENV)/bin/python bench/ingest.py
+
+# Consent-enforced search vs the same search as an admin (issue 4 goal: <= 1.2x the time).
+bench-access: setup
+	$(VENV)/bin/python bench/access.py
 
 clean:
 	rm -rf $(VENV) .fhirval var
