@@ -30,12 +30,16 @@ from hub.audit.trail import GENESIS, AuditTrail, content_digest, link
 from hub.audit.verify import verify_chain
 from hub.auth.principal import Principal, Role, system_principal
 from hub.auth.scopes import ScopeSet
+from hub.crypto import keys
+from hub.crypto.envelope import is_sealed, open_content
 from hub.db.engine import create_engine
-from hub.db.schema import audit_chain, resource, resource_history
+from hub.db.schema import audit_chain, compartment, idx_reference, resource, resource_history
 from hub.rest import FhirRequest, FhirRouter
+from hub.search.index import extract_index_rows
 from hub.search.registry import get_registry
 from hub.settings import Settings
 from hub.store import Store, writer
+from hub.store.records import NewResource, finalize, now
 
 BASE = "http://hub.test/fhir"
 
@@ -212,7 +216,11 @@ def test_record_and_verify(trail: AuditTrail, audit_engine: sa.Engine) -> None:
                 sa.select(resource.c.res_id, resource.c.content).where(resource.c.res_type == "AuditEvent")
             ).all()
         )
-    # The chain arithmetic, recomputed here from its definition.
+    # Stored encrypted (issue 8: the trail holds queries, token ids and addresses)...
+    assert all(is_sealed(_raw(content)) for content in stored.values())
+    assert b"10.1.2.3" not in _raw(stored[ids[0]]) and b"jti-123" not in _raw(stored[ids[0]])
+    stored = {res_id: _plain(audit_engine, res_id, content) for res_id, content in stored.items()}
+    # ...and the chain arithmetic, recomputed here from its definition over the plaintext.
     previous = GENESIS
     for row in rows:
         assert row.digest == content_digest(stored[row.res_id])
@@ -237,7 +245,7 @@ def test_stored_audit_events_pass_the_shared_validator(
                 resource.c.res_type == "AuditEvent", resource.c.res_id.in_(ids)
             )
         ).scalars()
-        lines = [_text(content) for content in stored]
+        lines = [_plain(audit_engine, "", content).decode() for content in stored]
     assert len(lines) == len(SHAPES)
     out = tmp_path / "audit-events.ndjson"
     out.write_text("\n".join(lines) + "\n")
@@ -344,18 +352,35 @@ def _text(content: bytes | str) -> str:
     return content.decode() if isinstance(content, bytes) else content
 
 
+def _raw(content: bytes | str) -> bytes:
+    return content.encode() if isinstance(content, str) else content
+
+
+def _plain(engine: sa.Engine, res_id: str, content: bytes | str) -> bytes:
+    """The AuditEvent as recorded (they are stored sealed): opened with the database's keys.
+    The id comes from the envelope when not given."""
+    raw = _raw(content)
+    with keys.bound(engine):
+        return open_content(raw, "AuditEvent", res_id or orjson.loads(raw)["id"])
+
+
 def _restore_resource(engine: sa.Engine, row: Any) -> None:
-    with engine.begin() as conn:
+    """Put a resource row back as it was, with the index rows its content implies."""
+    with keys.bound(engine), engine.begin() as conn:
         writer.delete_index_rows(conn, row.pid)
         conn.execute(resource.delete().where(resource.c.pid == row.pid))
         conn.execute(resource.insert().values({**row._asdict(), "content": _text(row.content)}))
+        document = orjson.loads(_plain(engine, row.res_id, row.content))
+        rows = extract_index_rows(get_registry(), "AuditEvent", document)
+        item = NewResource("AuditEvent", row.res_id, 1, row.last_updated, b"", rows)
+        writer.insert_index_rows(conn, [row.pid], [item])
 
 
 def test_edited_content(trail: AuditTrail, audit_engine: sa.Engine) -> None:
     ids = trail.record([read_event(f"edit-{i}") for i in range(3)])
     seq = _chain_row(audit_engine, ids[1]).seq
     original = _resource_row(audit_engine, ids[1])
-    edited = orjson.loads(original.content)
+    edited = orjson.loads(_plain(audit_engine, ids[1], original.content))
     edited["entity"][0]["what"]["reference"] = "Patient/someone-else"
     with audit_engine.begin() as conn:
         conn.execute(
@@ -454,23 +479,34 @@ def test_reordered_chain_rows(trail: AuditTrail, audit_engine: sa.Engine) -> Non
     assert_intact(audit_engine)
 
 
+def _forge(conn: sa.Connection, document: dict[str, Any], res_id: str, version: int, pid: int | None) -> int:
+    """Write an AuditEvent version with the store's own writer, behind the trail's back (the
+    REST layer and the store refuse: AuditEvents are append-only). Returns its pid."""
+    item = finalize(get_registry(), document, res_id, version, now(), validate=False)
+    if pid is None:
+        (pid,) = writer.insert_new(conn, [item])
+        return pid
+    content = writer.stored_content(conn, item)
+    assert writer.replace_current(conn, pid, version - 1, version, item.last_updated, content)
+    writer.insert_index_rows(conn, [pid], [item])
+    return pid
+
+
 def test_audit_event_inserted_behind_the_chain(trail: AuditTrail, audit_engine: sa.Engine) -> None:
-    store = trail.store
+    store, forged = trail.store, str(uuid.uuid4())
+    document = build_audit_event(read_event("forged"), BASE, "Test hub")
     with store.write() as conn:
-        forged = store.create(conn, build_audit_event(read_event("forged"), BASE, "Test hub"))
+        pid = _forge(conn, dict(document), forged, 1, None)
     try:
         report = verify_chain(audit_engine)
-        assert [(p.kind, p.res_id) for p in report.problems] == [("unchained", forged.res_id)]
-        # An update through the store leaves history: reported as well.
+        assert [(p.kind, p.res_id) for p in report.problems] == [("unchained", forged)]
+        # An update leaves history: reported as well.
         with store.write() as conn:
-            store.update(conn, "AuditEvent", forged.res_id, {**forged.parsed(), "outcome": "4"})
+            _forge(conn, {**document, "outcome": "4"}, forged, 2, pid)
         kinds = {(p.kind, p.res_id) for p in verify_chain(audit_engine).problems}
-        assert kinds == {("unchained", forged.res_id), ("updated", forged.res_id)}
+        assert kinds == {("unchained", forged), ("updated", forged)}
     finally:
         with audit_engine.begin() as conn:
-            pid = conn.execute(
-                sa.select(resource.c.pid).where(resource.c.res_id == forged.res_id)
-            ).scalar_one()
             conn.execute(resource_history.delete().where(resource_history.c.pid == pid))
             writer.delete_index_rows(conn, pid)
             conn.execute(resource.delete().where(resource.c.pid == pid))
@@ -481,9 +517,9 @@ def test_updated_audit_event_in_chain(trail: AuditTrail, audit_engine: sa.Engine
     (res_id,) = trail.record([read_event("upd")])
     seq = _chain_row(audit_engine, res_id).seq
     original = _resource_row(audit_engine, res_id)
-    store = trail.store
-    with store.write() as conn:
-        store.update(conn, "AuditEvent", res_id, {**orjson.loads(original.content), "outcome": "8"})
+    with trail.store.write() as conn:
+        document = orjson.loads(_plain(audit_engine, res_id, original.content))
+        _forge(conn, {**document, "outcome": "8"}, res_id, 2, original.pid)
     try:
         kinds = sorted(_kinds(audit_engine), key=str)
         assert kinds == [("edited", seq), ("updated", seq), ("updated", seq)]
@@ -491,6 +527,106 @@ def test_updated_audit_event_in_chain(trail: AuditTrail, audit_engine: sa.Engine
         with audit_engine.begin() as conn:
             conn.execute(resource_history.delete().where(resource_history.c.pid == original.pid))
         _restore_resource(audit_engine, original)
+    assert_intact(audit_engine)
+
+
+def _index_rows(engine: sa.Engine, pid: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    with engine.connect() as conn:
+        refs = [r._asdict() for r in conn.execute(sa.select(idx_reference).where(idx_reference.c.pid == pid))]
+        members = [r._asdict() for r in conn.execute(sa.select(compartment).where(compartment.c.pid == pid))]
+    return refs, members
+
+
+def _patient_log(router: FhirRouter, patient: str) -> set[str]:
+    response = router.handle(
+        FhirRequest(
+            "GET", "AuditEvent", [("patient", patient), ("_count", "100")], principal=system_principal()
+        )
+    )
+    assert response.status == 200, response.body
+    assert response.body is not None
+    return {e["resource"]["id"] for e in orjson.loads(response.body).get("entry", [])}
+
+
+def test_deleted_index_rows_are_reported(
+    trail: AuditTrail, audit_engine: sa.Engine, audit_router: FhirRouter
+) -> None:
+    """Issue 8 defect 18: the rows that put an event in its patient's access log are bound
+    to the chain: deleting them hides the event from AuditEvent?patient= and verify says so."""
+    patient = f"idx-{uuid.uuid4().hex[:8]}"
+    ids = trail.record([read_event(patient), read_event(f"{patient}-other")])
+    seq, pid = _chain_row(audit_engine, ids[0]).seq, _resource_row(audit_engine, ids[0]).pid
+    assert ids[0] in _patient_log(audit_router, patient)  # (with the audit of that search)
+    refs, members = _index_rows(audit_engine, pid)
+    assert any(r["target_id"] == patient for r in refs) and [m["patient_id"] for m in members] == [patient]
+
+    # The reference index rows of the event (patient, entity, agent) are deleted.
+    with audit_engine.begin() as conn:
+        conn.execute(idx_reference.delete().where(idx_reference.c.pid == pid))
+    try:
+        assert ids[0] not in _patient_log(audit_router, patient)  # hidden from the patient...
+        report = verify_chain(audit_engine)
+        assert [(p.kind, p.seq, p.res_id) for p in report.problems] == [("index", seq, ids[0])]
+        detail = report.problems[0].detail
+        assert "idx_reference rows missing" in detail and f"Patient/{patient}" in detail
+    finally:
+        with audit_engine.begin() as conn:
+            conn.execute(idx_reference.insert(), refs)
+    assert_intact(audit_engine)
+    assert ids[0] in _patient_log(audit_router, patient)
+
+    # Its compartment row is deleted (who may read it, and whose record it is in).
+    with audit_engine.begin() as conn:
+        conn.execute(compartment.delete().where(compartment.c.pid == pid))
+    try:
+        report = verify_chain(audit_engine)
+        assert [(p.kind, p.seq) for p in report.problems] == [("index", seq)]
+        assert "compartment rows missing for Patient/" + patient in report.problems[0].detail
+    finally:
+        with audit_engine.begin() as conn:
+            conn.execute(compartment.insert(), members)
+    assert_intact(audit_engine)
+
+    # Moved into another patient's log: a changed target is reported as well.
+    with audit_engine.begin() as conn:
+        conn.execute(
+            compartment.update().where(compartment.c.pid == pid).values(patient_id=f"{patient}-other")
+        )
+    try:
+        kinds = _kinds(audit_engine)
+        assert kinds == [("index", seq)]
+        assert "not implied by the content" in verify_chain(audit_engine).problems[0].detail
+    finally:
+        with audit_engine.begin() as conn:
+            conn.execute(compartment.delete().where(compartment.c.pid == pid))
+            conn.execute(compartment.insert(), members)
+    assert_intact(audit_engine)
+
+
+def test_tampered_envelope_is_reported(trail: AuditTrail, audit_engine: sa.Engine) -> None:
+    """A sealed AuditEvent whose ciphertext was changed cannot be opened: reported, never hashed."""
+    (res_id,) = trail.record([read_event("envelope")])
+    seq, original = _chain_row(audit_engine, res_id).seq, _resource_row(audit_engine, res_id)
+    envelope = orjson.loads(_raw(original.content))
+    ct = bytearray(base64.b64decode(envelope["_enc"]["ct"]))
+    ct[10] ^= 1
+    envelope["_enc"]["ct"] = base64.b64encode(bytes(ct)).decode()
+    with audit_engine.begin() as conn:
+        conn.execute(
+            resource.update()
+            .where(resource.c.pid == original.pid)
+            .values(content=orjson.dumps(envelope).decode())
+        )
+    try:
+        report = verify_chain(audit_engine)
+        assert [(p.kind, p.seq) for p in report.problems] == [("unreadable", seq)]
+    finally:
+        with audit_engine.begin() as conn:
+            conn.execute(
+                resource.update()
+                .where(resource.c.pid == original.pid)
+                .values(content=_text(original.content))
+            )
     assert_intact(audit_engine)
 
 

@@ -13,7 +13,12 @@ sealed when encryption at rest is on and any of these holds:
   ETH, STD, GDIS, or confidentiality V). The compartment rows already carry the mask;
   resources outside every compartment are labelled here.
 
-AuditEvents are never sealed: the audit chain digests their stored JSON (``hub.audit``).
+- it is an AuditEvent: every one is sealed. The trail records who searched for what (a
+  search query can hold a CCCD the masking did not recognise), the user's token id and IP
+  address, and which patients were touched; none of it belongs in a plain database dump.
+  The audit chain digests the plaintext JSON (``hub.audit.trail.content_digest``), so
+  sealing, key rotation and ``--reencrypt`` leave the chain valid, and ``hub audit verify``
+  opens each event (with the database's keys) before hashing.
 Calls: ``consent.labels``.  Called by: ``records.finalize``, key rotation (``--reencrypt``).
 """
 
@@ -29,7 +34,7 @@ BHXH = "https://ehealth-hub.vn/sid/bhxh"
 SENSITIVE_SYSTEMS = frozenset({CCCD, BHYT, BHXH})
 PHONE_CHANNELS = frozenset({"phone", "sms"})
 PERSON_TYPES = frozenset({"Patient", "RelatedPerson", "Practitioner", "Person"})
-NEVER_SEALED = frozenset({"AuditEvent"})
+ALWAYS_SEALED = frozenset({"AuditEvent"})
 
 _SYSTEM_MARKS = tuple(s.encode() for s in SENSITIVE_SYSTEMS)
 # finalize serializes with orjson: compact, '/' unescaped, so these are the exact bytes.
@@ -39,8 +44,8 @@ _PHONE_MARKS = tuple(f'"system":"{c}"'.encode() for c in PHONE_CHANNELS)
 def needs_sealing(
     res_type: str, content: bytes, resource: dict[str, Any], index_rows: dict[str, list[tuple[Any, ...]]]
 ) -> bool:
-    if res_type in NEVER_SEALED:
-        return False
+    if res_type in ALWAYS_SEALED:
+        return True
     if b"/sid/" in content and any(mark in content for mark in _SYSTEM_MARKS):
         return True
     if res_type in PERSON_TYPES and any(mark in content for mark in _PHONE_MARKS):
