@@ -29,6 +29,8 @@ from consent import breakglass
 from hub.app_factory import build_router
 from hub.auth.principal import Principal, Role, system_principal
 from hub.auth.scopes import ScopeSet
+from hub.crypto import keys
+from hub.crypto.envelope import open_content
 from hub.db.engine import create_engine
 from hub.db.schema import audit_chain, resource
 from hub.errors import FhirError
@@ -185,10 +187,11 @@ class Hub:
             )
 
     def audit_since(self, seq: int) -> list[dict[str, Any]]:
-        """AuditEvents written after ``seq`` of the audit chain, oldest first (read directly)."""
-        with self.engine.connect() as conn:
+        """AuditEvents written after ``seq`` of the audit chain, oldest first (read directly;
+        they are stored sealed, so opened with the database's keys)."""
+        with keys.bound(self.engine), self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(resource.c.content)
+                sa.select(resource.c.res_id, resource.c.content)
                 .join(
                     audit_chain,
                     sa.and_(resource.c.res_type == "AuditEvent", resource.c.res_id == audit_chain.c.res_id),
@@ -196,7 +199,10 @@ class Hub:
                 .where(audit_chain.c.seq > seq)
                 .order_by(audit_chain.c.seq)
             ).all()
-        return [orjson.loads(c) if isinstance(c, bytes | str) else c for (c,) in rows]
+            return [
+                orjson.loads(open_content(c.encode() if isinstance(c, str) else c, "AuditEvent", res_id))
+                for res_id, c in rows
+            ]
 
     def alerts(self, who: Principal) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

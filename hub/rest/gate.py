@@ -10,6 +10,7 @@ Calls: consent (decision, break-glass), the audit trail.  Called by: the router.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -67,15 +68,37 @@ class Gate:
         return access
 
     def audit(self, request: FhirRequest, access: Access | None, interaction: str, status: int) -> None:
-        """The audit record of a request: one AuditEvent per patient whose data it disclosed
-        or changed (IHE BALP), each naming only that patient's resources, so no patient reads
-        in their own access log who else was looked at; one AuditEvent when it touched no
-        patient's data (or failed)."""
+        """The audit record of a request in a transaction of its own (reads, failures): one
+        AuditEvent per patient whose data it disclosed or changed (IHE BALP), each naming
+        only that patient's resources, so no patient reads in their own access log who else
+        was looked at; one AuditEvent when it touched no patient's data (or failed)."""
         if self.trail is None or request.principal is None:
             return
+        with self.store.read() as conn:
+            events = self._events(conn, request, access, interaction, status)
+        self.trail.record(events)
+
+    def audit_in(
+        self, conn: sa.Connection, request: FhirRequest, access: Access | None, interaction: str, status: int
+    ) -> None:
+        """The same record, written inside the caller's open write transaction (a write and
+        its AuditEvent commit or roll back together). Call it last before commit: on
+        PostgreSQL the trail then holds the chain lock until the transaction ends."""
+        if self.trail is None or request.principal is None:
+            return
+        self.trail.record_in(conn, self._events(conn, request, access, interaction, status))
+
+    def _events(
+        self,
+        conn: sa.Connection,
+        request: FhirRequest,
+        access: Access | None,
+        interaction: str,
+        status: int,
+    ) -> list[AccessEvent]:
         parts = [p for p in request.path.strip("/").split("/") if p]
         touched = list(dict.fromkeys(access.touched)) if access is not None else []
-        by_patient, shared = self._described(touched)
+        by_patient, shared = self._described(conn, touched)
         opened = request.break_glass
         bg_patients = set(access.break_glass_patients) if access is not None else set()
 
@@ -88,7 +111,7 @@ class Gate:
                 action=_ACTIONS.get(interaction, "R"),
                 resource_type=parts[0] if parts and not parts[0].startswith(("$", "_")) else None,
                 resource_id=parts[1] if len(parts) >= 2 and not parts[1].startswith(("$", "_")) else None,
-                query=urlencode(_redacted(request.query)) if request.query else None,
+                query=_recorded_query(request),
                 operation=next((p for p in parts if p.startswith("$")), None),
                 patients=patients,
                 entities=entities,
@@ -100,17 +123,16 @@ class Gate:
             )
 
         if len(by_patient) <= 1:
-            events = [event(sorted(by_patient), [e for es in by_patient.values() for e in es] + shared)]
-        else:
-            events = [event([patient], entities) for patient, entities in sorted(by_patient.items())]
-        self.trail.record(events)
+            return [event(sorted(by_patient), [e for es in by_patient.values() for e in es] + shared)]
+        return [event([patient], entities) for patient, entities in sorted(by_patient.items())]
 
     def disclosed(self, access: Access, what: str) -> None:
         """Audit work that ran detached from its request (an $export job): per patient too."""
         if self.trail is None:
             return
-        by_patient, shared = self._described(list(dict.fromkeys(access.touched)))
-        groups = sorted(by_patient.items()) or [(None, shared)]
+        with self.store.read() as conn:
+            by_patient, shared = self._described(conn, list(dict.fromkeys(access.touched)))
+        groups: list[tuple[str | None, list[str]]] = [*sorted(by_patient.items())] or [(None, shared)]
         self.trail.record(
             [
                 AccessEvent(
@@ -127,42 +149,62 @@ class Gate:
             ]
         )
 
-    def _described(self, pids: list[int]) -> tuple[dict[str, list[str]], list[str]]:
+    @staticmethod
+    def _described(conn: sa.Connection, pids: list[int]) -> tuple[dict[str, list[str]], list[str]]:
         """The touched resources as references, grouped by the patient whose record holds
-        them, and those in no patient's record (at most ``_MAX_ENTITIES`` of each group)."""
+        them, and those in no patient's record (at most ``_MAX_ENTITIES`` of each group).
+        Read through ``conn``: inside a write it sees the rows the write made."""
         by_patient: dict[str, list[str]] = {}
         shared: list[str] = []
-        if not pids:
-            return by_patient, shared
-        with self.store.read() as conn:
-            for chunk in _chunks(pids):
-                rows = conn.execute(
-                    sa.select(resource.c.res_type, resource.c.res_id, compartment.c.patient_id)
-                    .select_from(resource.outerjoin(compartment, compartment.c.pid == resource.c.pid))
-                    .where(resource.c.pid.in_(chunk))
-                )
-                for res_type, res_id, patient in rows:
-                    group = shared if patient is None else by_patient.setdefault(patient, [])
-                    if len(group) < _MAX_ENTITIES:
-                        group.append(f"{res_type}/{res_id}")
+        for chunk in _chunks(pids):
+            rows = conn.execute(
+                sa.select(resource.c.res_type, resource.c.res_id, compartment.c.patient_id)
+                .select_from(resource.outerjoin(compartment, compartment.c.pid == resource.c.pid))
+                .where(resource.c.pid.in_(chunk))
+            )
+            for res_type, res_id, patient in rows:
+                group = shared if not patient else by_patient.setdefault(patient, [])
+                if len(group) < _MAX_ENTITIES:
+                    group.append(f"{res_type}/{res_id}")
         return by_patient, shared
 
 
 # Search values that are themselves protected identifiers (encrypted at rest): the audit
-# trail keeps which system was searched, not the number.
-_PROTECTED_PARAMS = frozenset({"identifier", "phone", "telecom", "email"})
+# trail keeps which system was searched, not the number. A parameter is protected when any
+# element of its name is one of these (the token search parameters over Identifier and
+# ContactPoint elements, see fhir/search-parameters.json), wherever it sits: ``identifier``,
+# ``identifier:of-type``, ``identifier:text``, the reference modifier ``subject:identifier``,
+# chains (``subject:Patient.identifier``, ``patient.identifier``) and reverse chains
+# (``_has:Observation:patient:identifier``).
+_PROTECTED_PARAMS = frozenset({"identifier", "group-identifier", "phone", "telecom", "email"})
+# Free-text parameters can carry anything, an identifier included: never kept.
+_FREE_TEXT_PARAMS = frozenset({"_content", "_text", "_filter", "_query"})
+_NAME_ELEMENTS = re.compile(r"[.:]")
+
+
+def _protected(key: str) -> bool:
+    elements = _NAME_ELEMENTS.split(key.strip().lower())
+    return any(element in _PROTECTED_PARAMS for element in elements) or elements[0] in _FREE_TEXT_PARAMS
 
 
 def _redacted(query: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    def mask(value: str) -> str:
+    """The query with every protected value masked (``system|***``, else ``***``); the
+    parameter names and the other values are kept as asked."""
+
+    def mask(key: str, value: str) -> str:
+        if key.strip().lower().split(":")[0] in _FREE_TEXT_PARAMS:
+            return "***"
         return ",".join(
             f"{item.rsplit('|', 1)[0]}|***" if "|" in item else "***" for item in value.split(",")
         )
 
-    return [
-        (key, mask(value) if key.split(":")[0].rsplit(".", 1)[-1] in _PROTECTED_PARAMS else value)
-        for key, value in query
-    ]
+    return [(key, mask(key, value) if _protected(key) else value) for key, value in query]
+
+
+def _recorded_query(request: FhirRequest) -> str | None:
+    """What the audit trail keeps of a request's parameters: the URL query, and for
+    ``POST [type]/_search`` the form parameters the web adapter merged into it, masked."""
+    return urlencode(_redacted(request.query)) if request.query else None
 
 
 def _resolve_me(request: FhirRequest) -> None:

@@ -1,7 +1,8 @@
 """Routing a FHIR request to its interaction, inside a database transaction.
 
 Owns: the URL grammar below the FHIR base and which interaction answers which method.
-Calls: interactions, transaction processing, the capability statement.
+Also where a write's AuditEvent joins the write's transaction (``audit_write``).
+Calls: interactions, transaction processing, the capability statement, the gate (audit).
 Called by: the web adapter (``hub.api``) and Bundle processing (per entry).
 """
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Handler = Callable[[sa.Connection], FhirResponse]
 _READ_METHODS = frozenset({"GET", "HEAD"})
+# Interactions whose AuditEvent is written in the same transaction as their data.
+AUDITED_WITH_WRITE = frozenset({"create", "update", "patch", "delete", "transaction"})
 
 
 class FhirRouter:
@@ -45,20 +48,30 @@ class FhirRouter:
         """Answer one request in its own database transaction; errors become OperationOutcome.
 
         Around every interaction: the access decision (401/403 before any data is read, then
-        the row filter the store applies), and afterwards exactly one AuditEvent."""
+        the row filter the store applies), and exactly one AuditEvent. A write (create,
+        update, patch, delete, their conditional forms, a transaction) writes its AuditEvent
+        inside its own transaction, just before commit: if the audit cannot be written,
+        nothing is stored and the answer is a 500. Reads and failed requests are audited
+        afterwards in a transaction of their own, and their answer leaves only once that
+        audit is written."""
         if request.path.strip("/") == "metadata":
             return FhirResponse(200, self.capability())
         if request.principal is None:
             return error_response(unauthorized())
         access: Access | None = None
         interaction = interaction_of(request)
+        audited = False
         try:
             access = self.gate.admit(request)
             with serving(access):
-                response = self._dispatch(request, access)
+                response = self._dispatch(request, access, interaction)
+            # Committed: a write's audit record committed with it.
+            audited = interaction in AUDITED_WITH_WRITE
         except FhirError as error:
             response = error_response(error)
-        if interaction != "batch":  # each batch entry is a request of its own, audited as such
+        if access is not None and not access.unrestricted:
+            response = _without_session_details(response)
+        if interaction != "batch" and not audited:  # each batch entry is a request of its own
             try:
                 self.gate.audit(request, access, interaction, response.status)
             except Exception as exc:  # noqa: BLE001  (no answer leaves without its audit record)
@@ -66,18 +79,33 @@ class FhirRouter:
                 return error_response(audit_failure(exc))
         return response
 
-    def _dispatch(self, request: FhirRequest, access: Access) -> FhirResponse:
+    def _dispatch(self, request: FhirRequest, access: Access, interaction: str) -> FhirResponse:
         operation = self._operation(request)
         if operation is not None:
             return operation()
         if request.path.strip("/") == "" and request.method == "POST":
             from hub.rest.transaction import process_bundle
 
-            return process_bundle(self, request)
+            return process_bundle(self, request)  # a transaction calls audit_write itself
         handler = self.route(request, access)
-        session = self.ctx.store.read() if request.method in _READ_METHODS else self.ctx.store.write()
-        with session as conn:
-            return handler(conn)
+        if request.method in _READ_METHODS:
+            with self.ctx.store.read() as conn:
+                return handler(conn)
+        with self.ctx.store.write() as conn:
+            response = handler(conn)
+            if interaction in AUDITED_WITH_WRITE:
+                self.audit_write(conn, request, interaction, response.status)
+            return response
+
+    def audit_write(self, conn: sa.Connection, request: FhirRequest, interaction: str, status: int) -> None:
+        """Write the AuditEvent of a write inside its transaction, as its last statement
+        (the chain lock is then held only for the commit). Raises a 500 FhirError when the
+        audit cannot be written, so the caller's transaction rolls back."""
+        try:
+            self.gate.audit_in(conn, request, current_access(), interaction, status)
+        except Exception as exc:  # noqa: BLE001  (an unaudited write must not commit)
+            log.exception("audit failed for %s %s; the write is rolled back", request.method, request.path)
+            raise audit_failure(exc) from exc
 
     def handle_in(self, conn: sa.Connection, request: FhirRequest) -> FhirResponse:
         """Answer a request inside the caller's transaction (Bundle entries). Errors propagate."""
@@ -198,6 +226,47 @@ def interaction_of(request: FhirRequest) -> str:
     if len(parts) == 3:
         return "history-instance"
     return "vread"
+
+
+# AuditEvent.agent elements that identify a session rather than a person: the IP address
+# (network type 2) and the OAuth token id (policy). The trail keeps them for auditors; a
+# patient or proxy reading their access log learns who accessed, from which application,
+# when and why, but not the addresses and token ids of the clinicians who did.
+_SESSION_NETWORK_TYPES = frozenset({"1", "2"})  # machine name, IP address
+
+
+def _without_session_details(response: FhirResponse) -> FhirResponse:
+    """The response with AuditEvents' session details removed (for restricted roles)."""
+    body = response.body
+    if not body or response.status >= 300 or b'"AuditEvent"' not in body:
+        return response
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return response
+    if not isinstance(document, dict):
+        return response
+    resources = [document] + [
+        e["resource"]
+        for e in document.get("entry") or []
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+    ]
+    changed = False
+    for item in resources:
+        if item.get("resourceType") != "AuditEvent":
+            continue
+        for agent in item.get("agent") or []:
+            if not isinstance(agent, dict):
+                continue
+            if agent.pop("policy", None) is not None:
+                changed = True
+            network = agent.get("network")
+            if isinstance(network, dict) and network.get("type") in _SESSION_NETWORK_TYPES:
+                del agent["network"]
+                changed = True
+    if not changed:
+        return response
+    return FhirResponse(response.status, orjson.dumps(document), response.headers)
 
 
 def error_response(error: FhirError) -> FhirResponse:

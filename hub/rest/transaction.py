@@ -188,6 +188,8 @@ def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry])
                     )
             current = None
             fullurl_aliases.record(conn, new_aliases)
+            # The AuditEvent commits with the data or not at all (last: the chain lock).
+            router.audit_write(conn, request, "transaction", 200)
     except FhirError as error:
         where = f"Bundle.entry[{current.index}]" if current is not None else "Bundle"
         issues = [
