@@ -39,6 +39,8 @@ def build_router(settings: Settings | None = None, engine: sa.Engine | None = No
         default_count=settings.default_page_size,
         max_count=settings.max_page_size,
         export_dir=settings.export_dir,
+        export_retention_hours=settings.export_retention_hours,
+        max_bundle_entries=settings.max_bundle_entries,
         disclosed=gate.disclosed,
     )
     return FhirRouter(context, gate)

@@ -28,8 +28,14 @@ class Settings(BaseSettings):
     default_page_size: int = 20
     max_page_size: int = 1000
     sql_echo: bool = False
-    # Bulk Data $export writes its NDJSON files under {export_dir}/{job id}/.
+    # Bulk Data $export writes its NDJSON files under {export_dir}/{job id}/ (directories
+    # 0700, files 0600). A finished job and its files are removed this many hours after it
+    # finished (completed, failed or cancelled); its status URL then answers 404.
     export_dir: Path = DEFAULT_EXPORT_DIR
+    export_retention_hours: float = 24.0
+    # The most entries a transaction or batch Bundle may hold (413 before any is processed).
+    # 10,000 entries of ~3 KB fill about 30 MiB, the order of the request body limit.
+    max_bundle_entries: int = 10_000
 
     # --- access layer -------------------------------------------------------------------
     # Every FHIR request needs a bearer token. Turn off only for a private, single-user hub.

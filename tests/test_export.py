@@ -6,6 +6,7 @@ checked exactly; one runs on the shared server and narrows the export to its own
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -313,3 +314,79 @@ def test_shared_database_export_narrowed_to_own_patient(
         "/$export", {"_type": "Patient", "_typeFilter": f"Patient?identifier={CCCD}|x{uid}"}
     )
     assert ids == {"Patient": {patient}}
+
+
+# --- private files, deletion and expiry (issue 8, defect 22) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def export_database(fresh_database_url: Any) -> str:
+    url: str = fresh_database_url("export_private")
+    return url
+
+
+def _export_patient(client: httpx.Client) -> Exports:
+    _post(client, {"resourceType": "Patient", "identifier": [{"system": CCCD, "value": uuid.uuid4().hex}]})
+    return Exports(client)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_export_files_are_private_and_deleted_with_the_job(export_database: str, tmp_path: Path) -> None:
+    root = tmp_path / "exports"
+    previous = os.umask(0o022)  # the usual umask: without care, 0644 files in 0755 folders
+    try:
+        with LiveServer(export_database, export_dir=root) as server, server.admin_client() as client:
+            exports = _export_patient(client)
+            manifest = exports.run("/$export", {"_type": "Patient"})
+            status_url = exports.jobs[-1]
+            job_dir = root / status_url.rsplit("/", 1)[1]
+            files = list(job_dir.iterdir())
+            assert [f.name for f in files] == ["Patient.ndjson"]
+            assert _mode(root) == 0o700 and _mode(job_dir) == 0o700
+            assert _mode(files[0]) == 0o600
+            file_url = manifest["output"][0]["url"]
+            assert client.get(file_url).status_code == 200
+            # DELETE on the status URL removes the job's files at once.
+            assert client.delete(status_url).status_code == 202
+            assert not job_dir.exists()
+            assert client.get(file_url).status_code == 404
+            assert client.get(status_url).status_code == 404
+    finally:
+        os.umask(previous)
+
+
+def test_expired_exports_answer_410_and_their_files_are_removed(export_database: str, tmp_path: Path) -> None:
+    root = tmp_path / "exports"
+    retention_seconds = 3.0
+    settings = {"export_dir": root, "export_retention_hours": retention_seconds / 3600}
+    with LiveServer(export_database, **settings) as server, server.admin_client() as client:
+        exports = _export_patient(client)
+        jobs = []
+        for _ in range(3):
+            manifest = exports.run("/$export", {"_type": "Patient"})
+            status_url = exports.jobs[-1]
+            jobs.append((status_url, manifest["output"][0]["url"], root / status_url.rsplit("/", 1)[1]))
+        assert all(directory.is_dir() for _, _, directory in jobs)
+        time.sleep(retention_seconds + 0.5)
+        # Asked for a file of an expired job: 410, the files go; then the job is unknown.
+        status_url, file_url, directory = jobs[0]
+        gone = client.get(file_url)
+        assert gone.status_code == 410 and gone.json()["resourceType"] == "OperationOutcome"
+        assert not directory.exists()
+        assert client.get(status_url).status_code == 404
+        # Polled after expiry: 410 with an OperationOutcome, files removed, then 404.
+        status_url, file_url, directory = jobs[1]
+        expired = client.get(status_url)
+        assert expired.status_code == 410 and "expired" in expired.json()["issue"][0]["diagnostics"]
+        assert not directory.exists()
+        assert client.get(status_url).status_code == 404
+        assert client.get(file_url).status_code == 404
+    # Never asked about again: removed by the sweep when the server starts.
+    status_url, file_url, directory = jobs[2]
+    assert directory.is_dir()
+    with LiveServer(export_database, **settings) as server, server.admin_client() as client:
+        assert not directory.exists()
+        assert client.get(status_url.replace(str(exports.client.base_url).rstrip("/"), "")).status_code == 404

@@ -23,7 +23,7 @@ from hub.api.ratelimit import add_rate_limits
 from hub.app_factory import build_router
 from hub.auth.tokens import AuthError, TokenService
 from hub.errors import FhirError, Issue
-from hub.ops.export import NDJSON, export_file_path
+from hub.ops.export import NDJSON, export_file_path, purge_expired_at_start
 from hub.rest import FhirRequest, FhirResponse
 from hub.rest.messages import FHIR_JSON
 from hub.settings import Settings, get_settings
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     settings = settings or get_settings()
     router = build_router(settings, engine)
     engine = router.ctx.store.engine
+    purge_expired_at_start(router.ctx)  # $export jobs past their retention, and their files
     tokens = TokenService(settings, engine)
     bearer = Bearer(settings, tokens)
     app = FastAPI(title="Vietnam e-health integration hub", version=__version__, redirect_slashes=False)

@@ -36,12 +36,16 @@ here, and the status/file endpoints stay as they are because all state is in
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
@@ -53,7 +57,7 @@ from consent import context as access_context
 from hub.crypto.envelope import open_content
 from hub.crypto.keys import bound as bound_keys
 from hub.db.schema import export_job, idx_reference, resource
-from hub.errors import FhirError, Issue, bad_request, not_found, operation_outcome
+from hub.errors import FhirError, Issue, bad_request, gone, not_found, operation_outcome
 from hub.ops import compartment
 from hub.ops.everything import AUDIT_TRAIL_TYPES, since_param, types_param
 from hub.rest.messages import FhirRequest, FhirResponse
@@ -94,6 +98,9 @@ class ExportSpec:
     since: str | None = None  # instant
     type_filters: dict[str, list[str]] = field(default_factory=dict)  # type -> search queries, ORed
     owner: str | None = None  # the principal (subject) who kicked it off: only they poll and download
+    # Hours after the job finished that it and its files are kept (EXPORT_RETENTION_HOURS at
+    # kick-off); then they are removed and the status URL answers 410, later 404.
+    retention_hours: float | None = None
 
 
 # --- kick-off ------------------------------------------------------------------------------
@@ -126,6 +133,7 @@ def _kick_off(
     ctx = router.ctx
     if extra:
         raise not_found(f"No FHIR interaction at '{request.path}'")
+    purge_expired(ctx, force=False)
     if request.prefer("respond-async") is None:
         raise bad_request("$export is asynchronous: send the header 'Prefer: respond-async'")
     lenient = request.prefer("handling") == "lenient"
@@ -154,6 +162,7 @@ def _kick_off(
         since=instant(since) if since is not None else None,
         type_filters=type_filters,
         owner=request.principal.subject if request.principal else None,
+        retention_hours=ctx.export_retention_hours,
     )
     query = f"?{urlencode(request.query)}" if request.query else ""
     with ctx.store.write() as conn:
@@ -278,7 +287,7 @@ def run_job(ctx: Context, job_id: str) -> None:
                 .values(status="in-progress", parameters=asdict(spec), output=[])
             )
         directory = Path(spec.directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        _private_dir(directory)
         outputs = _write_files(ctx, job_id, spec, directory)
         done = outputs is not None and _set_status(
             store, job_id, "completed", output=[o for o in outputs if o["count"]]
@@ -328,7 +337,7 @@ def _write_type(
     if visible is not None:
         statement = statement.where(visible)
     written, next_check = 0, _CANCEL_CHECK_ROWS
-    with path.open("wb", buffering=1 << 20) as out:
+    with _private_file(path) as out:
         result = conn.execute(statement.execution_options(stream_results=True, yield_per=_STREAM_ROWS))
         for batch in result.partitions():
             access_context.report(row.pid for row in batch)
@@ -444,6 +453,113 @@ def _remove(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+# --- private files ---------------------------------------------------------------------------
+# The files hold decrypted records (the client's plaintext copy, see docs/storage.md): only
+# the hub's own user may read them, whatever the process umask. Directories are 0700 (the
+# export root too), files 0600 from the moment they exist (os.open with the mode, then an
+# explicit chmod, since the umask can only remove bits and an existing file keeps its mode).
+
+_DIR_MODE, _FILE_MODE = 0o700, 0o600
+
+
+def _private_dir(directory: Path) -> None:
+    for folder in (directory.parent, directory):
+        folder.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(folder, _DIR_MODE)
+
+
+@contextmanager
+def _private_file(path: Path) -> Iterator[Any]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    descriptor = os.open(path, flags, _FILE_MODE)
+    try:
+        os.fchmod(descriptor, _FILE_MODE)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with os.fdopen(descriptor, "wb", buffering=1 << 20) as out:
+        yield out
+
+
+# --- expiry ----------------------------------------------------------------------------------
+# A finished job (completed, failed or cancelled) is kept ``retention_hours`` after
+# ``finished`` (its own, from the kick-off, or the hub's if shorter); a job still marked
+# running that was created longer ago than that was left by a process that died. Either way
+# its files and row are removed: by ``purge_expired`` (at server start and, at most once a
+# minute, when jobs are created or polled) and, for the job asked about, by the status and
+# file endpoints themselves, which answer 410 for it.
+
+_SWEEP_SECONDS = 60.0
+_sweep_lock = threading.Lock()
+_last_sweep: dict[str, float] = {}  # database URL -> monotonic time of the last sweep
+
+
+def _retention(row: Any, hub_hours: float) -> float:
+    own = (row.parameters or {}).get("retention_hours")
+    return hub_hours if own is None else min(float(own), hub_hours)
+
+
+def _expired(row: Any, hub_hours: float, moment: datetime) -> bool:
+    """Whether the job is past its retention: counted from ``finished``, or from ``created``
+    for a job never finished (left running by a process that died)."""
+    hours = _retention(row, hub_hours)
+    stamp = row.created if row.status in _RUNNING or row.finished is None else row.finished
+    return float(as_utc(stamp).timestamp()) + hours * 3600 < moment.timestamp()
+
+
+def _forget(store: Store, row: Any) -> None:
+    """Remove an expired job: its files first, then its row (later polls: 404)."""
+    _remove(Path(row.parameters["directory"]))
+    with store.write() as conn:
+        conn.execute(export_job.delete().where(export_job.c.id == row.id))
+
+
+def purge_expired(ctx: Context, *, force: bool = True) -> int:
+    """Remove every expired job and its files; the number removed. Without ``force`` it
+    runs at most once per ``_SWEEP_SECONDS`` per database in this process."""
+    key = str(ctx.store.engine.url)
+    with _sweep_lock:
+        if not force and time.monotonic() - _last_sweep.get(key, -_SWEEP_SECONDS) < _SWEEP_SECONDS:
+            return 0
+        _last_sweep[key] = time.monotonic()
+    moment = now()
+    cutoff = moment - timedelta(hours=ctx.export_retention_hours)
+    with ctx.store.read() as conn:
+        rows = conn.execute(
+            sa.select(export_job).where(
+                sa.or_(
+                    export_job.c.finished < cutoff,
+                    sa.and_(export_job.c.finished.is_(None), export_job.c.created < cutoff),
+                )
+            )
+        ).all()
+    removed = 0
+    for row in rows:
+        if _expired(row, ctx.export_retention_hours, moment):
+            try:
+                _forget(ctx.store, row)
+                removed += 1
+            except Exception:  # noqa: BLE001  (one job's failure must not stop the sweep)
+                log.exception("export job %s: could not remove it after expiry", row.id)
+    return removed
+
+
+def purge_expired_at_start(ctx: Context) -> None:
+    """The sweep at server start; a database not migrated yet (or unreachable) is no reason
+    not to start: the next kick-off or poll sweeps again."""
+    try:
+        removed = purge_expired(ctx)
+    except Exception:  # noqa: BLE001
+        log.warning("could not remove expired $export jobs at start", exc_info=True)
+        return
+    if removed:
+        log.info("removed %d expired $export job(s) and their files", removed)
+
+
+def _expired_error(job_id: str) -> FhirError:
+    return gone(f"Export job '{job_id}' expired: its files are removed after its retention period")
+
+
 # --- status, cancel, files -----------------------------------------------------------------
 
 
@@ -454,11 +570,16 @@ def export_status(
     if len(extra) != 1:
         raise not_found("Use $export-status/{job id}")
     job_id = extra[0]
-    store = router.ctx.store
+    ctx = router.ctx
+    store = ctx.store
+    purge_expired(ctx, force=False)
     with store.read() as conn:
         row = conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one_or_none()
     if row is None or row.status == "cancelled" or not _owned_by(row, request.principal):
         raise not_found(f"No export job '{job_id}'")
+    if _expired(row, ctx.export_retention_hours, now()):
+        _forget(store, row)
+        raise _expired_error(job_id)
     if request.method == "DELETE":
         return _cancel(store, row)
     if row.status in _RUNNING:
@@ -511,6 +632,9 @@ def export_file_path(store: Store, job_id: str, file_name: str, principal: Princ
         row = conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one_or_none()
     if row is None or row.status != "completed" or not _owned_by(row, principal):
         raise not_found(f"No completed export job '{job_id}'")
+    if _expired(row, float("inf"), now()):  # by the job's own retention
+        _forget(store, row)
+        raise _expired_error(job_id)
     names = {f"{entry['type']}.ndjson" for entry in row.output or []}
     path = Path(row.parameters["directory"]) / file_name
     if file_name not in names or not path.is_file():

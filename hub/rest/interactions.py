@@ -36,6 +36,8 @@ class Context:
     default_count: int = 20
     max_count: int = 1000
     export_dir: Path = DEFAULT_EXPORT_DIR
+    export_retention_hours: float = 24.0  # finished $export jobs and their files, then removed
+    max_bundle_entries: int = 10_000  # entries of one transaction or batch (413 beyond)
     # Called when work detached from a request (an $export job) has disclosed data, so the
     # audit trail records it; set by the router.
     disclosed: Callable[[Access, str], None] | None = None

@@ -9,13 +9,15 @@ Called by: the router for ``POST [base]`` with a Bundle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import sqlalchemy as sa
 
+from consent import context as access_context
 from hub.errors import FhirError, Issue, bad_request, precondition_failed
 from hub.rest.interactions import respond_with
 from hub.rest.messages import FhirRequest, FhirResponse
@@ -26,7 +28,12 @@ from hub.store.references import URN_UUID, rewrite, uuid_of
 from hub.store.store import new_id
 
 if TYPE_CHECKING:
+    from consent.decision import Access
+    from hub.audit.events import AccessEvent
     from hub.rest.router import FhirRouter
+
+log = logging.getLogger(__name__)
+
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 
@@ -53,10 +60,28 @@ def process_bundle(router: FhirRouter, request: FhirRequest) -> FhirResponse:
     bundle = request.json_body()
     if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
         raise bad_request("POST to the base takes a Bundle of type transaction or batch")
+    _check_entry_count(bundle, router.ctx.max_bundle_entries)
     entries = _entries(bundle)
     if bundle["type"] == "batch":
         return _batch(router, request, entries)
     return _transaction(router, request, entries)
+
+
+def _check_entry_count(bundle: dict[str, Any], limit: int) -> None:
+    """413 when the Bundle holds more entries than the hub takes, before any is looked at."""
+    entries = bundle.get("entry")
+    if isinstance(entries, list) and len(entries) > limit:
+        raise FhirError(
+            413,
+            [
+                Issue(
+                    "too-costly",
+                    f"The Bundle has {len(entries)} entries; a {bundle['type']} may hold at most "
+                    f"{limit} (setting MAX_BUNDLE_ENTRIES). Split it, or load files with `hub import`.",
+                    expression=("Bundle.entry",),
+                )
+            ],
+        )
 
 
 # Headers that say why the principal asks; every entry is asked for the same reason.
@@ -146,13 +171,205 @@ def _bundle_response(kind: str, entries: list[dict[str, Any]]) -> FhirResponse:
 
 
 def _batch(router: FhirRouter, request: FhirRequest, entries: list[Entry]) -> FhirResponse:
+    """Each entry on its own, as cheaply per entry as a transaction.
+
+    The batch's Access (decided once by the router for the Bundle's principal and headers,
+    which every entry shares) serves every entry, each with its own record of what it
+    touched. Runs of ordinary entries share one write transaction, each entry inside a
+    SAVEPOINT: a failing entry rolls back only its own changes and answers its own
+    OperationOutcome. Each entry is audited as a request of its own (one AuditEvent per
+    patient, as ``Gate.audit``), and a run's AuditEvents are appended to the chain at once,
+    in the run's transaction, just before it commits. ``$operations`` run through
+    ``FhirRouter.handle`` between runs (they open their own transactions), and so does a
+    batch that asks for break-glass access (each entry opens access to its own patients).
+    """
     include = request.prefer("return") != "minimal"
-    results: list[dict[str, Any]] = []
-    for entry in entries:
-        entry_request = _entry_request(entry, request)
-        response = router.handle(entry_request)  # its own database transaction
-        results.append(_response_entry(router, response, include))
-    return _bundle_response("batch-response", results)
+    access = access_context.current()
+    if access is None or request.header(_BREAK_GLASS_HEADER) is not None:
+        responses = [router.handle(_entry_request(entry, request)) for entry in entries]
+    else:
+        responses = []
+        run: list[Entry] = []
+        for entry in [*entries, None]:
+            if entry is not None and not _is_operation(entry):
+                run.append(entry)
+                continue
+            if run:
+                responses.extend(_batch_run(router, request, access, run))
+                run = []
+            if entry is not None:
+                responses.append(router.handle(_entry_request(entry, request)))  # its own transaction
+    return _bundle_response("batch-response", [_response_entry(router, r, include) for r in responses])
+
+
+_BREAK_GLASS_HEADER = "x-break-glass-reason"  # consent.breakglass.HEADER
+
+
+def _is_operation(entry: Entry) -> bool:
+    return any(part.startswith("$") for part in entry.path.split("/")[:3])
+
+
+def _batch_run(
+    router: FhirRouter, request: FhirRequest, access: Access, run: list[Entry]
+) -> list[FhirResponse]:
+    """Ordinary batch entries in one write transaction, a SAVEPOINT each; their audit
+    records appended to the chain together as the transaction's last statements.
+
+    Consecutive plain creates (POST without ifNoneExist) first try the transaction's way:
+    one ``create_many`` (one bulk insert) in one SAVEPOINT. If any of them fails, that
+    savepoint is rolled back and they are taken one by one, so each still succeeds or fails
+    on its own."""
+    responses: list[FhirResponse] = []
+    audited: list[tuple[FhirRequest, Access, str, int]] = []
+    with router.ctx.store.write() as conn:
+        position = 0
+        while position < len(run):
+            block = _plain_creates(run, position)
+            done = _bulk_create(router, conn, request, access, block) if len(block) > 1 else None
+            if done is not None:
+                for entry_request, entry_access, response in done:
+                    responses.append(response)
+                    audited.append((entry_request, entry_access, "create", response.status))
+                position += len(block)
+                continue
+            for entry in block or run[position : position + 1]:
+                asked, entry_access, kind, response = _batch_entry(router, conn, request, access, entry)
+                responses.append(response)
+                audited.append((asked, entry_access, kind, response.status))
+            position += max(len(block), 1)
+        _audit_entries(router, conn, audited)
+    return responses
+
+
+def _plain_creates(run: list[Entry], start: int) -> list[Entry]:
+    """The consecutive plain creates (``POST Type`` of a Type, no ifNoneExist) from ``start``."""
+    block: list[Entry] = []
+    for entry in run[start:]:
+        if (
+            entry.method != "POST"
+            or entry.request.get("ifNoneExist")
+            or "/" in entry.path
+            or entry.query
+            or entry.resource is None
+            or entry.resource.get("resourceType") != entry.path
+        ):
+            break
+        block.append(entry)
+    return block
+
+
+def _bulk_create(
+    router: FhirRouter, conn: sa.Connection, request: FhirRequest, access: Access, block: list[Entry]
+) -> list[tuple[FhirRequest, Access, FhirResponse]] | None:
+    """The block's creates as ``interactions.create`` makes them, but with one bulk insert;
+    None (nothing kept) when any of them fails."""
+    ctx = router.ctx
+    group_access = _entry_access(access)
+    requests = [_entry_request(entry, request) for entry in block]
+    bodies: list[tuple[dict[str, Any], str | None]] = []
+    for entry in block:
+        assert entry.resource is not None
+        entry.resource.pop("id", None)  # a create's id is the server's
+        bodies.append((entry.resource, None))
+    try:
+        with access_context.serving(group_access), conn.begin_nested():
+            stored = ctx.store.create_many(conn, bodies)
+    except (FhirError, sa.exc.DBAPIError):
+        return None
+    # create_many reports one pid per resource, in order: each entry names its own. If it
+    # ever reports otherwise, the first entry carries them all (the audit still names them).
+    touched = group_access.touched
+    accesses = [_entry_access(access) for _ in block]
+    if len(touched) == len(block):
+        for entry_access, pid in zip(accesses, touched, strict=True):
+            entry_access.touched.append(pid)
+    else:
+        accesses[0].touched.extend(touched)
+    return [
+        (r, a, respond_with(ctx, r, s, 201, f"Created {s.res_type}/{s.res_id}"))
+        for r, a, s in zip(requests, accesses, stored, strict=True)
+    ]
+
+
+def _batch_entry(
+    router: FhirRouter, conn: sa.Connection, request: FhirRequest, access: Access, entry: Entry
+) -> tuple[FhirRequest, Access, str, FhirResponse]:
+    """One entry in its own SAVEPOINT, as a request of its own; failures become its answer."""
+    from hub.rest.gate import _resolve_me
+    from hub.rest.router import error_response, interaction_of
+
+    entry_request = _entry_request(entry, request)
+    entry_access = _entry_access(access)
+    interaction = interaction_of(entry_request)
+    with access_context.serving(entry_access):
+        try:
+            _resolve_me(entry_request)
+            with conn.begin_nested():  # the entry's SAVEPOINT
+                response = router.handle_in(conn, entry_request)
+        except FhirError as error:
+            response = error_response(error)
+        except sa.exc.DBAPIError as exc:  # rolled back to the savepoint; the rest goes on
+            log.exception("batch entry %s failed in the database", entry.index)
+            refused = Issue("exception", f"The database refused this entry: {type(exc).__name__}")
+            response = error_response(FhirError(500, [refused]))
+    return entry_request, entry_access, interaction, response
+
+
+_GROUP_ENTITIES = 100  # resources named by one grouped AuditEvent (Gate's cap per event)
+
+
+def _grouped(events: list[AccessEvent]) -> list[AccessEvent]:
+    """Entries' AuditEvents that say the same thing but for the resources they name (same
+    interaction, outcome, target type, query and patient) as one AuditEvent naming up to
+    ``_GROUP_ENTITIES`` resources: 500 Observations created for one patient are 5 events,
+    not 500, and still each names only that patient. Events naming no resource (failed
+    entries) stay one per entry."""
+    out: list[AccessEvent] = []
+    open_groups: dict[tuple[object, ...], AccessEvent] = {}
+    for event in events:
+        if not event.entities:
+            out.append(event)
+            continue
+        key = (
+            event.interaction, event.action, event.resource_type, event.resource_id, event.query,
+            event.operation, tuple(event.patients), event.outcome_status, event.purpose,
+            event.break_glass_reason, event.break_glass_id, event.client_address,
+        )  # fmt: skip
+        group = open_groups.get(key)
+        if group is not None and len(group.entities) + len(event.entities) <= _GROUP_ENTITIES:
+            group.entities.extend(e for e in event.entities if e not in group.entities)
+            continue
+        group = replace(event, entities=list(event.entities))
+        open_groups[key] = group
+        out.append(group)
+    return out
+
+
+def _entry_access(access: Access) -> Access:
+    """The batch's Access for one entry: the same decision, its own ``touched``."""
+    entry_access = replace(access, touched=[])
+    entry_access._clauses = access._clauses  # same rights: the compiled row filters are shared
+    return entry_access
+
+
+def _audit_entries(
+    router: FhirRouter, conn: sa.Connection, audited: list[tuple[FhirRequest, Access, str, int]]
+) -> None:
+    """Every entry's AuditEvents (the records ``Gate.audit`` writes for a request: one per
+    patient touched), grouped (``_grouped``) and appended to the chain with one
+    ``record_in``. If they cannot be written, nothing of the run is stored (500): no write
+    commits unaudited."""
+    from hub.rest.gate import audit_failure
+
+    gate = router.gate
+    if gate.trail is None or not audited:
+        return
+    try:
+        events = [e for req, acc, kind, status in audited for e in gate._events(conn, req, acc, kind, status)]
+        gate.trail.record_in(conn, _grouped(events))
+    except Exception as exc:  # noqa: BLE001  (an unaudited write must not commit)
+        log.exception("audit of a batch failed; its entries are rolled back")
+        raise audit_failure(exc) from exc
 
 
 # --- transaction -------------------------------------------------------------------------
