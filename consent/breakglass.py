@@ -1,15 +1,17 @@
 """Break-glass: emergency access a clinician opens by stating a reason.
 
-Owns: which patients a break-glass request is about, opening the time-limited grant
-(a ``break_glass`` row, which is also the alert, plus an ``access_grant`` row with pid =
--id so no resource write removes it), listing alerts for the people who must see them
-(the patient, the clinician's facility admins, auditors) and recording their review.
-Calls: the schema.  Called by: the router (opening), the web adapter (alerts).
+Owns: which patient a break-glass request is about (exactly one, and one that exists),
+opening the time-limited grant (a ``break_glass`` row, which is also the alert, plus an
+``access_grant`` row with pid = -id so no resource write removes it), listing alerts for
+the people who must see them (the patient, the clinician's facility admins, auditors) and
+appending their reviews (``break_glass_review``: every review is kept, none overwritten;
+an alert's status is derived from them).
+Calls: the schema.  Called by: the access gate (opening), the web adapter (alerts).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,12 +19,14 @@ import sqlalchemy as sa
 
 from consent import labels
 from hub.auth.principal import Principal, Role
-from hub.db.schema import access_grant, break_glass, compartment, resource
+from hub.db.schema import access_grant, break_glass, break_glass_review, compartment, resource
 from hub.errors import FhirError, Issue
 
 HEADER = "x-break-glass-reason"
+VERDICTS = ("justified", "not-justified")
 # Patient-pointing search parameters a break-glass search may name its patient with.
 _PATIENT_PARAMS = ("patient", "subject", "subject:Patient", "beneficiary", "_id")
+_MAX_ID = 64  # no FHIR id is longer
 
 
 def _bad(message: str) -> FhirError:
@@ -30,35 +34,57 @@ def _bad(message: str) -> FhirError:
 
 
 def patients_of_request(conn: sa.Connection, path: str, query: list[tuple[str, str]]) -> list[str]:
-    """The patients a request is about: ``Patient/{id}...``, ``?patient=``/``?subject=``, or
-    the compartment of ``Type/{id}``. Break-glass opens access to these only."""
+    """The patient a request is about: ``Patient/{id}...``, ``?patient=``/``?subject=``, or
+    the compartment of ``Type/{id}``; at most one. Break-glass opens access to that one
+    record only: a request naming several patients is refused (400), so one request can
+    never open many records."""
     parts = [p for p in path.strip("/").split("/") if p]
-    if len(parts) >= 2 and parts[0] == "Patient":
-        return [parts[1]] if len(parts[1]) <= 64 else []  # no FHIR id is longer
-    found = []
+    found: list[str] = []
+    if len(parts) >= 2 and parts[0] == "Patient" and not parts[1].startswith(("$", "_")):
+        found.append(parts[1])
     for key, value in query:
         if key in _PATIENT_PARAMS and (key != "_id" or parts[:1] == ["Patient"]):
             for item in value.split(","):
                 ref = item.strip().rstrip("/")
-                if (ref.startswith("Patient/") or "/" not in ref) and len(ref.split("/")[-1]) <= 64:
+                if ref and (ref.startswith("Patient/") or "/" not in ref):
                     found.append(ref.split("/")[-1])
-    if found:
-        return list(dict.fromkeys(found))
-    if len(parts) >= 2 and not parts[1].startswith(("$", "_")):
+    found = [p for p in found if len(p) <= _MAX_ID]  # no FHIR id is longer: no such patient
+    if not found and len(parts) >= 2 and not parts[1].startswith(("$", "_")):
         rows = conn.execute(
             sa.select(compartment.c.patient_id)
             .join(resource, resource.c.pid == compartment.c.pid)
-            .where(resource.c.res_type == parts[0], resource.c.res_id == parts[1])
+            .where(resource.c.res_type == parts[0], resource.c.res_id == parts[1][:_MAX_ID])
             .distinct()
         ).all()
-        return [r[0] for r in rows]
-    return []
+        found = [r[0] for r in rows if r[0]]  # "": a resource of no resolvable patient
+    patients = list(dict.fromkeys(p for p in found if p))
+    if len(patients) > 1:
+        raise _bad(
+            f"Break-glass opens one patient's record per request: this request names {len(patients)} patients"
+        )
+    return patients
+
+
+def _patient_exists(conn: sa.Connection, patient: str) -> bool:
+    return (
+        conn.execute(
+            sa.select(resource.c.pid).where(
+                resource.c.res_type == "Patient",
+                resource.c.res_id == patient,
+                resource.c.deleted.is_(False),
+            )
+        ).first()
+        is not None
+    )
 
 
 def open_access(
     conn: sa.Connection, principal: Principal, patients: list[str], reason: str, minutes: int
 ) -> list[int]:
-    """Open (or reuse, while still open) break-glass access to each patient; the ids."""
+    """Open break-glass access to the one patient of the request; its alert id (in a list).
+
+    An open alert is reused only while it is unexpired and nobody has reviewed it yet: a
+    break-glass after a review is a new emergency, with a new alert to review."""
     if principal.role != Role.CLINICIAN or not principal.fhir_user:
         raise FhirError(403, [Issue("forbidden", "Only clinicians can break the glass")])
     reason = reason.strip()
@@ -69,46 +95,77 @@ def open_access(
             "Break-glass needs a patient: read Patient/{id}, Patient/{id}/$everything, a resource"
             " of that patient, or search with patient=/subject="
         )
+    if len(patients) > 1:
+        raise _bad("Break-glass opens one patient's record per request")
+    (patient,) = patients
+    if not _patient_exists(conn, patient):
+        raise FhirError(404, [Issue("not-found", f"Break-glass: no such patient Patient/{patient}")])
     started = datetime.now(UTC)
     expires = started + timedelta(minutes=minutes)
-    ids = []
-    for patient in patients:
-        existing = conn.execute(
-            sa.select(break_glass.c.id).where(
-                break_glass.c.fhir_user == principal.fhir_user,
-                break_glass.c.patient_id == patient,
-                break_glass.c.expires > started,
-            )
-        ).first()
-        if existing is not None:
-            ids.append(existing[0])
-            continue
-        new_id = conn.execute(
-            break_glass.insert().values(
-                subject=principal.subject,
-                fhir_user=principal.fhir_user,
-                organizations=list(principal.organizations),
-                patient_id=patient,
-                reason=reason,
-                started=started,
-                expires=expires,
-            )
-        ).inserted_primary_key[0]
-        conn.execute(
-            access_grant.insert().values(
-                pid=-new_id,
-                patient_id=patient,
-                grantee=principal.fhir_user,
-                purpose="*",
-                effect="permit",
-                labels=labels.NORMAL | labels.SENSITIVE,
-                basis="break-glass",
-                starts=int(started.timestamp()),
-                ends=int(expires.timestamp()),
-            )
+    reviewed = sa.exists().where(break_glass_review.c.alert_id == break_glass.c.id)
+    existing = conn.execute(
+        sa.select(break_glass.c.id)
+        .where(
+            break_glass.c.fhir_user == principal.fhir_user,
+            break_glass.c.patient_id == patient,
+            break_glass.c.expires > started,
+            ~reviewed,
         )
-        ids.append(new_id)
-    return ids
+        .order_by(break_glass.c.id.desc())
+    ).first()
+    if existing is not None:
+        return [int(existing[0])]
+    inserted = conn.execute(
+        break_glass.insert().values(
+            subject=principal.subject,
+            fhir_user=principal.fhir_user,
+            organizations=list(principal.organizations),
+            patient_id=patient,
+            reason=reason,
+            started=started,
+            expires=expires,
+        )
+    ).inserted_primary_key
+    assert inserted is not None
+    new_id = int(inserted[0])
+    conn.execute(
+        access_grant.insert().values(
+            pid=-new_id,
+            patient_id=patient,
+            grantee=principal.fhir_user,
+            purpose="*",
+            effect="permit",
+            labels=labels.NORMAL | labels.SENSITIVE,
+            basis="break-glass",
+            starts=int(started.timestamp()),
+            ends=int(expires.timestamp()),
+        )
+    )
+    return [new_id]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
+
+
+@dataclass(frozen=True)
+class Review:
+    reviewer: str
+    role: str
+    verdict: str | None
+    note: str
+    at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "reviewer": self.reviewer,
+            "role": self.role,
+            "verdict": self.verdict,
+            "note": self.note,
+            "at": _iso(self.at),
+        }
 
 
 @dataclass(frozen=True)
@@ -121,16 +178,19 @@ class Alert:
     reason: str
     started: datetime
     expires: datetime
-    reviewed_at: datetime | None
-    reviewed_by: str | None
-    review_note: str | None
+    reviews: list[Review] = field(default_factory=list)  # oldest first
+
+    @property
+    def status(self) -> str:
+        """open (no review yet), reviewed (every verdict agrees) or disputed (reviewers
+        disagree: one said justified, another not)."""
+        if not self.reviews:
+            return "open"
+        verdicts = {r.verdict for r in self.reviews if r.verdict is not None}
+        return "disputed" if len(verdicts) > 1 else "reviewed"
 
     def as_json(self) -> dict[str, Any]:
-        def iso(moment: datetime | None) -> str | None:
-            if moment is None:
-                return None
-            return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
-
+        last = self.reviews[-1] if self.reviews else None
         return {
             "id": self.id,
             "clinician": self.fhir_user,
@@ -138,20 +198,15 @@ class Alert:
             "organizations": self.organizations,
             "patient": f"Patient/{self.patient}",
             "reason": self.reason,
-            "started": iso(self.started),
-            "expires": iso(self.expires),
-            "status": "reviewed" if self.reviewed_at else "open",
-            "reviewedAt": iso(self.reviewed_at),
-            "reviewedBy": self.reviewed_by,
-            "reviewNote": self.review_note,
+            "started": _iso(self.started),
+            "expires": _iso(self.expires),
+            "status": self.status,
+            "reviews": [r.as_json() for r in self.reviews],
+            # The latest review, for clients of the single-review format.
+            "reviewedAt": _iso(last.at) if last else None,
+            "reviewedBy": last.reviewer if last else None,
+            "reviewNote": last.note if last else None,
         }
-
-
-def _alert(row: Any) -> Alert:
-    return Alert(
-        row.id, row.subject, row.fhir_user, list(row.organizations or []), row.patient_id, row.reason,
-        row.started, row.expires, row.reviewed_at, row.reviewed_by, row.review_note,
-    )  # fmt: skip
 
 
 def _who_sees(principal: Principal) -> sa.ColumnElement[bool] | None:
@@ -169,26 +224,69 @@ def _who_sees(principal: Principal) -> sa.ColumnElement[bool] | None:
     raise FhirError(403, [Issue("forbidden", "Your role does not see break-glass alerts")])
 
 
-def list_alerts(conn: sa.Connection, principal: Principal, *, open_only: bool = False) -> list[Alert]:
+def list_alerts(
+    conn: sa.Connection, principal: Principal, *, open_only: bool = False, alert_id: int | None = None
+) -> list[Alert]:
     query = sa.select(break_glass).order_by(break_glass.c.id.desc())
     condition = _who_sees(principal)
     if condition is not None:
         query = query.where(condition)
+    if alert_id is not None:
+        query = query.where(break_glass.c.id == alert_id)
     if open_only:
-        query = query.where(break_glass.c.reviewed_at.is_(None))
-    return [_alert(r) for r in conn.execute(query)]
+        query = query.where(~sa.exists().where(break_glass_review.c.alert_id == break_glass.c.id))
+    rows = conn.execute(query).all()
+    reviews: dict[int, list[Review]] = {}
+    ids = [row.id for row in rows]
+    for start in range(0, len(ids), 900):
+        for r in conn.execute(
+            sa.select(break_glass_review)
+            .where(break_glass_review.c.alert_id.in_(ids[start : start + 900]))
+            .order_by(break_glass_review.c.id)
+        ):
+            reviews.setdefault(r.alert_id, []).append(Review(r.reviewer, r.role, r.verdict, r.note, r.at))
+    return [
+        Alert(
+            row.id,
+            row.subject,
+            row.fhir_user,
+            list(row.organizations or []),
+            row.patient_id,
+            row.reason,
+            row.started,
+            row.expires,
+            reviews.get(row.id, []),
+        )  # fmt: skip
+        for row in rows
+    ]
 
 
-def review(conn: sa.Connection, principal: Principal, alert_id: int, note: str) -> Alert:
-    """A facility admin (of the clinician's organization), auditor or hub admin reviews."""
+def review(conn: sa.Connection, principal: Principal, alert_id: int, note: str, verdict: str) -> Alert:
+    """A facility admin (of the clinician's organization), auditor or hub admin adds a
+    review (justified or not-justified). Reviews are appended, never replaced."""
     if principal.role not in (Role.FACILITY_ADMIN, Role.AUDITOR, Role.ADMIN):
         raise FhirError(403, [Issue("forbidden", "Only facility admins and auditors review break-glass")])
-    visible = [a for a in list_alerts(conn, principal) if a.id == alert_id]
-    if not visible:
+    if verdict not in VERDICTS:
+        raise FhirError(
+            400,
+            [
+                Issue(
+                    "invalid",
+                    f"A review needs a verdict: one of {', '.join(VERDICTS)}",
+                    expression=("verdict",),
+                )
+            ],
+        )
+    if not list_alerts(conn, principal, alert_id=alert_id):
         raise FhirError(404, [Issue("not-found", f"No break-glass alert {alert_id}")])
     conn.execute(
-        break_glass.update()
-        .where(break_glass.c.id == alert_id)
-        .values(reviewed_at=datetime.now(UTC), reviewed_by=principal.subject, review_note=note)
+        break_glass_review.insert().values(
+            alert_id=alert_id,
+            reviewer=principal.subject,
+            role=principal.role.value,
+            verdict=verdict,
+            note=note,
+            at=datetime.now(UTC),
+        )
     )
-    return next(a for a in list_alerts(conn, principal) if a.id == alert_id)
+    return list_alerts(conn, principal, alert_id=alert_id)[0]

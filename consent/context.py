@@ -75,6 +75,10 @@ def before_write(body: dict[str, object]) -> None:
     access = _current.get()
     if body.get("resourceType") != "Consent" or access is None:
         return
+    from consent import governance
+
+    governance.validate(body)  # 422: codes the access layer would otherwise ignore
+    _pending.set((access, body))  # checked by authorize_write once finalized (id stamped)
     if access.principal.role.value not in ("patient", "proxy"):
         return
     from datetime import UTC, datetime
@@ -109,3 +113,40 @@ def authorize_write(
         patients = [str(row[0]) for row in new_rows.get("compartment", ())]
         if not access.may_write_for(conn, patients):
             raise forbidden(f"You may not write a {res_type} into the record of a patient you cannot access")
+    if res_type == "Consent":
+        _govern(conn, access, permission, existing_pid, new_rows is not None)
+
+
+# A Consent write passes here twice or three times: (update: authorize_write with the
+# version replaced,) before_write with the new body, authorize_write with its index rows.
+# These remember the first steps for the last, tagged with the Access of the request.
+_pending: ContextVar[tuple[object, dict[str, object]] | None] = ContextVar("hub_consent_body", default=None)
+_replacing: ContextVar[tuple[object, int] | None] = ContextVar("hub_consent_replaced", default=None)
+
+
+def _govern(
+    conn: sa.Connection, access: Access, permission: str, existing_pid: int | None, new: bool
+) -> None:
+    """consent.governance's rules for who may write, change or delete which Consent."""
+    from consent import governance
+
+    if permission == "d":
+        if existing_pid is not None:
+            governance.check_delete(conn, access, existing_pid)
+        return
+    if existing_pid is not None:  # an update: its new version comes next
+        _replacing.set((access, existing_pid))
+        return
+    if not new:
+        return
+    pending, replacing = _pending.get(), _replacing.get()
+    _pending.set(None)
+    _replacing.set(None)
+    if pending is None or pending[0] is not access:
+        from hub.errors import FhirError, Issue
+
+        raise FhirError(500, [Issue("exception", "A Consent reached the store without its governance check")])
+    replaced = (
+        replacing[1] if permission == "u" and replacing is not None and replacing[0] is access else None
+    )
+    governance.check_write(conn, access, dict(pending[1]), replaced)

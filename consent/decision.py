@@ -109,6 +109,7 @@ class Access:
     own_patients: tuple[str, ...] = ()  # patients whose whole record the principal sees
     context_patients: tuple[str, ...] | None = None  # patient/ scopes: only these records
     break_glass_patients: tuple[str, ...] = ()  # open break-glass grants of this principal
+    reason: str | None = None  # X-Access-Reason: why a privileged change is made (consent.governance)
     now: int = field(default_factory=lambda: int(time.time()))
     touched: list[int] = field(default_factory=list)  # pids of resources returned
     _clauses: dict[tuple[object, ...], sa.ColumnElement[bool] | None] = field(
@@ -363,15 +364,22 @@ def identities_of(conn: sa.Connection, principal: Principal, now: int | None = N
     return tuple(dict.fromkeys(found))
 
 
-def proxied_patients(conn: sa.Connection, principal: Principal) -> tuple[str, ...]:
+def proxied_patients(conn: sa.Connection, principal: Principal, now: int | None = None) -> tuple[str, ...]:
+    """The patients a RelatedPerson represents now: active, within RelatedPerson.period."""
     if not principal.fhir_user:
         return ()
+    now = int(time.time()) if now is None else now
     rows = conn.execute(
         sa.select(access_grant.c.patient_id)
-        .where(access_grant.c.grantee == principal.fhir_user, access_grant.c.basis == "proxy")
+        .where(
+            access_grant.c.grantee == principal.fhir_user,
+            access_grant.c.basis == "proxy",
+            sa.func.coalesce(access_grant.c.starts, 0) <= now,
+            sa.func.coalesce(access_grant.c.ends, _FAR_FUTURE) >= now,
+        )
         .distinct()
     ).all()
-    return tuple(r[0] for r in rows)
+    return tuple(r[0] for r in rows if r[0])
 
 
 def open_break_glass(conn: sa.Connection, principal: Principal, now: int) -> tuple[str, ...]:
@@ -418,7 +426,7 @@ def decide(
             access.context_patients = access.own_patients
         elif role == Role.PROXY:
             access.context_patients = (
-                (principal.patient,) if principal.patient else proxied_patients(conn, principal)
+                (principal.patient,) if principal.patient else proxied_patients(conn, principal, access.now)
             )
         else:
             access.context_patients = (principal.patient,) if principal.patient else ()

@@ -13,7 +13,8 @@ Where grants come from:
 - policy (honoured when ``consent_policy = "moh"``): a Patient's managingOrganization and
   generalPractitioner, and an active CareTeam's participants, managing organizations and
   the CareTeam itself, may read NORMAL data for treatment (TREAT).
-- proxy: an active RelatedPerson may read NORMAL data of their patient, for any purpose.
+- proxy: an active RelatedPerson may read NORMAL data of their patient, for any purpose,
+  within ``RelatedPerson.period`` (after ``period.end`` the proxy has nothing).
 Calls: labels, the compartment definition, dates.  Called by: index extraction.
 """
 
@@ -100,11 +101,25 @@ def grant_rows(res_type: str, res_id: str, resource: dict[str, Any]) -> list[Gra
         return [(res_id, r, TREAT, "permit", labels.NORMAL, "policy", None, None) for r in refs if r]
     if res_type == "CareTeam":
         return _care_team_grants(res_id, resource)
-    if res_type == "RelatedPerson" and resource.get("active", True) is not False:
-        patient = _patient_id(resource.get("patient"))
-        if patient:
-            return [(patient, f"RelatedPerson/{res_id}", ANY, "permit", labels.NORMAL, "proxy", None, None)]
+    if res_type == "RelatedPerson":
+        return _proxy_grants(res_id, resource)
     return []
+
+
+def _proxy_grants(res_id: str, person: dict[str, Any]) -> list[GrantRow]:
+    """An active RelatedPerson reads their patient's NORMAL data within RelatedPerson.period
+    (no period: open-ended); an inactive one, or one whose period cannot be read, nothing."""
+    patient = _patient_id(person.get("patient"))
+    if patient is None or person.get("active", True) is not True:
+        return []
+    period = person.get("period")
+    starts, ends = _period(period)
+    if isinstance(period, dict) and (
+        (period.get("start") is not None and starts is None)
+        or (period.get("end") is not None and ends is None)
+    ):
+        return []  # fail closed: a period the hub cannot read grants nothing
+    return [(patient, f"RelatedPerson/{res_id}", ANY, "permit", labels.NORMAL, "proxy", starts, ends)]
 
 
 def _care_team_grants(res_id: str, team: dict[str, Any]) -> list[GrantRow]:

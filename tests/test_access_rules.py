@@ -424,7 +424,9 @@ def test_a_deny_overrides_the_policy_and_stops_writes_too(hub: Hub) -> None:
     assert not sees(hub, DR_AN, rec.ref)
     new = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": ref(rec.ref)}
     assert hub(DR_AN, "POST", "Observation", body=new).status == 403
-    hub.put({**denial, "status": "inactive"})  # withdrawn: the policy applies again at once
+    withdrawn = {**denial, "status": "inactive"}  # by the patient: only they lift their deny
+    assert hub(patient(rec.id), "PUT", f"Consent/{denial['id']}", body=withdrawn).status == 200
+    # (the policy applies again at once)
     assert sees(hub, DR_AN, f"Observation/{rec.hb}")
     assert hub(DR_AN, "POST", "Observation", body=new).status == 201
 
@@ -794,10 +796,10 @@ def test_break_glass_opens_a_record_for_an_hour_flagged_and_alerted(hub: Hub) ->
     assert not [a for a in hub.alerts(facility_admin("org-bv")) if a["patient"] == rec.ref]
     with hub.engine.begin() as conn:
         with pytest.raises(FhirError) as refused:
-            breakglass.review(conn, DR_BINH, alert["id"], "self-review")
+            breakglass.review(conn, DR_BINH, alert["id"], "self-review", "justified")
         assert refused.value.status == 403
         reviewed = breakglass.review(
-            conn, facility_admin("org-pk"), alert["id"], "Checked with the ER"
+            conn, facility_admin("org-pk"), alert["id"], "Checked with the ER", "justified"
         ).as_json()
     assert reviewed["status"] == "reviewed" and reviewed["reviewNote"] == "Checked with the ER"
 
@@ -836,8 +838,14 @@ def test_break_glass_alerts_over_http(fresh_database_url) -> None:  # type: igno
         assert client.get(f"{root}/access/break-glass", headers=bv_admin).json() == []
         assert client.get(f"{root}/access/break-glass").status_code == 401
         review = f"{root}/access/break-glass/{alert['id']}/review"
-        assert client.post(review, json={"note": "mine"}, headers=doctor).status_code == 403
-        done = client.post(review, json={"note": "Checked with the ER"}, headers=pk_admin)
+        assert (
+            client.post(review, json={"note": "mine", "verdict": "justified"}, headers=doctor).status_code
+            == 403
+        )
+        assert client.post(review, json={"note": "no verdict"}, headers=pk_admin).status_code == 400
+        done = client.post(
+            review, json={"note": "Checked with the ER", "verdict": "justified"}, headers=pk_admin
+        )
         assert done.status_code == 200 and done.json()["status"] == "reviewed"
         assert (
             client.get(f"{root}/access/break-glass", params={"status": "open"}, headers=pk_admin).json() == []

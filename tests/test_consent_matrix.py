@@ -862,6 +862,8 @@ def principals(rng: random.Random, fx: Fixture) -> list[Who]:
 
 
 ADMIN = Who("admin", Role.ADMIN, "system/*.cruds")
+# The admin changes the world for the patients: withdrawing a deny needs a stated reason.
+ADMIN_REASON = {"x-access-reason": "consent-matrix world change"}
 
 
 # --- transports -----------------------------------------------------------------------------
@@ -1096,13 +1098,14 @@ class Matrix:
     # --- writes by the admin ---
 
     def put(self, body: dict[str, Any]) -> None:
-        answer = self.call(ADMIN, "PUT", f"{body['resourceType']}/{body['id']}", body=body)
+        path = f"{body['resourceType']}/{body['id']}"
+        answer = self.call(ADMIN, "PUT", path, headers=ADMIN_REASON, body=body)
         assert answer.status in (200, 201), answer.raw[:500]
         version = int(answer.json["meta"]["versionId"])
         self.world.record(body, version)
 
     def delete(self, key: str) -> None:
-        answer = self.call(ADMIN, "DELETE", key)
+        answer = self.call(ADMIN, "DELETE", key, headers=ADMIN_REASON)
         assert answer.status == 204, answer.raw[:300]
         self.world.deleted(key)
 

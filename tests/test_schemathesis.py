@@ -258,7 +258,10 @@ REVIEW_BODY = {
         "application/json": {
             "schema": {
                 "anyOf": [
-                    {"type": "object", "properties": {"note": _or_string("reviewed")}},
+                    {
+                        "type": "object",
+                        "properties": {"note": _or_string("reviewed"), "verdict": _or_string("justified")},
+                    },
                     {"type": ["array", "string", "integer", "null"]},
                 ]
             }
@@ -603,7 +606,7 @@ REGRESSIONS: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("anonymous", "POST", "/auth/token", {"data": {"grant_type": "password", "username": "a\x00b", "password": "x"}}, 400),
     ("anonymous", "POST", "/auth/token", {"data": {"grant_type": "client_credentials"},
      "headers": {"Authorization": "Basic YQBiOng="}}, 401),  # base64 of "a\x00b:x"
-    ("admin", "POST", "/access/break-glass/1/review", {"json": {"note": "a\x00b"}}, 200),
+    ("admin", "POST", "/access/break-glass/1/review", {"json": {"note": "a\x00b", "verdict": "justified"}}, 200),
     # Longer than the VARCHAR(64)/(200) columns.
     ("admin", "GET", f"/fhir/Patient/{_LONG}", {}, 404),  # the audit's reference to it overflowed
     ("admin", "PUT", f"/fhir/Patient/{_LONG}", {"json": {"resourceType": "Patient", "id": _LONG}}, 400),

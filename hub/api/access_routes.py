@@ -1,10 +1,13 @@
-"""HTTP routes of the access layer that are not FHIR interactions: break-glass alerts.
+"""HTTP routes of the access layer that are not FHIR interactions: break-glass and consent alerts.
 
 Owns: ``GET /access/break-glass`` (alerts the caller may see: a patient their own, a
 facility admin those raised by clinicians of their organizations, auditors and hub admins
-all) and ``POST /access/break-glass/{id}/review``. Who sees and who reviews is decided in
-``consent.breakglass``.
-Calls: consent.breakglass, the bearer verifier.  Called by: ``create_app``.
+all), ``POST /access/break-glass/{id}/review`` (appends a review: ``{"verdict":
+"justified"|"not-justified", "note": ...}``) and ``GET /access/consent-alerts`` (Consents
+written by someone other than the patient: the patient, their proxies, the recorder's
+facility admins, auditors and hub admins). Who sees and who reviews is decided in
+``consent.breakglass`` and ``consent.governance``.
+Calls: consent.breakglass, consent.governance, the bearer verifier.  Called by: ``create_app``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from consent import breakglass
+from consent import breakglass, governance
+from consent.decision import proxied_patients
 from hub.api.auth_routes import unauthorized
-from hub.auth.principal import Principal
+from hub.auth.principal import Principal, Role
 from hub.auth.tokens import AuthError
 from hub.errors import FhirError
 from hub.rest import FhirRouter
@@ -68,13 +72,28 @@ def mount_access_routes(app: FastAPI, router: FhirRouter, bearer: Any) -> None:
                 form = await request.json()
             except ValueError:
                 form = {}
-        note = str(form.get("note", "")) if isinstance(form, dict) else ""
-        note = note.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+        if not isinstance(form, dict):
+            form = {}
+        note = str(form.get("note", "")).replace("\x00", "")  # PostgreSQL text cannot hold NUL
+        verdict = str(form.get("verdict", ""))
 
         def run() -> dict[str, Any]:
             principal = principal_of(request)
             with store.write() as conn:
-                return breakglass.review(conn, principal, alert_id, note).as_json()
+                return breakglass.review(conn, principal, alert_id, note, verdict).as_json()
+
+        try:
+            return await run_in_threadpool(run)
+        except (FhirError, _Unauthenticated) as error:
+            return as_response(error)
+
+    @app.get("/access/consent-alerts", tags=["access"], summary="Consents written for a patient by others")
+    async def list_consent_alerts(request: Request) -> Any:
+        def run() -> list[dict[str, Any]]:
+            principal = principal_of(request)
+            with store.read() as conn:
+                proxied = proxied_patients(conn, principal) if principal.role == Role.PROXY else ()
+                return governance.list_alerts(conn, principal, proxied)
 
         try:
             return await run_in_threadpool(run)

@@ -278,6 +278,42 @@ break_glass = sa.Table(
     sa.Index(None, "fhir_user", "expires"),
 )
 
+# Reviews of break-glass alerts, append-only: every review is kept, none is overwritten
+# (an auditor's "not-justified" stays next to a facility admin's "justified").
+break_glass_review = sa.Table(
+    "break_glass_review",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("alert_id", sa.Integer, nullable=False),  # break_glass.id
+    sa.Column("reviewer", sa.String(200), nullable=False),  # the reviewer's subject
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("verdict", sa.String(16), nullable=True),  # justified | not-justified (None: legacy)
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("at", Moment, nullable=False),
+    sa.Index(None, "alert_id"),
+)
+
+# A Consent written, changed or deleted by someone other than the patient it protects
+# (a clinician recording a signed form, a proxy, an integration service, a hub admin): an
+# alert the patient sees (consent.governance, GET /access/consent-alerts).
+consent_alert = sa.Table(
+    "consent_alert",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("consent_id", sa.String(64), nullable=False),
+    sa.Column("patient_id", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(8), nullable=False),  # create | update | delete
+    sa.Column("subject", sa.String(200), nullable=False),  # who wrote it
+    sa.Column("fhir_user", sa.String(130), nullable=True),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("organizations", sa.JSON, nullable=False),
+    sa.Column("witness", sa.String(130), nullable=True),  # the witnessing staff (clinicians)
+    sa.Column("reason", sa.Text, nullable=True),  # X-Access-Reason (a deny removed by an admin)
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("at", Moment, nullable=False),
+    sa.Index(None, "patient_id"),
+)
+
 # Accounts for the hub's own token issuer (embedded default and demos).
 hub_user = sa.Table(
     "hub_user",

@@ -65,6 +65,7 @@ class Gate:
                 purpose=request.header(PURPOSE_HEADER),
                 policy=self.policy,
             )
+        access.reason = request.header("x-access-reason")  # consent.governance: removing a deny
         return access
 
     def audit(self, request: FhirRequest, access: Access | None, interaction: str, status: int) -> None:

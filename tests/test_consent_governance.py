@@ -1,0 +1,285 @@
+"""Who may write which Consent (issue 8, defects 5, 6, 7, 17 and the Consent part of 21),
+over real HTTP against the live test server.
+
+Cast per test (ids carry a fresh suffix): clinic ``org-…`` with Dr A (the recorder), Dr B
+(a colleague) and a nurse (the witness); a patient of the clinic with an HIV result and a
+depression diagnosis; her husband as RelatedPerson (proxy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from conftest import LiveServer, make_token
+
+from consent.governance import WITNESS_EXTENSION
+from hub.auth.principal import Role
+
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+LOINC = "http://loinc.org"
+ICD10 = "http://hl7.org/fhir/sid/icd-10"
+
+
+def ref(target: str) -> dict[str, str]:
+    return {"reference": target}
+
+
+def actor(target: str) -> dict[str, Any]:
+    role = {
+        "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]
+    }
+    return {"role": role, "reference": ref(target)}
+
+
+@dataclass
+class World:
+    server: LiveServer
+    uid: str
+    client_for: Callable[[str | None], httpx.Client]
+
+    @property
+    def org(self) -> str:
+        return f"org-{self.uid}"
+
+    @property
+    def patient(self) -> str:
+        return f"p-{self.uid}"
+
+    def dr(self, name: str) -> str:
+        return f"Practitioner/dr-{name}-{self.uid}"
+
+    @property
+    def rp(self) -> str:
+        return f"RelatedPerson/rp-{self.uid}"
+
+    def as_(self, role: Role, fhir_user: str | None = None, orgs: tuple[str, ...] = ()) -> httpx.Client:
+        return self.client_for(make_token(self.server, role=role, fhir_user=fhir_user, organizations=orgs))
+
+    @property
+    def admin(self) -> httpx.Client:
+        return self.client_for(self.server.admin_token)
+
+    def clinician(self, name: str) -> httpx.Client:
+        return self.as_(Role.CLINICIAN, self.dr(name), (self.org,))
+
+    @property
+    def me(self) -> httpx.Client:
+        return self.as_(Role.PATIENT, f"Patient/{self.patient}")
+
+    @property
+    def husband(self) -> httpx.Client:
+        return self.as_(Role.PROXY, self.rp)
+
+    def alerts(self, client: httpx.Client) -> list[dict[str, Any]]:
+        answer = client.get(self.server.base.removesuffix("/fhir") + "/access/consent-alerts")
+        assert answer.status_code == 200, answer.text
+        result: list[dict[str, Any]] = answer.json()
+        return result
+
+
+def consent(world: World, provision: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
+            ]
+        },
+        "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+        "patient": ref(f"Patient/{world.patient}"),
+        "provision": provision,
+        **extra,
+    }
+
+
+def permit(grantee: str, *labels: str) -> dict[str, Any]:
+    return {
+        "type": "permit",
+        "actor": [actor(grantee)],
+        "securityLabel": [{"system": ACT_CODE, "code": code} for code in labels],
+    }
+
+
+def signed(world: World) -> dict[str, Any]:
+    """The evidence a clinician's recording carries: the signed form and the witness."""
+    return {
+        "sourceAttachment": {"contentType": "application/pdf", "title": "signed consent form"},
+        "extension": [{"url": WITNESS_EXTENSION, "valueReference": ref(world.dr("nurse"))}],
+    }
+
+
+@pytest.fixture()
+def world(live_server: LiveServer, uid: str, client_for: Callable[[str | None], httpx.Client]) -> World:
+    w = World(live_server, uid, client_for)
+    admin = w.admin
+    bodies: list[dict[str, Any]] = [
+        {"resourceType": "Organization", "id": w.org, "name": w.org},
+        *({"resourceType": "Practitioner", "id": w.dr(n).split("/")[1]} for n in ("a", "b", "nurse")),
+        {"resourceType": "Patient", "id": w.patient, "managingOrganization": ref(f"Organization/{w.org}")},
+        {"resourceType": "Observation", "id": f"hiv-{uid}", "status": "final",
+         "code": {"coding": [{"system": LOINC, "code": "7917-8"}]}, "subject": ref(f"Patient/{w.patient}")},
+        {"resourceType": "Observation", "id": f"hb-{uid}", "status": "final",
+         "code": {"coding": [{"system": LOINC, "code": "718-7"}]}, "subject": ref(f"Patient/{w.patient}")},
+        {"resourceType": "Condition", "id": f"dep-{uid}", "subject": ref(f"Patient/{w.patient}"),
+         "code": {"coding": [{"system": ICD10, "code": "F32.1"}]}},
+        {"resourceType": "RelatedPerson", "id": w.rp.split("/")[1], "active": True,
+         "patient": ref(f"Patient/{w.patient}")},
+    ]  # fmt: skip
+    for body in bodies:
+        answer = admin.put(f"{body['resourceType']}/{body['id']}", json=body)
+        assert answer.status_code in (200, 201), answer.text
+    return w
+
+
+def _diagnostics(answer: httpx.Response) -> str:
+    return " ".join(i.get("diagnostics", "") for i in answer.json().get("issue", []))
+
+
+def test_a_clinician_cannot_record_a_consent_granting_themselves_sensitive_data(world: World) -> None:
+    dr_a = world.clinician("a")
+    # Defect 5: a consent granting the recorder mental-health and HIV access, even with evidence.
+    for grantee in (world.dr("a"), f"Organization/{world.org}"):
+        answer = dr_a.post("Consent", json=consent(world, permit(grantee, "PSY", "HIV"), **signed(world)))
+        assert answer.status_code == 403, answer.text
+    anyone = {"type": "permit", "securityLabel": [{"system": ACT_CODE, "code": "HIV"}]}
+    assert dr_a.post("Consent", json=consent(world, anyone, **signed(world))).status_code == 403
+    assert dr_a.get(f"Observation/hiv-{world.uid}").status_code == 404
+    # Without evidence or witness, not even for a colleague.
+    to_b = permit(world.dr("b"), "PSY")
+    assert dr_a.post("Consent", json=consent(world, to_b)).status_code == 403
+    unwitnessed = {"sourceAttachment": {"title": "form"}}
+    self_witness = {
+        **signed(world),
+        "extension": [{"url": WITNESS_EXTENSION, "valueReference": ref(world.dr("a"))}],
+    }
+    for evidence in (unwitnessed, self_witness):
+        assert dr_a.post("Consent", json=consent(world, to_b, **evidence)).status_code == 403
+    # With its evidence, for a colleague: recorded, and the patient is alerted.
+    created = dr_a.post("Consent", json=consent(world, to_b, **signed(world)))
+    assert created.status_code == 201, created.text
+    consent_id = created.json()["id"]
+    assert world.clinician("b").get(f"Condition/dep-{world.uid}").status_code == 200
+    (alert,) = [a for a in world.alerts(world.me) if a["consent"] == f"Consent/{consent_id}"]
+    assert alert["recordedBy"] == world.dr("a") and alert["witness"] == world.dr("nurse")
+    assert alert["action"] == "create" and "PSY" in alert["detail"] and world.dr("b") in alert["detail"]
+    facility_admin = world.as_(Role.FACILITY_ADMIN, orgs=(world.org,))
+    assert f"Consent/{consent_id}" in {a["consent"] for a in world.alerts(facility_admin)}
+    stranger = world.as_(Role.PATIENT, f"Patient/other-{world.uid}")
+    assert world.alerts(stranger) == []
+    # The patient's own consents raise no alert.
+    mine = world.me.post("Consent", json=consent(world, permit(world.dr("b"), "HIV")))
+    assert mine.status_code == 201, mine.text
+    assert f"Consent/{mine.json()['id']}" not in {a["consent"] for a in world.alerts(world.me)}
+
+
+def test_a_proxy_cannot_grant_himself_sensitive_categories(world: World) -> None:
+    husband = world.husband
+    assert husband.get(f"Observation/hb-{world.uid}").status_code == 200
+    for labels in (("SEX",), ("HIV",), ("PSY",), ("HIV", "PSY", "SEX")):
+        answer = husband.post("Consent", json=consent(world, permit(world.rp, *labels)))
+        assert answer.status_code == 403, answer.text
+        assert "sensitive" in _diagnostics(answer)
+    # Not to anyone else either: only the patient names sensitive classes.
+    assert husband.post("Consent", json=consent(world, permit(world.dr("b"), "HIV"))).status_code == 403
+    assert husband.get(f"Observation/hiv-{world.uid}").status_code == 404
+    assert husband.get(f"Condition/dep-{world.uid}").status_code == 404
+    # Ordinary data and denies: allowed, and the patient sees that he did it.
+    normal = husband.post("Consent", json=consent(world, permit(world.dr("b"))))
+    assert normal.status_code == 201, normal.text
+    deny = {"type": "deny", "actor": [actor(world.dr("a"))]}
+    assert husband.post("Consent", json=consent(world, deny)).status_code == 201
+    recorded = {a["consent"] for a in world.alerts(world.me) if a["recordedBy"] == world.rp}
+    assert f"Consent/{normal.json()['id']}" in recorded
+
+
+def test_only_the_patient_removes_her_deny(world: World) -> None:
+    dr_a, dr_b, me = world.clinician("a"), world.clinician("b"), world.me
+    hb = f"Observation/hb-{world.uid}"
+    assert dr_b.get(hb).status_code == 200  # the clinic's patient: the policy grant
+    deny = consent(world, {"type": "deny", "actor": [actor(world.dr("b"))]})
+    created = me.post("Consent", json=deny)
+    assert created.status_code == 201, created.text
+    stored = created.json()
+    key = f"Consent/{stored['id']}"
+    assert dr_b.get(hb).status_code == 404
+    # Defect 7: a colleague of the same station cannot lift it, in any form.
+    assert dr_a.get(key).status_code == 200
+    assert dr_a.delete(key).status_code == 403
+    for status in ("inactive", "rejected", "entered-in-error"):
+        answer = dr_a.put(key, json={**stored, **signed(world), "status": status})
+        assert answer.status_code == 403, answer.text
+        assert "deny" in _diagnostics(answer)
+    narrowed = {**stored["provision"], "securityLabel": [{"system": ACT_CODE, "code": "HIV"}]}
+    assert dr_a.put(key, json={**stored, **signed(world), "provision": narrowed}).status_code == 403
+    to_permit = {**stored["provision"], "type": "permit"}
+    assert dr_a.put(key, json={**stored, **signed(world), "provision": to_permit}).status_code == 403
+    assert dr_b.get(hb).status_code == 404
+    # Nor a hub admin without a stated reason; with one, it is recorded in the alert.
+    admin = world.admin
+    assert admin.put(key, json={**stored, "status": "inactive"}).status_code == 403
+    # The patient can.
+    assert me.delete(key).status_code == 204
+    assert dr_b.get(hb).status_code == 200
+
+
+def test_a_hub_admin_lifts_a_deny_only_with_a_recorded_reason(world: World) -> None:
+    deny = consent(world, {"type": "deny", "actor": [actor(world.dr("b"))]})
+    stored = world.me.post("Consent", json=deny).json()
+    key = f"Consent/{stored['id']}"
+    reason = "Court order 12/2026: patient record transfer"
+    answer = world.admin.put(key, json={**stored, "status": "inactive"}, headers={"X-Access-Reason": reason})
+    assert answer.status_code == 200, answer.text
+    (alert,) = [a for a in world.alerts(world.me) if a["consent"] == key]
+    assert alert["reason"] == reason and "removes deny" in alert["detail"]
+    assert world.clinician("b").get(f"Observation/hb-{world.uid}").status_code == 200
+
+
+def test_a_proxy_loses_access_when_the_relationship_period_ends(world: World) -> None:
+    today = datetime.now(UTC).date()
+    ended = {
+        "resourceType": "RelatedPerson",
+        "id": world.rp.split("/")[1],
+        "active": True,
+        "patient": ref(f"Patient/{world.patient}"),
+        "period": {"start": str(today - timedelta(days=400)), "end": str(today - timedelta(days=2))},
+    }
+    assert world.admin.put(world.rp, json=ended).status_code == 200
+    husband = world.husband
+    assert husband.get(f"Observation/hb-{world.uid}").status_code == 404
+    assert husband.get(f"Patient/{world.patient}").status_code == 404
+    found = husband.get("Observation", params={"patient": world.patient})
+    assert found.status_code in (200, 403) and not found.json().get("entry")
+    answer = husband.post("Consent", json=consent(world, {"type": "deny"}))
+    assert answer.status_code in (403, 404)
+    # A current period (open end) opens it again.
+    current = {**ended, "period": {"start": str(today - timedelta(days=1))}}
+    assert world.admin.put(world.rp, json=current).status_code == 200
+    assert husband.get(f"Observation/hb-{world.uid}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"status": "whatever"}, "Consent.status"),
+        ({"provision": {"type": "Deny"}}, "Consent.provision.type"),
+        ({"provision": {"type": "permit", "provision": [{"type": "DENY"}]}}, "Consent.provision.provision[0].type"),
+        ({"patient": {"reference": "Group/g1"}}, "Consent.patient"),
+        ({"patient": {"identifier": {"value": "064075009876"}}}, "Consent.patient"),
+        ({"provision": {"type": "permit", "actor": [{**actor("x/y"), "reference": {"display": "Dr B"}}]}},
+         "Consent.provision.actor[0].reference"),
+    ],
+)  # fmt: skip
+def test_consent_codes_are_validated(world: World, change: dict[str, Any], where: str) -> None:
+    body = {**consent(world, {"type": "deny"}), **change}
+    for client in (world.admin, world.me):
+        answer = client.post("Consent", json=body)
+        assert answer.status_code == 422, answer.text
+        issue = answer.json()["issue"][0]
+        assert issue["expression"] == [where]
+    assert world.admin.get("Consent", params={"patient": world.patient}).json().get("entry") is None
