@@ -75,10 +75,9 @@ def before_write(body: dict[str, object]) -> None:
     access = _current.get()
     if body.get("resourceType") != "Consent" or access is None:
         return
-    from consent import governance
-
-    governance.validate(body)  # 422: codes the access layer would otherwise ignore
-    _pending.set((access, body))  # checked by authorize_write once finalized (id stamped)
+    # Validated and checked by authorize_write once conditional references are resolved and
+    # the id stamped (consent.governance).
+    _pending.set((access, body))
     if access.principal.role.value not in ("patient", "proxy"):
         return
     from datetime import UTC, datetime

@@ -156,8 +156,10 @@ def check_write(
     replaced_pid: int | None,
     new_grants: list[GrantRow] | None = None,
 ) -> None:
-    """403 unless the principal may write this version of a Consent (over ``replaced_pid``,
-    None for a create); records the alert when it is not the patient's own write."""
+    """422 unless its codes are valid; 403 unless the principal may write this version of a
+    Consent (over ``replaced_pid``, None for a create). Records the alert when it is not the
+    patient's own write."""
+    validate(body)  # conditional references are resolved by now
     principal = access.principal
     if new_grants is None:
         new_grants = grant_rows("Consent", str(body.get("id", "")), body)

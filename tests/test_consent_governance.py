@@ -277,9 +277,35 @@ def test_a_proxy_loses_access_when_the_relationship_period_ends(world: World) ->
 )  # fmt: skip
 def test_consent_codes_are_validated(world: World, change: dict[str, Any], where: str) -> None:
     body = {**consent(world, {"type": "deny"}), **change}
-    for client in (world.admin, world.me):
-        answer = client.post("Consent", json=body)
-        assert answer.status_code == 422, answer.text
-        issue = answer.json()["issue"][0]
-        assert issue["expression"] == [where]
+    answer = world.admin.post("Consent", json=body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["issue"][0]["expression"] == [where]
+    # The patient too (an unresolvable patient reference may be refused earlier, as data of no patient).
+    assert world.me.post("Consent", json=body).status_code == 422
     assert world.admin.get("Consent", params={"patient": world.patient}).json().get("entry") is None
+
+
+def test_an_integration_service_imports_consents_validated_and_alerted(world: World) -> None:
+    cccd = f"0{world.uid[:11]}"
+    patient = {
+        "resourceType": "Patient",
+        "id": world.patient,
+        "identifier": [{"system": "https://ehealth-hub.vn/sid/cccd", "value": cccd}],
+        "managingOrganization": ref(f"Organization/{world.org}"),
+    }
+    assert world.admin.put(f"Patient/{world.patient}", json=patient).status_code == 200
+    feed = world.as_(Role.SERVICE)
+    deny = consent(world, {"type": "deny", "actor": [actor(world.dr("b"))]})
+    deny["patient"] = ref(f"Patient?identifier=https://ehealth-hub.vn/sid/cccd|{cccd}")
+    imported = feed.post("Consent", json=deny)
+    assert imported.status_code == 201, imported.text
+    stored = imported.json()
+    assert stored["patient"] == ref(f"Patient/{world.patient}")
+    assert world.clinician("b").get(f"Observation/hb-{world.uid}").status_code == 404
+    alerts = [a for a in world.alerts(world.me) if a["consent"] == f"Consent/{stored['id']}"]
+    assert [a["role"] for a in alerts] == ["integration-service"]
+    # Validated like any writer, and it cannot lift the patient's deny.
+    assert feed.post("Consent", json={**deny, "status": "whatever"}).status_code == 422
+    key = f"Consent/{stored['id']}"
+    assert feed.put(key, json={**stored, "status": "inactive"}).status_code == 403
+    assert feed.delete(key).status_code == 403
