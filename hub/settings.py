@@ -68,6 +68,22 @@ class Settings(BaseSettings):
     # limiting per client IP. Empty: the TCP peer is the client. Env: TRUSTED_PROXIES='["10.0.0.0/8"]'.
     trusted_proxies: list[str] = []
 
+    # --- abuse limits (docs/access.md, "Limits") -------------------------------------------
+    # Request bodies: checked on Content-Length and while streaming, before authentication
+    # and before anything buffers them (hub/api/limits.py). Bundles for bulk loads go through
+    # `hub import`, not HTTP, so 32 MiB is ample for a transaction; a login form is tiny.
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_login_body_bytes: int = 64 * 1024
+    # JSON nesting depth of a request body (an extension nested in an extension is 2 levels).
+    max_json_depth: int = 100
+    # Searches: sort keys, comma-separated values of one parameter, parameters per query.
+    max_sort_keys: int = 3
+    max_or_values: int = 100
+    max_search_params: int = 50
+    # Every FHIR request's database work is cancelled after this many seconds (503 timeout);
+    # 0 turns the limit off. CLI jobs (import, reindex, migrations) are not limited.
+    request_timeout_seconds: float = 30.0
+
 
 @lru_cache
 def get_settings() -> Settings:

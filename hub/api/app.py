@@ -1,14 +1,22 @@
 """The FastAPI application.
 
 Owns: HTTP concerns only: routes (declared for OpenAPI), content types, turning framework
-errors into OperationOutcome. All FHIR semantics live in ``hub.rest``.
-Calls: the router, the store, settings.  Called by: ``hub serve``, uvicorn, tests.
+errors and any unexpected exception into OperationOutcome (database unavailable or
+connection lost: 503 ``transient`` with Retry-After; request past its time limit: 503
+``timeout``; anything else: 500 ``exception`` without internals), refusing JSON bodies
+nested too deep, and running each FHIR request under a ``hub.db.engine.RequestGuard``
+(time limit per transaction; its statements cancelled when the client disconnects).
+All FHIR semantics live in ``hub.rest``.
+Calls: the router, the store, settings, ``hub.api.limits``, ``hub.api.ratelimit``.
+Called by: ``hub serve``, uvicorn, tests.
 """
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import parse_qsl
 
+import anyio
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,9 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hub import __version__
 from hub.api.access_routes import mount_access_routes
 from hub.api.auth_routes import NO_TOKEN, Bearer, mount_auth_routes, unauthorized
+from hub.api.limits import BodyLimitMiddleware, too_deep
 from hub.api.ratelimit import add_rate_limits
 from hub.app_factory import build_router
 from hub.auth.tokens import AuthError, TokenService
+from hub.db.engine import RequestCancelled, RequestGuard, guarded
 from hub.errors import FhirError, Issue
 from hub.ops.export import NDJSON, export_file_path, purge_expired_at_start
 from hub.rest import FhirRequest, FhirResponse
@@ -30,6 +40,8 @@ from hub.settings import Settings, get_settings
 
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "text/json")
 _FORM = "application/x-www-form-urlencoded"
+_RETRY_AFTER_SECONDS = 5  # after a lost database connection
+log = logging.getLogger(__name__)
 
 
 def _is_public(path: str) -> bool:
@@ -45,7 +57,47 @@ def _to_http(response: FhirResponse) -> Response:
     return Response(response.body or b"", response.status, headers=response.headers, media_type=FHIR_JSON)
 
 
-async def _fhir_request(request: Request, path: str) -> FhirRequest | Response:
+def _sqlstate(exc: BaseException) -> str | None:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None)
+
+
+def failure_response(exc: BaseException, guard: RequestGuard | None = None) -> FhirResponse:
+    """The OperationOutcome for an exception nothing else answered: never a plain 500."""
+    if isinstance(exc, FhirError):
+        return FhirResponse(exc.status, exc.outcome_bytes())
+    if guard is not None and guard.cancelled or isinstance(exc, RequestCancelled):
+        # The client is gone; this answer is for the log only.
+        return FhirResponse(
+            503, FhirError(503, [Issue("transient", "The client disconnected")]).outcome_bytes()
+        )
+    if guard is not None and (guard.timed_out or _sqlstate(exc) == "57014"):  # 57014: query_canceled
+        message = (
+            f"The request's database work took longer than {guard.timeout or 0:g} s and was stopped; "
+            "narrow the search (fewer sort keys, more selective parameters, smaller pages)"
+        )
+        return FhirResponse(503, FhirError(503, [Issue("timeout", message)]).outcome_bytes())
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)) or (
+        isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
+    ):
+        log.warning("database unavailable: %s", exc)
+        outcome = FhirError(503, [Issue("transient", "The database is unavailable; retry later")])
+        return FhirResponse(503, outcome.outcome_bytes(), {"Retry-After": str(_RETRY_AFTER_SECONDS)})
+    log.error("unexpected error", exc_info=exc)
+    outcome = FhirError(500, [Issue("exception", "Internal server error")])
+    return FhirResponse(500, outcome.outcome_bytes())
+
+
+async def _watching_disconnect(request: Request, guard: RequestGuard) -> None:
+    """Wait for the client to go away (the body has been read), then cancel the request's
+    database work."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            guard.cancel()
+            return
+
+
+async def _fhir_request(request: Request, path: str, settings: Settings) -> FhirRequest | Response:
     query = parse_qsl(request.url.query, keep_blank_values=True)
     body = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -58,6 +110,10 @@ async def _fhir_request(request: Request, path: str) -> FhirRequest | Response:
     elif body and content_type and content_type not in _JSON_TYPES:
         return _outcome_response(
             415, "not-supported", f"Content-Type {content_type} is not supported; send JSON"
+        )
+    if body and too_deep(body, settings.max_json_depth):
+        return _outcome_response(
+            400, "invalid", f"The JSON body nests deeper than {settings.max_json_depth} levels"
         )
     accepted = [part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")]
     if any(accepted) and not any(a in _JSON_TYPES or a in ("*/*", "application/*") for a in accepted):
@@ -85,26 +141,41 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     app.state.settings = settings
     app.state.tokens = tokens
 
-    def authenticated(fhir_request: FhirRequest) -> FhirResponse:
+    def authenticated(fhir_request: FhirRequest, guard: RequestGuard) -> FhirResponse:
         # In the worker thread with the interaction: verifying is cheap (an LRU of verified
         # tokens), but the periodic "is the account still enabled" read is a query.
-        try:
-            fhir_request.principal = bearer.principal(
-                fhir_request.header("authorization"), public=_is_public(fhir_request.path)
-            )
-        except AuthError as error:
-            return unauthorized(error)
-        return router.handle(fhir_request)
+        with guarded(guard):
+            try:
+                try:
+                    fhir_request.principal = bearer.principal(
+                        fhir_request.header("authorization"), public=_is_public(fhir_request.path)
+                    )
+                except AuthError as error:
+                    return unauthorized(error)
+                return router.handle(fhir_request)
+            except Exception as exc:  # noqa: BLE001  (every failure answers an OperationOutcome)
+                return failure_response(exc, guard)
+
+    async def guarded_call(request: Request, fhir_request: FhirRequest) -> FhirResponse:
+        """Run the request in the thread pool; cancel its statements if the client leaves."""
+        guard = RequestGuard(settings.request_timeout_seconds)
+        async with anyio.create_task_group() as group:
+            group.start_soon(_watching_disconnect, request, guard)
+            try:  # authenticated() never raises: no exception group to unwrap
+                response = await run_in_threadpool(authenticated, fhir_request, guard)
+            finally:
+                group.cancel_scope.cancel()
+        return response
 
     async def dispatch(request: Request, path: str) -> Response:
         if settings.auth_required and not request.headers.get("authorization") and not _is_public(path):
             # Refused before the body is read: an anonymous caller gets nothing but the 401.
             return _to_http(unauthorized(AuthError(NO_TOKEN, None)))
-        fhir_request = await _fhir_request(request, path)
+        fhir_request = await _fhir_request(request, path, settings)
         if isinstance(fhir_request, Response):
             return fhir_request
         fhir_request.client_address = request.client.host if request.client else None
-        return _to_http(await run_in_threadpool(authenticated, fhir_request))
+        return _to_http(await guarded_call(request, fhir_request))
 
     def route(path: str, methods: list[str], name: str) -> None:
         async def endpoint(request: Request) -> Response:
@@ -161,6 +232,17 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
         return _outcome_response(400, "invalid", str(exc.errors()))
 
-    # Added last so it runs first: throttling comes before authentication and routing.
+    @app.exception_handler(Exception)
+    async def unexpected_error(_request: Request, exc: Exception) -> Response:
+        # Any route outside the guarded FHIR path (auth, access routes, health, files).
+        return _to_http(failure_response(exc))
+
+    # Added last so they run first: throttling comes before authentication and routing, and
+    # the body limit before the throttle (which reads the login form) and anything else.
     add_rate_limits(app, settings)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        login_max_bytes=settings.max_login_body_bytes,
+    )
     return app

@@ -130,22 +130,10 @@ def mount_auth_routes(app: FastAPI, settings: Settings, engine: sa.Engine, token
 
     @app.post("/auth/token", name="token")
     async def token(request: Request) -> Response:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != _FORM:
-            return _oauth_error(400, "invalid_request", f"Send the parameters as {_FORM}")
         try:
-            pairs = parse_qsl(
-                (await request.body()).decode("utf-8"), keep_blank_values=True, strict_parsing=False
-            )
-        except UnicodeDecodeError:
-            return _oauth_error(400, "invalid_request", "The form is not UTF-8")
-        form: dict[str, str] = {}
-        if any("\x00" in name + value for name, value in pairs):  # PostgreSQL text cannot hold NUL
-            return _oauth_error(400, "invalid_request", "The form contains a NUL character")
-        for name, value in pairs:
-            if name in form:  # RFC 6749 section 3.2: no parameter more than once
-                return _oauth_error(400, "invalid_request", f"Parameter {name} is repeated")
-            form[name] = value
+            form = parse_token_form(request.headers.get("content-type"), await request.body())
+        except TokenFormError as error:
+            return _oauth_error(400, "invalid_request", error.description)
         grant_type = form.get("grant_type")
         if grant_type == "password":
             return await _password_grant(form)
@@ -207,6 +195,52 @@ def mount_auth_routes(app: FastAPI, settings: Settings, engine: sa.Engine, token
         return Response(orjson.dumps(answer), 200, headers=_NO_STORE, media_type="application/json")
 
 
+class TokenFormError(Exception):
+    """The token request's form cannot be read (answered 400 invalid_request)."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+
+
+def parse_token_form(content_type: str | None, body: bytes) -> dict[str, str]:
+    """The fields of a ``POST /auth/token`` form, exactly as the token endpoint reads them.
+
+    One function for the endpoint and the login rate limit (``hub.api.ratelimit``), so the
+    limiter keys on the very identity the endpoint will authenticate.
+    """
+    if (content_type or "").split(";")[0].strip().lower() != _FORM:
+        raise TokenFormError(f"Send the parameters as {_FORM}")
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise TokenFormError("The form is not UTF-8") from None
+    if any("\x00" in name + value for name, value in pairs):  # PostgreSQL text cannot hold NUL
+        raise TokenFormError("The form contains a NUL character")
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in form:  # RFC 6749 section 3.2: no parameter more than once
+            raise TokenFormError(f"Parameter {name} is repeated")
+        form[name] = value
+    return form
+
+
+def login_identity(form: dict[str, str], authorization: str | None) -> str | None:
+    """The account a token request tries to authenticate as: ``username`` for the password
+    grant, the client id (HTTP Basic, else the form) for client_credentials; None when the
+    endpoint will refuse the request before checking any secret."""
+    grant_type = form.get("grant_type")
+    if grant_type == "password":
+        return form.get("username") or None
+    if grant_type == "client_credentials":
+        try:
+            basic = _basic_credentials(authorization)
+        except ValueError:
+            return None
+        return (basic[0] if basic else form.get("client_id")) or None
+    return None
+
+
 def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
     """(client_id, secret) from HTTP Basic; None without it; ValueError when malformed."""
     if not authorization:
@@ -219,10 +253,13 @@ def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
     except (binascii.Error, UnicodeDecodeError):
         raise ValueError("malformed Basic credentials") from None
     client_id, sep, secret = decoded.partition(":")
-    if not sep or "\x00" in decoded:
+    if not sep:
         raise ValueError("Basic credentials without a colon")
     # RFC 6749 section 2.3.1: both parts are form-urlencoded before Basic encoding.
-    return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))
+    client_id, secret = unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))
+    if "\x00" in client_id + secret:  # also once decoded: '%00' (PostgreSQL text cannot hold NUL)
+        raise ValueError("Basic credentials with a NUL character")
+    return client_id, secret
 
 
 def _oauth_error(status: int, error: str, description: str, basic_challenge: bool = False) -> Response:

@@ -1,13 +1,16 @@
 """Rate limits: per client IP, per bearer token, and on the login endpoint.
 
 Owns: which counters a request spends (every request: its client IP; with a bearer token:
-that token; ``POST /auth/token``: the login counters of its IP and of the user name it
-tries), where the counters live (Redis when ``REDIS_URL`` is set, process memory
+that token; ``POST /auth/token``: the login counters of its IP and of the account it tries:
+the ``username`` of a password grant, the client id of client_credentials (HTTP Basic or
+form), read from the whole form by the token endpoint's own parser), where the counters live (Redis when ``REDIS_URL`` is set, process memory
 otherwise), the 429 answer and the RateLimit-* / Retry-After headers. Memory counters
 are per process: run ``hub serve --workers N`` (or several hosts) with Redis, or each
 process grants the full allowance.
-Calls: the ``limits`` library (storages and the sliding-window-counter strategy), settings.
-Called by: ``hub.api.app.create_app``, which installs :class:`RateLimitMiddleware`.
+Calls: the ``limits`` library (storages and the sliding-window-counter strategy), settings,
+``hub.api.auth_routes`` (``parse_token_form``, ``login_identity``).
+Called by: ``hub.api.app.create_app``, which installs :class:`RateLimitMiddleware` inside
+``hub.api.limits.BodyLimitMiddleware`` (so the login form it reads is size-limited).
 
 It is a pure ASGI middleware rather than a FastAPI dependency or ``BaseHTTPMiddleware``:
 it must run before routing and authentication (an unauthenticated flood is what it is for),
@@ -17,7 +20,6 @@ and ``BaseHTTPMiddleware`` costs a task and a stream per request.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import ipaddress
 import logging
@@ -26,7 +28,6 @@ import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus
 
 import limits
 import orjson
@@ -36,6 +37,7 @@ from limits.errors import StorageError
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hub.api.auth_routes import TokenFormError, login_identity, parse_token_form
 from hub.errors import FhirError, Issue
 from hub.rest.messages import FHIR_JSON
 from hub.settings import Settings, get_settings
@@ -46,8 +48,6 @@ Message = MutableMapping[str, Any]
 
 LOGIN_PATH = "/auth/token"
 EXEMPT_PATHS = frozenset({"/healthz"})  # load balancers probe it; it must never be throttled
-# Only this much of a login body is read to find the user name; the rest streams through.
-_LOGIN_BODY_CAP = 16 * 1024
 # A Redis call slower than this counts as Redis being down (see fail-open below).
 _REDIS_TIMEOUT_SECONDS = 0.5
 # After a Redis failure, requests pass unlimited for this long before Redis is tried again,
@@ -194,24 +194,13 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
-def _basic_client_id(scope: Scope) -> str | None:
-    """The client_id of client_credentials sent as HTTP Basic (RFC 6749 section 2.3.1)."""
-    authorization = _header(scope, b"authorization") or ""
-    scheme, _, encoded = authorization.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None  # the token endpoint answers the malformed header; here it is just an IP
-    return unquote_plus(decoded.partition(":")[0]) or None
+async def _peek_login(scope: Scope, receive: Receive, cap: int) -> tuple[str | None, Receive]:
+    """The account a login form tries, and a ``receive`` that replays the body to the app.
 
-
-async def _peek_form(scope: Scope, receive: Receive) -> tuple[dict[str, str], Receive]:
-    """The login form's fields, and a ``receive`` that replays the body to the app."""
-    content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-    if content_type != "application/x-www-form-urlencoded":
-        return {}, receive
+    The whole form is read (``BodyLimitMiddleware`` has bounded it; ``cap`` guards a limiter
+    installed without it) and parsed by the token endpoint's own function, so no decoy field
+    or padding makes the limiter key on something other than what the endpoint checks.
+    """
     messages: list[Message] = []
     size = 0
     while True:
@@ -220,17 +209,22 @@ async def _peek_form(scope: Scope, receive: Receive) -> tuple[dict[str, str], Re
         if message["type"] != "http.request":
             break  # a disconnect: replayed to the app like the rest
         size += len(message.get("body", b""))
-        if not message.get("more_body", False) or size >= _LOGIN_BODY_CAP:
+        if not message.get("more_body", False) or size > cap:
             break
-    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
-    fields = dict(parse_qsl(body[:_LOGIN_BODY_CAP].decode("latin-1"), keep_blank_values=True))
 
     async def replay() -> Message:
         if messages:
             return messages.pop(0)
         return await receive()
 
-    return fields, replay
+    if size > cap:
+        return None, replay
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+    try:
+        form = parse_token_form(_header(scope, b"content-type"), body)
+    except TokenFormError:
+        return None, replay  # the endpoint refuses it before checking any secret
+    return login_identity(form, _header(scope, b"authorization")), replay
 
 
 def _too_many(path: str, verdict: Verdict) -> tuple[bytes, str]:
@@ -253,9 +247,10 @@ def _rate_headers(verdict: Verdict) -> list[tuple[bytes, bytes]]:
 
 
 class RateLimitMiddleware:
-    def __init__(self, app: ASGIApp, limiter: Limiter) -> None:
+    def __init__(self, app: ASGIApp, limiter: Limiter, login_body_cap: int = 64 * 1024) -> None:
         self.app = app
         self.limiter = limiter
+        self.login_body_cap = login_body_cap
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
@@ -275,8 +270,7 @@ class RateLimitMiddleware:
             # Brute-force guard: per IP (one attacker, many names) and per user name (many
             # attackers, one name; a distributed guess at one password).
             checks.append(Check(self.limiter.login, "login-ip", ip))
-            fields, receive = await _peek_form(scope, receive)
-            username = fields.get("username") or fields.get("client_id") or _basic_client_id(scope)
+            username, receive = await _peek_login(scope, receive, self.login_body_cap)
             if username:
                 checks.append(Check(self.limiter.login, "login-user", _digest(username.strip().casefold())))
 
@@ -310,8 +304,9 @@ class RateLimitMiddleware:
 
 def add_rate_limits(app: Starlette, settings: Settings | None = None) -> Limiter:
     """Install the limits on a Starlette/FastAPI app; the last middleware added runs first."""
-    limiter = Limiter(settings or get_settings())
-    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    settings = settings or get_settings()
+    limiter = Limiter(settings)
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, login_body_cap=settings.max_login_body_bytes)
     return limiter
 
 

@@ -1,17 +1,105 @@
 """Engine construction for SQLite (embedded default) and PostgreSQL.
 
 Owns: driver settings that make both databases behave alike for the store: SQLite WAL
-and immediate write transactions, URL aliases.
-Calls: SQLAlchemy.  Called by: the CLI, the app factory, tests.
+and immediate write transactions, URL aliases; and the per-request guard
+(:class:`RequestGuard`): a time limit on every database transaction begun while a request
+is being served (PostgreSQL ``SET LOCAL statement_timeout``, SQLite a progress handler),
+and cancelling the statements of a request whose client went away (psycopg
+``cancel_safe``, ``sqlite3.Connection.interrupt``).
+Calls: SQLAlchemy.  Called by: the CLI, the app factory, tests; ``hub.api.app`` opens a
+guard around each FHIR request (code outside a guard, such as CLI jobs, is not limited).
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+
+# SQLite calls the progress handler every this many virtual-machine instructions.
+_SQLITE_PROGRESS_STEPS = 10_000
+
+
+class RequestGuard:
+    """The database work of one request: its time limit per transaction and its cancellation.
+
+    The pool's checkout event registers each DBAPI connection the request takes (checkin
+    forgets it), so :meth:`cancel`, called from the event loop when the client disconnects,
+    reaches exactly the statements this request is running and no other request's.
+    """
+
+    def __init__(self, timeout_seconds: float | None) -> None:
+        self.timeout = timeout_seconds if timeout_seconds and timeout_seconds > 0 else None
+        self.cancelled = False
+        self.timed_out = False  # set by the SQLite handler; PostgreSQL reports QueryCanceled
+        self._deadline: float | None = None  # of the current transaction (SQLite)
+        self._lock = threading.Lock()
+        self._connections: list[Any] = []
+
+    def begin_transaction(self) -> None:
+        if self.timeout is not None:
+            self._deadline = time.monotonic() + self.timeout
+
+    def should_abort(self) -> bool:
+        if self.cancelled:
+            return True
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self.timed_out = True
+            return True
+        return False
+
+    def attach(self, dbapi_connection: Any) -> None:
+        with self._lock:
+            self._connections.append(dbapi_connection)
+
+    def detach(self, dbapi_connection: Any) -> None:
+        with self._lock:
+            if dbapi_connection in self._connections:
+                self._connections.remove(dbapi_connection)
+
+    def cancel(self) -> None:
+        """Stop what the request's connections are executing (idempotent, never raises)."""
+        with self._lock:
+            self.cancelled = True
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                if hasattr(connection, "cancel_safe"):  # psycopg 3.2+
+                    connection.cancel_safe(timeout=2.0)
+                elif hasattr(connection, "interrupt"):  # sqlite3
+                    connection.interrupt()
+                else:
+                    connection.cancel()
+            except Exception:  # noqa: BLE001, S110  (a connection already closed has nothing to stop)
+                pass
+
+
+_guard: ContextVar[RequestGuard | None] = ContextVar("hub_request_guard", default=None)
+
+
+@contextmanager
+def guarded(guard: RequestGuard) -> Iterator[RequestGuard]:
+    """Run the enclosed database work (in this thread/context) under ``guard``."""
+    token = _guard.set(guard)
+    try:
+        yield guard
+    finally:
+        _guard.reset(token)
+
+
+def current_guard() -> RequestGuard | None:
+    return _guard.get()
+
+
+class RequestCancelled(Exception):
+    """The client went away; the request's remaining database work is not started."""
 
 
 def normalize_url(url: str) -> str:
@@ -45,7 +133,23 @@ def create_engine(url: str, *, echo: bool = False) -> sa.Engine:
         _configure_sqlite(engine)
     else:
         _configure_postgres(engine)
+    _configure_guard(engine)
     return engine
+
+
+def _configure_guard(engine: sa.Engine) -> None:
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        guard = _guard.get()
+        if guard is not None:
+            guard.attach(dbapi_connection)
+            record.info["hub_guard"] = guard
+
+    @sa.event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_connection: Any, record: Any) -> None:
+        guard = record.info.pop("hub_guard", None) if record is not None else None
+        if guard is not None:
+            guard.detach(dbapi_connection)
 
 
 def _configure_postgres(engine: sa.Engine) -> None:
@@ -60,6 +164,18 @@ def _configure_postgres(engine: sa.Engine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.adapters.register_loader("jsonb", RawJsonbLoader)
 
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        guard = _guard.get()
+        if guard is None:
+            return
+        if guard.cancelled:
+            raise RequestCancelled("the client disconnected")
+        if guard.timeout is not None:
+            # Per transaction, so every statement of a request's transaction is bounded;
+            # PostgreSQL answers QueryCanceled (SQLSTATE 57014) past it.
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(guard.timeout * 1000))}")
+
 
 def _configure_sqlite(engine: sa.Engine) -> None:
     @sa.event.listens_for(engine, "connect")
@@ -71,9 +187,22 @@ def _configure_sqlite(engine: sa.Engine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
+        # A statement of a guarded request stops ("interrupted") past its deadline or once
+        # the client is gone; unguarded work (CLI jobs) never does.
+        dbapi_connection.set_progress_handler(_sqlite_progress, _SQLITE_PROGRESS_STEPS)
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
         # Writers take the lock up front: a deferred transaction that upgrades to a write
         # lock can fail with SQLITE_BUSY instead of waiting for the busy timeout.
+        guard = _guard.get()
+        if guard is not None:
+            if guard.cancelled:
+                raise RequestCancelled("the client disconnected")
+            guard.begin_transaction()
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+
+
+def _sqlite_progress() -> int:
+    guard = _guard.get()
+    return 1 if guard is not None and guard.should_abort() else 0

@@ -1,6 +1,7 @@
 """Running a FHIR search: one SQL statement for the page, then includes, then shaping.
 
-Owns: executing a ``SearchQuery``: totals, sort order (any indexed parameter), offset
+Owns: executing a ``SearchQuery``: totals, sort order (any indexed parameter, linear on
+both databases: see ``_sort_key``), offset
 paging, ``_include``/``_revinclude`` (with ``:iterate``) and ``_summary``/``_elements``.
 Calls: ``query`` (parsing), ``shaping``, SQLAlchemy.  Called by: the REST interactions
 (search, conditional operations, conditional references in transactions).
@@ -90,9 +91,15 @@ def _sort_key(registry: Registry, query: SearchQuery, key: str, descending: bool
         }[param.type]
         # A resource with several values sorts by its smallest (ascending) or largest (descending).
         aggregate = sa.func.max(value) if descending else sa.func.min(value)
+        # One index probe by pid per row, so the sort is linear in the rows matched. Both
+        # ``+ 0`` (no index on hash_identity may serve it) and GROUP BY (no min/max-by-index
+        # rewrite) keep PostgreSQL off the (hash_identity, value, pid) index, which it picks
+        # without fresh statistics and then scans whole for every row: quadratic (6,000
+        # Patients, _sort=name,given,family: 37 s before, 0.3 s after).
         column = (
             sa.select(aggregate)
-            .where(table.c.pid == resource.c.pid, table.c.hash_identity == param.hash_identity)
+            .where(table.c.pid == resource.c.pid, table.c.hash_identity + 0 == param.hash_identity)
+            .group_by(table.c.pid)
             .correlate(resource)
             .scalar_subquery()
         )

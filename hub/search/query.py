@@ -2,9 +2,11 @@
 
 Owns: the search query model (``SearchQuery``) and the grammar of parameter names:
 ``code``, ``code:modifier``, ``ref:Type.code`` chains (up to three levels) and
-``_has:Type:ref:code`` reverse chains (nestable). Every condition is built against a given
-alias of ``resource``, so a chain's inner search is just another search on a fresh alias.
-Calls: registry, predicates.  Called by: ``hub.search.engine``.
+``_has:Type:ref:code`` reverse chains (nestable); the query-size limits (``SearchLimits``:
+parameters per query, comma-separated values per parameter, sort keys; 400 beyond).
+Every condition is built against a given alias of ``resource``, so a chain's inner search
+is just another search on a fresh alias.
+Calls: registry, predicates, settings (the limits' defaults).  Called by: ``hub.search.engine``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hub.errors import Issue, bad_request
 from hub.search import predicates
 from hub.search.predicates import PidSet
 from hub.search.registry import Registry
+from hub.settings import Settings, get_settings
 from hub.validation import is_resource_type
 
 RESULT_PARAMS = frozenset(
@@ -40,6 +43,19 @@ SUMMARY_VALUES = frozenset({"true", "false", "text", "data", "count"})
 MAX_CHAIN_DEPTH = 3
 
 Target = Any  # the resource table or an alias of it
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """How big one search may be: each bound keeps a query's SQL (and its cost) bounded."""
+
+    params: int = 50  # parameters in the query string, result parameters included
+    or_values: int = 100  # comma-separated alternatives of one parameter
+    sort_keys: int = 3
+
+    @classmethod
+    def of(cls, settings: Settings) -> SearchLimits:
+        return cls(settings.max_search_params, settings.max_or_values, settings.max_sort_keys)
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,11 @@ def parse(
     lenient: bool = False,
     default_count: int = 20,
     max_count: int = 1000,
+    limits: SearchLimits | None = None,
 ) -> SearchQuery:
+    limits = limits or SearchLimits.of(get_settings())
+    if len(params) > limits.params:
+        raise bad_request(f"A search may have at most {limits.params} parameters, not {len(params)}")
     query = SearchQuery(res_type, count=default_count)
     for raw_name, raw_value in params:
         if "\x00" in raw_name + raw_value:  # PostgreSQL text cannot hold NUL; no FHIR value has one
@@ -89,7 +109,12 @@ def parse(
         try:
             if raw_name.partition(":")[0] in RESULT_PARAMS:
                 _result_param(registry, query, raw_name, raw_value, max_count)
+                if len(query.sort) > limits.sort_keys:
+                    raise bad_request(f"_sort may have at most {limits.sort_keys} keys")
             else:
+                # Chains and _has pass the value on to the innermost parameter unchanged.
+                if len(_split_or(raw_value)) > limits.or_values:
+                    raise bad_request(f"Parameter {raw_name!r} may list at most {limits.or_values} values")
                 query.conditions.append(
                     condition(registry, resource, res_type, raw_name, raw_value, base_url)
                 )
