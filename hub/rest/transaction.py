@@ -318,6 +318,29 @@ def _batch_entry(
 _GROUP_ENTITIES = 100  # resources named by one grouped AuditEvent (Gate's cap per event)
 
 
+def _alike(
+    audited: list[tuple[FhirRequest, Access, str, int]],
+) -> list[tuple[FhirRequest, Access, str, int]]:
+    """Consecutive entries that would be audited alike (same interaction, outcome, path and
+    query, each having touched something) as one, their touched resources together, up to
+    ``_GROUP_ENTITIES``: the gate then looks up whose records they are in one query, not one
+    per entry. The events it makes are those ``_grouped`` would make of the entries' own."""
+    out: list[tuple[FhirRequest, Access, str, int]] = []
+    for asked, access, kind, status in audited:
+        if out and access.touched:
+            last_asked, together, last_kind, last_status = out[-1]
+            same = (last_kind, last_status, last_asked.path, last_asked.query) == (
+                kind, status, asked.path, asked.query,
+            )  # fmt: skip
+            if same and together.touched and len(together.touched) + len(access.touched) <= _GROUP_ENTITIES:
+                together.touched.extend(access.touched)
+                continue
+        together = _entry_access(access)  # a copy: the entry's own record stays as it was
+        together.touched.extend(access.touched)
+        out.append((asked, together, kind, status))
+    return out
+
+
 def _grouped(events: list[AccessEvent]) -> list[AccessEvent]:
     """Entries' AuditEvents that say the same thing but for the resources they name (same
     interaction, outcome, target type, query and patient) as one AuditEvent naming up to
@@ -365,7 +388,8 @@ def _audit_entries(
     if gate.trail is None or not audited:
         return
     try:
-        events = [e for req, acc, kind, status in audited for e in gate._events(conn, req, acc, kind, status)]
+        alike = _alike(audited)
+        events = [e for req, acc, kind, status in alike for e in gate._events(conn, req, acc, kind, status)]
         gate.trail.record_in(conn, _grouped(events))
     except Exception as exc:  # noqa: BLE001  (an unaudited write must not commit)
         log.exception("audit of a batch failed; its entries are rolled back")
