@@ -104,7 +104,6 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _INNERMOST = re.compile(rb"\[\]|\{\}")
 
@@ -113,13 +112,16 @@ def too_deep(body: bytes, max_depth: int) -> bool:
     """Whether the JSON text nests arrays/objects deeper than ``max_depth``.
 
     Checked before parsing: a deep enough document breaks the JSON libraries and the
-    FHIRPath extractors with a recursion error (a plain 500). The scan is C-speed regular
-    expressions: strings out, then only brackets kept, then each pass removes the
+    FHIRPath extractors with a recursion error (a plain 500). The scan is C-speed: strings
+    out, then only brackets kept, then each pass (a regular expression) removes the
     innermost level. Malformed text (unbalanced brackets) is left to the parser to refuse.
     """
     if body.count(b"[") + body.count(b"{") <= max_depth:
         return False
-    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    # Strings out: escapes first (an escaped backslash, then an escaped quote), then every
+    # other quote-delimited segment. All C-speed bytes operations (30 MB in ~0.1 s).
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(unescaped.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
     for _ in range(max_depth):
         if not brackets:
             return False
