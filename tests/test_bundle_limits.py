@@ -105,8 +105,11 @@ def test_bundle_over_the_entry_limit_is_refused_before_any_entry(
     patient = _patient(admin)
     marker = f"limit-{uuid.uuid4().hex[:8]}"
     entries = [_post(_observation(patient, marker)) for _ in range(LIMIT + 1)]
+    before = _audit_events(server)
     response = admin.post("", json=_bundle(kind, entries))
     assert response.status_code == 413, response.text
+    # The refused Bundle is audited once, as a failed request (a batch too).
+    assert _audit_events(server) - before == 1
     outcome = response.json()
     assert outcome["resourceType"] == "OperationOutcome"
     issue = outcome["issue"][0]

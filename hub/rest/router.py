@@ -71,7 +71,9 @@ class FhirRouter:
             response = error_response(error)
         if access is not None and not access.unrestricted:
             response = _without_session_details(response)
-        if interaction != "batch" and not audited:  # each batch entry is a request of its own
+        # Each batch entry is audited as a request of its own; a batch refused as a whole
+        # (413 too many entries, 400 malformed, 403) is audited as one request.
+        if not audited and (interaction != "batch" or response.status >= 400):
             try:
                 self.gate.audit(request, access, interaction, response.status)
             except Exception as exc:  # noqa: BLE001  (no answer leaves without its audit record)
