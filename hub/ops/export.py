@@ -8,7 +8,8 @@ and resolving a file of a completed job for download.
 Calls: the schema, ``hub.ops.compartment``, the search engine (``_typeFilter``), the
 ``_type``/``_since`` parsers of ``hub.ops.everything``.
 Called by: the router (``$export``, ``$export-status``) and the FastAPI route that streams
-``$export-file/{job}/{Type}.ndjson`` (``hub.api.app``, via ``export_file_path``).
+``$export-file/{job}/{Type}.ndjson`` (``hub.api.app``, via ``export_file_path``; the app
+also runs ``purge_expired_at_start``).
 
 Endpoints:
 
@@ -18,6 +19,12 @@ Endpoints:
   500 + OperationOutcome when the job failed, 404 for unknown or cancelled jobs.
 - ``DELETE [base]/$export-status/{job}``: 202; the files are removed, later polls get 404.
 - ``GET [base]/$export-file/{job}/{Type}.ndjson``: ``application/fhir+ndjson``, streamed.
+
+Files: private (directories 0700, files 0600, whatever the umask) and plaintext (the
+requester's copy; docs/storage.md §8). A job and its files are removed
+``EXPORT_RETENTION_HOURS`` after it finished (``purge_expired``: at server start, and on
+kick-offs and polls at most once a minute; the status and file endpoints answer 410 for an
+expired job, then 404).
 
 Scope: system = every stored type (or ``_type``); Patient = the Patient compartments of all
 patients; Group = the compartments of the Group's ``member.entity`` Patients. Deleted

@@ -3,7 +3,12 @@
 Owns: the processing rules of R4 3.1.0.11: entry order (DELETE, POST, PUT/PATCH, GET),
 fullUrl and ``urn:uuid`` resolution, conditional references (``Patient?identifier=...``),
 duplicate detection, and the response Bundle.
-Calls: the router (per entry), the search engine, the store's id lookups.
+Also the entry limit (``MAX_BUNDLE_ENTRIES``: 413 before any entry is read) and how a batch
+runs (``_batch``): the batch's Access for every entry, one write transaction with a SAVEPOINT
+per entry, runs of plain creates bulk-inserted, the entries' AuditEvents grouped and appended
+to the chain at once (docs/access.md §5, §6).
+Calls: the router (per entry), the search engine, the store's id lookups, the gate's
+AuditEvent builder and the audit trail (batches).
 Called by: the router for ``POST [base]`` with a Bundle.
 """
 
