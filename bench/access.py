@@ -89,7 +89,7 @@ sys.path.insert(0, str(BENCH))
 from search import analyzing, count_resources, drop_database, hub, sql  # noqa: E402
 
 from consent import labels  # noqa: E402
-from consent.context import serving  # noqa: E402
+from consent.context import serving, system_access  # noqa: E402
 from consent.decision import Access, decide  # noqa: E402
 from hub.app_factory import build_router  # noqa: E402
 from hub.auth.principal import Principal, Role, system_principal  # noqa: E402
@@ -282,7 +282,7 @@ def population(router: FhirRouter, access: Access) -> Population:
             ).scalar_one(),
         }
     families = []
-    with router.ctx.store.read() as conn:
+    with system_access("bench-access"), router.ctx.store.read() as conn:
         for r in rows:
             data = router.ctx.store.get(conn, "Patient", r.res_id).parsed()
             name = (data.get("name") or [{}])[0].get("family")

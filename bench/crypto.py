@@ -38,6 +38,7 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from consent.context import system_access  # noqa: E402
 from hub.crypto import keys, open_content  # noqa: E402
 from hub.db.engine import create_engine  # noqa: E402
 from hub.db.migrate import upgrade  # noqa: E402
@@ -122,10 +123,10 @@ def prepare(
     started = time.perf_counter()
     for start in range(0, len(patients), 100):
         batch = [(orjson.loads(orjson.dumps(p)), p["id"]) for p in patients[start : start + 100]]
-        with store.write() as conn:
+        with system_access("bench-crypto"), store.write() as conn:
             store.create_many(conn, batch)
     figures["write"] = (time.perf_counter() - started) / len(patients) * 1e6
-    with store.write() as conn:
+    with system_access("bench-crypto"), store.write() as conn:
         for start in range(0, len(observations), 500):
             chunk = observations[start : start + 500]
             store.create_many(conn, [(orjson.loads(orjson.dumps(o)), o["id"]) for o in chunk])
@@ -157,7 +158,7 @@ def measurements(patients: list[dict[str, Any]], observations: list[dict[str, An
 
     def read_all(res_type: str, ids: list[str]) -> Callable[[Side], float]:
         def run(side: Side) -> float:
-            with side.store.read() as conn:
+            with system_access("bench-crypto"), side.store.read() as conn:
                 started = time.perf_counter()
                 for res_id in ids:
                     side.store.get(conn, res_type, res_id)
@@ -167,7 +168,7 @@ def measurements(patients: list[dict[str, Any]], observations: list[dict[str, An
 
     def pages(side: Side) -> float:
         returned = 0
-        with side.store.read() as conn:
+        with system_access("bench-crypto"), side.store.read() as conn:
             started = time.perf_counter()
             for offset in range(0, len(patients), 100):
                 params = [("_count", "100"), ("_offset", str(offset)), ("_total", "none")]
@@ -176,7 +177,7 @@ def measurements(patients: list[dict[str, Any]], observations: list[dict[str, An
             return (time.perf_counter() - started) / returned * 1e6
 
     def identifiers(side: Side) -> float:
-        with side.store.read() as conn:
+        with system_access("bench-crypto"), side.store.read() as conn:
             started = time.perf_counter()
             for p in patients:
                 params = [("identifier", f"{CCCD}|{p['identifier'][0]['value']}"), ("_total", "none")]

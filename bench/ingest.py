@@ -394,6 +394,7 @@ def profile(files: list[Path], expected: int, tmp: Path) -> None:
     from pyinstrument import Profiler
     from pyinstrument.renderers import ConsoleRenderer
 
+    from consent.context import system_access
     from hub.app_factory import build_router
     from hub.ingest.pipeline import Importer
     from hub.ingest.prepare import prepare
@@ -409,7 +410,7 @@ def profile(files: list[Path], expected: int, tmp: Path) -> None:
         def _prepared(self, work: Any) -> Any:
             return iter(prepared)
 
-    with Profiler(interval=0.001) as main_half:
+    with system_access("bench-ingest"), Profiler(interval=0.001) as main_half:
         report = Replay(router, workers=1).run(files)
     assert report.stored == expected and not report.errors, report.errors[:3]
     check_rows(url, expected)

@@ -3,9 +3,16 @@
 Owns: a context variable holding the current ``Access`` and the helpers that read it.
 The router sets it around each request (``serving``); every read statement over
 ``resource`` or ``resource_history`` adds ``visible_clause`` and reports what it returned
-with ``report``. Outside a request (CLI, bulk import, migrations) no Access is set and
-the hub itself is reading: nothing is filtered.
-Calls: nothing.  Called by: the router, the store, the search engine, the operations.
+with ``report``; every write goes through ``before_write``/``authorize_write``.
+Fail closed: with no Access set, each of them raises (a 500 OperationOutcome at the edge,
+a programming error) instead of reading or writing unfiltered. Work that is not a
+request (CLI import, reindex, demo loading, key rotation, tests) runs inside
+``system_access(reason)``: an explicit, named, unrestricted Access whose principal is
+``system:<reason>`` (role hub-admin); the CLI audits each such command.
+Calls: consent.decision (Access), consent.governance (Consent writes), hub.auth.principal,
+the search registry.
+Called by: the router, the store, the search engine, the operations, the CLI, bulk import,
+$export jobs.
 """
 
 from __future__ import annotations
@@ -17,14 +24,59 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from hub.errors import FhirError, Issue
+
 if TYPE_CHECKING:
     from consent.decision import Access
 
 _current: ContextVar[Access | None] = ContextVar("hub_access", default=None)
 
 
+SYSTEM_PREFIX = "system:"
+
+
 def current() -> Access | None:
     return _current.get()
+
+
+def missing_access() -> FhirError:
+    return FhirError(
+        500,
+        [
+            Issue(
+                "exception",
+                "Internal error: data was accessed outside any request or system access (fail closed)",
+            )
+        ],
+    )
+
+
+def required() -> Access:
+    """The current Access; an error (500) when none is set: nothing reads unfiltered by default."""
+    access = _current.get()
+    if access is None:
+        raise missing_access()
+    return access
+
+
+def system_access_for(reason: str) -> Access:
+    """An unrestricted Access for the hub's own work, named after why it runs."""
+    from consent.decision import OPERATIONS, Access
+    from hub.auth.principal import system_principal
+    from hub.search.registry import get_registry
+
+    if not reason.strip():
+        raise ValueError("A system access needs a reason")
+    return Access(system_principal(f"{SYSTEM_PREFIX}{reason}"), OPERATIONS, get_registry())
+
+
+@contextmanager
+def system_access(reason: str) -> Iterator[Access]:
+    """Run the enclosed work with an explicit, named, unrestricted access (admin CLI
+    commands, reindex, bulk import, tests). Callers that touch citizens' data audit it."""
+    with serving(system_access_for(reason)) as access:
+        assert access is not None
+        yield access
 
 
 @contextmanager
@@ -36,31 +88,37 @@ def serving(access: Access | None) -> Iterator[Access | None]:
         _current.reset(token)
 
 
-def detached() -> Access | None:
+def detached() -> Access:
     """A copy of the current Access for work that outlives the request (an $export job):
     same rights, its own record of what it disclosed."""
     from dataclasses import replace
 
-    access = _current.get()
-    return None if access is None else replace(access, touched=[])
+    return replace(required(), touched=[])
 
 
 def visible_clause(table: sa.Table) -> sa.ColumnElement[bool] | None:
-    """The condition rows of ``table`` must meet for the current request (None: all)."""
-    access = _current.get()
-    return None if access is None else access.visible(table)
-
-
-def restrict(statement: sa.Select, table: sa.Table) -> sa.Select:  # type: ignore[type-arg]
-    clause = visible_clause(table)
-    return statement if clause is None else statement.where(clause)
+    """The condition rows of ``table`` must meet for the current request (None: all, which
+    only an unrestricted Access gives). Raises when no Access is set."""
+    return required().visible(table)
 
 
 def report(pids: Iterable[int]) -> None:
     """Record that these resources were disclosed (the audit trail names their patients)."""
-    access = _current.get()
-    if access is not None:
-        access.saw(pids)
+    required().saw(pids)
+
+
+def required_unrestricted(what: str) -> Access:
+    """The current Access, which must see every row (``system_access``): for the hub's own
+    bulk work (import, reindex). An error otherwise: such work never runs unfiltered by default."""
+    access = required()
+    if not access.unrestricted:
+        raise FhirError(500, [Issue("exception", f"{what} needs a system access (fail closed)")])
+    return access
+
+
+def unrestricted() -> bool:
+    """Whether the current Access sees every row (and may choose ids for new resources)."""
+    return required().unrestricted
 
 
 # --- writes ---------------------------------------------------------------------------------
@@ -72,8 +130,8 @@ def before_write(body: dict[str, object]) -> None:
     """Stamp what a write must carry: a Consent a patient (or their proxy) gives through the
     hub records when and how it was given. Staff recording a consent given elsewhere (a
     signed form) carry its own dateTime and sourceAttachment; their content is not touched."""
-    access = _current.get()
-    if body.get("resourceType") != "Consent" or access is None:
+    access = required()
+    if body.get("resourceType") != "Consent":
         return
     # Validated and checked by authorize_write once conditional references are resolved and
     # the id stamped (consent.governance).
@@ -100,9 +158,7 @@ def authorize_write(
     """403 unless the current request may change this resource: its scopes allow the
     interaction, it may see the version it replaces, and it may write into the records of
     the patients the new version belongs to."""
-    access = _current.get()
-    if access is None:
-        return
+    access = required()
     from consent.decision import forbidden
 
     access.require(res_type, permission)

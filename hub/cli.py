@@ -1,12 +1,20 @@
 """The ``hub`` command line.
 
 Owns: the commands an operator runs: serve, db upgrade, import, demo, registry, audit, users, token, keys.
-Calls: the app factory, migrations, the import pipeline, uvicorn.  Called by: people, make, CI.
+Commands that read or change stored resources run inside an explicit, named system access
+(``consent.context.system_access("cli-<command>")``: nothing reads unfiltered by default), and
+those that touch citizens' data (import, demo loading, reindex, keys rotate --reencrypt)
+write one AuditEvent per command through the audit trail (``_system_command``).
+Calls: the app factory, migrations, the import pipeline, consent.context, the audit trail,
+uvicorn.  Called by: people, make, CI.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -14,6 +22,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hub.settings import REPO_ROOT, get_settings
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from consent.decision import Access
 
 app = typer.Typer(help="Vietnam e-health integration hub", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema (Alembic migrations)", no_args_is_help=True)
@@ -69,7 +82,8 @@ def import_(
     workers: int = typer.Option(0, help="Validation processes (0 = one per core)"),
 ) -> None:
     """Load FHIR content: transaction/batch Bundles, NDJSON, gzip files and folders of them."""
-    report = _import(paths, workers or None)
+    with _system_command("import", " ".join(str(p) for p in paths)):
+        report = _import(paths, workers or None)
     raise typer.Exit(code=1 if report.errors else 0)
 
 
@@ -86,14 +100,16 @@ def demo(
 
     upgrade(get_settings().database_url)
     router = build_router()
-    with router.ctx.store.read() as conn:
+    with system_access("cli-demo"), router.ctx.store.read() as conn:
         # The practitioner came later: a database loaded before it gets the file again (PUTs).
         already = len(reader.resolve_bare_ids(conn, ["vn-demo-patient-1", "vn-demo-practitioner-1"])) == 2
     if already:
         console.print("Demo data already loaded.")
     else:
-        _import([DEMO_DIR], None)
-    _demo_users(router.ctx.store.engine)
+        with _system_command("demo", str(DEMO_DIR)):
+            _import([DEMO_DIR], None)
+    with system_access("cli-demo-users"):
+        _demo_users(router.ctx.store.engine)
     if serve_after:
         serve(host=host, port=port, workers=1)
 
@@ -107,7 +123,7 @@ def reindex(
     from hub.store.reindex import reindex as run_reindex
 
     store = build_router().ctx.store
-    with Progress(
+    with _system_command("reindex", f"_type={resource_type}" if resource_type else None), Progress(
         TextColumn("[bold]Reindexing"),
         TextColumn("{task.completed} resources"),
         TimeElapsedColumn(),
@@ -450,7 +466,8 @@ def keys_rotate(
         if settings.hub_master_key:
             console.print("[yellow]Set HUB_MASTER_KEY to the new key and restart the hub.[/]")
         if reencrypt:
-            report = run_reencrypt(engine)
+            with _system_command("keys-rotate-reencrypt", None, engine):
+                report = run_reencrypt(engine)
             console.print(
                 f"Re-encrypted {report.resealed} stored versions, sealed {report.sealed} plaintext ones "
                 f"({report.scanned} scanned)"
@@ -508,6 +525,53 @@ def _import(paths: list[Path], workers: int | None):  # type: ignore[no-untyped-
     else:
         console.print("[green]No errors[/]")
     return report
+
+
+@contextmanager
+def _system_command(command: str, detail: str | None, engine: sa.Engine | None = None) -> Iterator[Access]:
+    """Run a command that touches citizens' data inside the system access ``cli-<command>``
+    and write its AuditEvent (one per command; outcome 200, or 500 when it failed)."""
+    from consent.context import system_access
+    from hub.audit.events import AccessEvent
+    from hub.audit.trail import AuditTrail
+    from hub.db.engine import create_engine
+    from hub.search.registry import get_registry
+    from hub.store import Store
+
+    settings = get_settings()
+    own = engine is None
+    audit_engine = create_engine(settings.database_url) if engine is None else engine
+    status = 500
+    with system_access(f"cli-{command}") as access:
+        try:
+            yield access
+            status = 200
+        finally:
+            try:
+                trail = AuditTrail(Store(audit_engine, get_registry()), settings.base_url.rstrip("/"))
+                trail.record(
+                    [
+                        AccessEvent(
+                            principal=access.principal,
+                            interaction="operation",
+                            action="E",
+                            operation=f"hub-{command}",
+                            query=detail,
+                            outcome_status=status,
+                            purpose=access.purpose,
+                        )
+                    ]
+                )
+            finally:
+                if own:
+                    audit_engine.dispose()
+
+
+def system_access(reason: str):  # type: ignore[no-untyped-def]
+    """``consent.context.system_access`` (imported late: the CLI starts fast)."""
+    from consent.context import system_access as named_access
+
+    return named_access(reason)
 
 
 def _safe_url() -> str:

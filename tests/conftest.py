@@ -31,6 +31,8 @@ import pytest
 import sqlalchemy as sa
 import uvicorn
 
+from consent.context import system_access
+from consent.decision import Access
 from hub.api.app import create_app
 from hub.app_factory import build_router
 from hub.auth import users
@@ -277,6 +279,14 @@ def client_for(live_server: LiveServer) -> Iterator[Callable[[str | None], httpx
 
 
 @pytest.fixture()
+def as_system() -> Iterator[Access]:
+    """Direct store, search, import or reindex calls from a test run inside an explicit,
+    named system access (fail closed: without one they raise)."""
+    with system_access("test") as access:
+        yield access
+
+
+@pytest.fixture()
 def uid() -> str:
     """A unique token, so tests sharing one database never see each other's data."""
     return uuid.uuid4().hex[:12]
@@ -292,4 +302,5 @@ __all__ = [
     "backend",
     "downgrade",
     "make_token",
+    "system_access",
 ]

@@ -21,6 +21,7 @@ import orjson
 import sqlalchemy as sa
 from conftest import REPO
 
+from consent.context import system_access
 from hub.app_factory import build_router
 from hub.auth.principal import system_principal
 from hub.crypto import blind, is_sealed, keys, open_content
@@ -382,7 +383,8 @@ def test_bulk_import_seals_and_indexes_hashes(fresh_database_url: Any, tmp_path:
     path = tmp_path / "bundle.json"
     path.write_bytes(orjson.dumps(bundle))
     for workers in (1, 2):  # in process, and in worker processes given only the index key
-        report = Importer(router, workers=workers).run([path])
+        with system_access("test-import"):
+            report = Importer(router, workers=workers).run([path])
         assert not report.errors and report.created["Patient"] == 2
     with engine.connect() as conn:
         rows = conn.execute(sa.select(resource.c.pid, resource.c.res_id, resource.c.content)).all()

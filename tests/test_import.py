@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import REPO, SHARED
 
+from consent.context import system_access
 from hub.app_factory import build_router
 from hub.db.engine import create_engine
 from hub.ingest.pipeline import Importer
@@ -49,7 +50,8 @@ def _stored_counts(url: str) -> Counter[str]:
 
 def _import(url: str, paths: list[Path], workers: int = 2) -> object:
     router = build_router(Settings(database_url=url))
-    report = Importer(router, workers=workers).run(paths)
+    with system_access("test-import"):
+        report = Importer(router, workers=workers).run(paths)
     router.ctx.store.engine.dispose()
     return report
 

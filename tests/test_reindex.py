@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import sqlalchemy as sa
 
+from consent.context import system_access
 from hub.db.schema import INDEX_TABLES
 from hub.rest import FhirRouter
 from hub.store.reindex import reindex
@@ -23,13 +24,27 @@ def test_reindex_restores_search(http: httpx.Client, router: FhirRouter, uid: st
         for table in INDEX_TABLES.values():
             conn.execute(table.delete().where(table.c.pid == pid))
     assert http.get("/Patient", params={"family": f"vo{uid}"}).json()["total"] == 0
-    report = reindex(store, "Patient")
+    with system_access("test-reindex"):
+        report = reindex(store, "Patient")
     assert report.resources >= 1 and report.rows >= 1
     assert http.get("/Patient", params={"family": f"vo{uid}"}).json()["total"] == 1
     # Reindexing twice does not duplicate rows.
-    reindex(store, "Patient")
+    with system_access("test-reindex"):
+        reindex(store, "Patient")
     with store.read() as conn:
         rows = conn.execute(
             sa.text("SELECT count(*) FROM idx_string WHERE pid = :p"), {"p": pid}
         ).scalar_one()
     assert rows == before > 0
+
+
+def test_reindex_fails_closed_without_a_system_access(router: FhirRouter) -> None:
+    """Reindexing reads every row: only inside an explicit system access."""
+    from hub.errors import FhirError
+
+    try:
+        reindex(router.ctx.store, "Patient")
+    except FhirError as error:
+        assert error.status == 500 and "system access" in str(error)
+    else:
+        raise AssertionError("reindex ran without a system access")

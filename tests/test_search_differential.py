@@ -27,6 +27,7 @@ import httpx
 import pytest
 from conftest import ADMIN_AUTH, SHARED, LiveServer
 
+from consent.context import system_access
 from hub.app_factory import build_router
 from hub.ingest.pipeline import Importer
 from hub.settings import Settings
@@ -249,7 +250,8 @@ def data(fresh_database_url) -> Iterator[Data]:  # type: ignore[no-untyped-def]
     assert DATA.exists(), f"test data missing: {DATA}"
     url = fresh_database_url("differential")
     router = build_router(Settings(database_url=url))
-    report = Importer(router, workers=2).run([DATA])
+    with system_access("test-import"):
+        report = Importer(router, workers=2).run([DATA])
     router.ctx.store.engine.dispose()
     assert report.errors == []
     with LiveServer(url) as server:

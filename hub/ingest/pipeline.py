@@ -4,7 +4,9 @@ Owns: the flow of ``hub import``: ordering, batching writes (COPY on PostgreSQL)
 collisions, cross-bundle ``urn:uuid`` resolution, and the import report.
 A unit is all or nothing: a Bundle is one transaction; an NDJSON chunk keeps its good lines.
 Calls: sources, prepare, the store's writer, the REST router for units that need full
-transaction semantics.  Called by: the CLI, the demo loader, the ingest benchmark.
+transaction semantics, consent.context (it runs only inside an explicit system access, whose
+principal it also uses for the units it sends through the router).
+Called by: the CLI, the demo loader, the ingest benchmark.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from hub.auth.principal import system_principal
+from consent import context as access_context
+from hub.auth.principal import Principal
 from hub.crypto.keys import bound as bound_keys
 from hub.crypto.keys import install_worker as install_worker_keys
 from hub.crypto.keys import worker_state as worker_key_state
@@ -77,6 +80,8 @@ class Importer:
         return self.report.stored + len(self._pending)
 
     def run(self, paths: list[Path], progress: Callable[[Prepared], None] | None = None) -> ImportReport:
+        """Import the paths; only inside ``consent.context.system_access`` (fail closed)."""
+        self._principal: Principal = access_context.required_unrestricted("Bulk import").principal
         started = time.perf_counter()
         files = discover(paths)
         self.report.files = len(files)
@@ -237,7 +242,7 @@ class Importer:
             self.report.rejected += 1
             return
         response = self.router.handle(
-            FhirRequest("POST", "", body=body, principal=system_principal("hub-import"))
+            FhirRequest("POST", "", body=body, principal=self._principal)
         )
         if response.status >= 400:
             outcome = orjson.loads(response.body or b"{}")

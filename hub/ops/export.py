@@ -108,6 +108,9 @@ class ExportSpec:
     # Hours after the job finished that it and its files are kept (EXPORT_RETENTION_HOURS at
     # kick-off); then they are removed and the status URL answers 410, later 404.
     retention_hours: float | None = None
+    # Who asked and why (``requester_of``): the job re-decides their Access when it runs, in
+    # this process or another, so it never sees more than their searches would.
+    requester: dict[str, Any] | None = None
 
 
 # --- kick-off ------------------------------------------------------------------------------
@@ -170,6 +173,7 @@ def _kick_off(
         type_filters=type_filters,
         owner=request.principal.subject if request.principal else None,
         retention_hours=ctx.export_retention_hours,
+        requester=requester_of(access_context.required()),
     )
     query = f"?{urlencode(request.query)}" if request.query else ""
     with ctx.store.write() as conn:
@@ -184,9 +188,9 @@ def _kick_off(
                 created=now(),
             )
         )
-    # The job runs later on another thread: it carries the requester's Access with it, so
-    # an export never sees more than the same requester's searches would.
-    _EXECUTOR.submit(_run_as_requester, ctx, job_id, access_context.detached())
+    # The job runs later on another thread (or process): it rebuilds the requester's Access
+    # from the stored requester, so an export never sees more than their searches would.
+    _EXECUTOR.submit(_run_as_requester, ctx, job_id)
     outcome = operation_outcome([Issue("informational", f"Export job {job_id} accepted", "information")])
     return FhirResponse(
         202, orjson.dumps(outcome), {"Content-Location": f"{ctx.base_url}/$export-status/{job_id}"}
@@ -267,10 +271,64 @@ def _parse_filter(ctx: Context, res_type: str, query: str) -> search_engine.Sear
 # --- the job -------------------------------------------------------------------------------
 
 
-def _run_as_requester(ctx: Context, job_id: str, access: Access | None) -> None:
+def requester_of(access: Access) -> dict[str, Any]:
+    """What a background job needs to decide its requester's Access again later."""
+    principal = access.principal
+    return {
+        "subject": principal.subject,
+        "role": principal.role.value,
+        "scopes": str(principal.scopes),
+        "fhir_user": principal.fhir_user,
+        "organizations": list(principal.organizations),
+        "patient": principal.patient,
+        "token_id": principal.token_id,
+        "client_id": principal.client_id,
+        "issuer": principal.issuer,
+        "purpose": access.purpose,
+        "policy": access.policy,
+    }
+
+
+def requester_access(conn: sa.Connection, registry: Registry, requester: dict[str, Any]) -> Access:
+    """The requester's Access as of now (grants, consents and break-glass in force now)."""
+    from consent.decision import decide
+    from hub.auth.principal import Principal, Role
+    from hub.auth.scopes import ScopeSet
+
+    principal = Principal(
+        subject=str(requester["subject"]),
+        role=Role(requester["role"]),
+        scopes=ScopeSet.parse(str(requester["scopes"])),
+        fhir_user=requester.get("fhir_user"),
+        organizations=tuple(requester.get("organizations") or ()),
+        patient=requester.get("patient"),
+        token_id=requester.get("token_id"),
+        client_id=requester.get("client_id"),
+        issuer=requester.get("issuer"),
+    )
+    return decide(
+        conn, principal, registry, purpose=requester.get("purpose"), policy=str(requester.get("policy", "moh"))
+    )
+
+
+def _run_as_requester(ctx: Context, job_id: str) -> None:
+    """Run a job as the requester stored with it; a job without one fails (fail closed)."""
+    try:
+        with ctx.store.read() as conn:
+            row = conn.execute(sa.select(export_job.c.parameters).where(export_job.c.id == job_id)).first()
+            requester = (row.parameters or {}).get("requester") if row is not None else None
+            access = None if requester is None else requester_access(conn, ctx.registry, requester)
+        if access is None:
+            if row is not None:
+                _set_status(ctx.store, job_id, "failed", error="The job names no requester")
+            return
+    except Exception as exc:  # noqa: BLE001  (the requester may no longer be allowed)
+        log.exception("export job %s: could not decide its requester's access", job_id)
+        _set_status(ctx.store, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        return
     with access_context.serving(access):
         run_job(ctx, job_id)
-    if access is not None and ctx.disclosed is not None:
+    if ctx.disclosed is not None:
         ctx.disclosed(access, f"$export job {job_id}")
 
 

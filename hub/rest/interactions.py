@@ -2,6 +2,11 @@
 
 Owns: the HTTP-level semantics of each interaction (status codes, headers, Prefer,
 conditional variants). Each function is (context, connection, request) -> response.
+Conditional operations take a transaction-scoped lock on their condition first
+(``lock_condition``: a PostgreSQL advisory lock per type and normalised criteria), so
+concurrent conditional creates/updates of the same thing make one resource. Writes follow
+"hidden is unknown" (docs/access.md): the store answers ids the caller cannot see as unknown,
+and conditions only ever match what the caller can see.
 Calls: the store, the search engine, bundle builders.  Called by: the router.
 """
 
@@ -23,6 +28,7 @@ from hub.rest import bundles
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.search import engine as search_engine
 from hub.search.dates import DateFormatError, date_range, from_micros
+from hub.search.hashing import hash64
 from hub.search.registry import Registry
 from hub.settings import DEFAULT_EXPORT_DIR
 from hub.store import Store, StoredResource
@@ -166,7 +172,9 @@ def create(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: st
     body = _body_for(request, res_type)
     condition = request.header("if-none-exist")
     if condition:
-        existing = search_engine.find_ids(conn, ctx.registry, res_type, _query_pairs(condition), ctx.base_url)
+        pairs = _query_pairs(condition)
+        lock_condition(conn, res_type, pairs)
+        existing = search_engine.find_ids(conn, ctx.registry, res_type, pairs, ctx.base_url)
         if len(existing) > 1:
             raise precondition_failed(f"If-None-Exist '{condition}' matches more than one {res_type}")
         if existing:
@@ -187,7 +195,9 @@ def update(
     body = _body_for(request, res_type)
     if body.get("id") != res_id:
         raise bad_request(f"The body's id ({body.get('id')!r}) must equal the id in the URL ({res_id!r})")
-    stored, created = ctx.store.update(conn, res_type, res_id, body, if_match=request.if_match())
+    stored, created = ctx.store.update(
+        conn, res_type, res_id, body, if_match=request.if_match(), server_id=request.assigned_id == res_id
+    )
     status = 201 if created else 200
     return respond_with(
         ctx, request, stored, status, f"{'Created' if created else 'Updated'} {res_type}/{res_id}"
@@ -198,6 +208,7 @@ def conditional_update(
     ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str
 ) -> FhirResponse:
     body = _body_for(request, res_type)
+    lock_condition(conn, res_type, request.query)
     matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, ctx.base_url)
     if len(matches) > 1:
         raise precondition_failed(f"The conditional update matches more than one {res_type}")
@@ -210,15 +221,18 @@ def conditional_update(
         if _exists(ctx, conn, res_type, body["id"]):
             # R4: no match, but the body's id exists -> 409 rather than overwrite it.
             raise conflict(f"{res_type}/{body['id']} exists but does not match the update's criteria")
+        # Not there, or hidden from the caller: the store answers both alike (404 for a
+        # caller that cannot choose ids, creation with that id for one that can).
         return update(ctx, conn, request, res_type, body["id"])
     stored = ctx.store.create(conn, body, request.assigned_id)
     return respond_with(ctx, request, stored, 201, f"Created {res_type}/{stored.res_id}")
 
 
 def _exists(ctx: Context, conn: sa.Connection, res_type: str, res_id: str) -> bool:
+    """Whether the resource exists as far as the caller can see (hidden is unknown)."""
     from hub.store.reader import current_row
 
-    row = current_row(conn, res_type, res_id)
+    row = current_row(conn, res_type, res_id, visible_only=True)
     return row is not None and not row.deleted
 
 
@@ -233,6 +247,7 @@ def delete(
 def conditional_delete(
     ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str
 ) -> FhirResponse:
+    lock_condition(conn, res_type, request.query)
     matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, ctx.base_url)
     if len(matches) > 1:
         raise precondition_failed(f"The conditional delete matches more than one {res_type}")
@@ -245,3 +260,36 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
     from urllib.parse import parse_qsl
 
     return parse_qsl(query.lstrip("?"), keep_blank_values=True)
+
+
+def condition_key(res_type: str, params: list[tuple[str, str]]) -> int:
+    """A signed 64-bit key of a condition: its type and its criteria, normalised (order of
+    parameters and of OR-values does not matter; paging and result parameters are ignored)."""
+    criteria = sorted(
+        (name.strip(), ",".join(sorted(value.split(","))))
+        for name, value in params
+        if name.strip() not in _NOT_CRITERIA
+    )
+    return hash64(res_type, *(f"{name}={value}" for name, value in criteria))
+
+
+_NOT_CRITERIA = frozenset({"_count", "_offset", "_sort", "_format", "_pretty", "_summary", "_elements"})
+
+
+def lock_condition(conn: sa.Connection, res_type: str, params: list[tuple[str, str]]) -> None:
+    """Serialise conditional operations on the same condition until this transaction ends.
+
+    PostgreSQL: a transaction-scoped advisory lock on the condition's key, taken before the
+    search, so a second conditional create waits for the first to commit and then finds its
+    resource (READ COMMITTED: each statement sees what committed before it). SQLite already
+    runs one writer at a time (BEGIN IMMEDIATE). Two different criteria for the same thing
+    (identifier vs. identifier plus name) take different locks."""
+    lock_conditions(conn, [condition_key(res_type, params)])
+
+
+def lock_conditions(conn: sa.Connection, keys: list[int]) -> None:
+    """Several condition locks at once, in key order (so two transactions cannot deadlock)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for key in sorted(set(keys)):
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))

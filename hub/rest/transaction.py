@@ -2,7 +2,10 @@
 
 Owns: the processing rules of R4 3.1.0.11: entry order (DELETE, POST, PUT/PATCH, GET),
 fullUrl and ``urn:uuid`` resolution, conditional references (``Patient?identifier=...``),
-duplicate detection, and the response Bundle.
+duplicate detection, and the response Bundle. Resolution follows "hidden is unknown"
+(docs/access.md): a caller that does not see every row resolves only what it can see and
+never chooses ids for new resources; every condition of a transaction is locked up front
+(PostgreSQL advisory locks, in key order) so concurrent conditional creates make one resource.
 Also the entry limit (``MAX_BUNDLE_ENTRIES``: 413 before any entry is read) and how a batch
 runs (``_batch``): the batch's Access for every entry, one write transaction with a SAVEPOINT
 per entry, runs of plain creates bulk-inserted, the entries' AuditEvents grouped and appended
@@ -24,12 +27,12 @@ import sqlalchemy as sa
 
 from consent import context as access_context
 from hub.errors import FhirError, Issue, bad_request, precondition_failed
-from hub.rest.interactions import respond_with
+from hub.rest.interactions import condition_key, lock_conditions, respond_with
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.search import engine as search_engine
 from hub.store import aliases as fullurl_aliases
 from hub.store import reader
-from hub.store.references import URN_UUID, rewrite, uuid_of
+from hub.store.references import URN_UUID, iter_references, rewrite, uuid_of
 from hub.store.store import new_id
 
 if TYPE_CHECKING:
@@ -51,6 +54,7 @@ class Entry:
     full_url: str | None
     resource: dict[str, Any] | None
     request: dict[str, Any]
+    assigned: str | None = None  # a PUT's id the server chose (conditional PUT without a match)
 
     @property
     def path(self) -> str:
@@ -146,6 +150,7 @@ def _entry_request(entry: Entry, parent: FhirRequest) -> FhirRequest:
         parsed_body=entry.resource,
         principal=parent.principal,
         client_address=parent.client_address,
+        assigned_id=entry.assigned,
     )
 
 
@@ -494,8 +499,12 @@ def _plan_targets(
     ctx = router.ctx
     targets = _Targets({}, {})
     aliases: list[dict[str, str]] = []
+    lock_conditions(conn, _condition_keys(entries))
+    # Only a caller that sees every row may keep its own ids (else "taken" would tell it
+    # that a resource it cannot see exists).
+    choose_ids = access_context.unrestricted()
     wanted = {uuid_of(e.full_url): e for e in entries if e.method == "POST" and uuid_of(e.full_url)}
-    taken = reader.resolve_bare_ids(conn, [u for u in wanted if u]) if wanted else {}
+    taken = reader.resolve_bare_ids(conn, [u for u in wanted if u]) if wanted and choose_ids else {}
     for entry in entries:
         res_type = entry.path.split("/")[0]
         if entry.method == "POST":
@@ -513,7 +522,7 @@ def _plan_targets(
                         targets.by_full_url[entry.full_url] = f"{res_type}/{found[0]}"
                     continue
             preferred = uuid_of(entry.full_url)
-            chosen = preferred if preferred and preferred not in taken else new_id()
+            chosen = preferred if preferred and choose_ids and preferred not in taken else new_id()
             targets.assigned[entry.index] = chosen
             if entry.full_url:
                 targets.by_full_url[entry.full_url] = f"{res_type}/{chosen}"
@@ -526,13 +535,42 @@ def _plan_targets(
                     raise precondition_failed(
                         f"Bundle.entry[{entry.index}]: conditional update matches several"
                     )
-                res_id = found[0] if found else (entry.resource or {}).get("id") or new_id()
+                res_id = found[0] if found else (entry.resource or {}).get("id") or None
+                if res_id is None:
+                    res_id = entry.assigned = new_id()
                 if entry.resource is not None:
                     entry.resource["id"] = res_id
                 entry.url = f"{res_type}/{res_id}"
             if entry.full_url:
                 targets.by_full_url[entry.full_url] = entry.path
     return targets, aliases
+
+
+def _condition_keys(entries: list[Entry]) -> list[int]:
+    """The lock keys of every condition in the Bundle: ifNoneExist, conditional PUTs and
+    conditional references, so they are all taken before the first search."""
+    keys = []
+    for entry in entries:
+        res_type = entry.path.split("/")[0]
+        condition = entry.request.get("ifNoneExist")
+        if entry.method == "POST" and condition:
+            keys.append(condition_key(res_type, parse_qsl(condition.lstrip("?"), keep_blank_values=True)))
+        elif entry.method == "PUT" and "?" in entry.url:
+            keys.append(condition_key(res_type, entry.query))
+        if entry.resource is not None:
+            for holder in iter_references(entry.resource):
+                reference = holder["reference"]
+                if "?" in reference and "/" not in reference.split("?", 1)[0]:
+                    ref_type, _, query = reference.partition("?")
+                    keys.append(condition_key(ref_type, parse_qsl(query)))
+    return keys
+
+
+def _visible(conn: sa.Connection, res_type: str, res_id: str) -> bool:
+    """Whether the caller may know this resource exists (always, for unrestricted access)."""
+    return access_context.unrestricted() or (
+        reader.current_row(conn, res_type, res_id, visible_only=True) is not None
+    )
 
 
 class _Resolver:
@@ -552,11 +590,13 @@ class _Resolver:
         return None
 
     def _earlier_transaction(self, reference: str) -> str:
+        # Hidden is unknown: what the caller cannot see resolves as if it did not exist.
         alias = fullurl_aliases.lookup(self.conn, reference)
-        if alias is not None:
+        if alias is not None and _visible(self.conn, alias[0], alias[1]):
             return f"{alias[0]}/{alias[1]}"
         bare = uuid_of(reference)
         types = reader.resolve_bare_ids(self.conn, [bare]).get(bare or "", []) if bare else []
+        types = [t for t in types if bare and _visible(self.conn, t, bare)]
         if len(types) == 1:
             return f"{types[0]}/{bare}"
         raise bad_request(f"Reference '{reference}' matches no entry of this Bundle and no stored resource")

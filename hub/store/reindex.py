@@ -3,7 +3,9 @@
 Owns: re-extracting index rows for current versions after the registry changes (a new
 parameter, a fixed extractor, a changed hashing scheme). It works in batches, each in its
 own transaction, so a large store is reindexed without holding one long lock.
-Calls: index extraction, the writer, ``hub.crypto`` (decryption).  Called by: the CLI, tests.
+It runs only inside an explicit system access (``consent.context.system_access``).
+Calls: index extraction, the writer, ``hub.crypto`` (decryption), consent.context.
+Called by: the CLI, tests.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import orjson
 import sqlalchemy as sa
 
+from consent.context import required_unrestricted
 from hub.crypto.envelope import open_content
 from hub.db.schema import INDEX_TABLES, resource
 from hub.search.index import extract_index_rows
@@ -33,6 +36,7 @@ class ReindexReport:
 def reindex(
     store: Store, res_type: str | None = None, progress: Callable[[int], None] | None = None
 ) -> ReindexReport:
+    required_unrestricted("Reindexing")
     report = ReindexReport()
     last_pid = 0
     while True:
