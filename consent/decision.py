@@ -41,7 +41,14 @@ from consent import labels
 from consent.derive import ANY, ETREAT, HRESCH, PUBHLTH, TREAT
 from hub.auth.principal import Principal, Role
 from hub.auth.scopes import Scope
-from hub.db.schema import access_grant, break_glass, compartment, resource
+from hub.db.schema import (
+    access_grant,
+    break_glass,
+    compartment,
+    history_compartment,
+    resource,
+    resource_history,
+)
 from hub.errors import FhirError, Issue
 from hub.search.registry import Registry
 
@@ -199,12 +206,30 @@ class Access:
         return sa.and_(*(_rebind(c, pid_column) for c in query.conditions))
 
     def _data_clause(self, table: sa.Table) -> sa.ColumnElement[bool]:
-        """Scalar subqueries over the row's compartment rows (an index probe per row):
+        """The record condition of a row: over the current version's ``compartment`` rows,
+        and for a ``resource_history`` row over that version's own rows
+        (``history_compartment``, keyed by pid and version): each version is visible to
+        those who may see that version (its patients, its labels), so a result moved to
+        another patient is not the second patient's in its first version."""
+        if table.name != resource_history.name:
+            return self._records_clause(table, compartment, [compartment.c.pid == table.c.pid])
+        past = history_compartment
+        return self._records_clause(
+            table, past, [past.c.pid == table.c.pid, past.c.version == table.c.version]
+        )
+
+    def _records_clause(
+        self, table: sa.Table, c: sa.Table, keys: list[sa.ColumnElement[bool]]
+    ) -> sa.ColumnElement[bool]:
+        """Scalar subqueries over the row's compartment rows ``c`` (an index probe per row):
 
             (SELECT CASE WHEN count(*) = 0 THEN 1           -- in no patient's record
                          ELSE max(CASE WHEN <permitted> THEN 1 ELSE 0 END) END
              FROM compartment WHERE pid = <row>.pid) > 0
 
+        A resource that belongs in a patient's record but names no patient the hub could
+        resolve has one row with ``patient_id = NO_PATIENT`` (""): no own record, grant or
+        break-glass ever names "", so only unrestricted roles see it.
         With patient/ scopes, a first probe tells outside (2), in a context patient's record
         (1) or not (0), and only rows in context are probed for ``<permitted>``.
 
@@ -215,15 +240,14 @@ class Access:
         probe per candidate row. ``> 0`` rather than ``= 1`` gives the planner a default
         estimate of a third of the rows instead of 0.5%, which keeps it from plans built
         for a handful of rows."""
-        c = compartment
         if self.principal.role in NO_PATIENT_DATA:
-            return ~sa.exists(sa.select(c.c.pid).where(c.c.pid == table.c.pid))
+            return ~sa.exists(sa.select(c.c.pid).where(*keys))
 
         def over_records(value: sa.ColumnElement[int], outside: int) -> sa.ScalarSelect[int]:
             verdict = sa.case((sa.func.count() == 0, outside), else_=value)
-            return sa.select(verdict).where(c.c.pid == table.c.pid).scalar_subquery()
+            return sa.select(verdict).where(*keys).scalar_subquery()
 
-        permitted = sa.func.max(sa.case((self._member_permitted(), 1), else_=0))
+        permitted = sa.func.max(sa.case((self._member_permitted(c), 1), else_=0))
         if self.context_patients is None:
             return over_records(permitted, 1) > 0
         # patient/ scopes: only these patients' records, whatever else is granted.
@@ -232,14 +256,13 @@ class Access:
             return over_records(in_context, 1) > 0
         return sa.case({2: 1, 1: over_records(permitted, 1)}, value=over_records(in_context, 2), else_=0) > 0
 
-    def _member_permitted(self) -> sa.ColumnElement[bool]:
-        """Whether a ``compartment`` row (one patient's record) is open to the principal."""
-        c = compartment
+    def _member_permitted(self, c: sa.Table = compartment) -> sa.ColumnElement[bool]:
+        """Whether a compartment row ``c`` (one patient's record) is open to the principal."""
         alternatives: list[sa.ColumnElement[bool]] = []
         if self.own_patients:
             alternatives.append(c.c.patient_id.in_(self.own_patients))
         if self.identities:
-            alternatives.append(self._granted())
+            alternatives.append(self._granted(c))
         if self.break_glass_patients:
             alternatives.append(
                 sa.and_(c.c.patient_id.in_(self.break_glass_patients), c.c.labels.op("&")(labels.AUDIT) == 0)
@@ -257,11 +280,11 @@ class Access:
             sa.func.coalesce(grant.c.ends, _FAR_FUTURE) >= self.now,
         ]
 
-    def _granted(self) -> sa.ColumnElement[bool]:
+    def _granted(self, c: sa.Table = compartment) -> sa.ColumnElement[bool]:
         """A permit grant in force covers every label of the compartment row, and no deny
         grant in force touches any of them: one probe of the patient's grants, each scored
         deny 2, covering permit 1, other 0; the row is open when the highest score is 1."""
-        c, grant = compartment, access_grant
+        grant = access_grant
         score = sa.case(
             (sa.and_(grant.c.effect == "deny", grant.c.labels.op("&")(c.c.labels) != 0), 2),
             (

@@ -15,16 +15,24 @@ Where grants come from:
   the CareTeam itself, may read NORMAL data for treatment (TREAT).
 - proxy: an active RelatedPerson may read NORMAL data of their patient, for any purpose,
   within ``RelatedPerson.period`` (after ``period.end`` the proxy has nothing).
-Calls: labels, the compartment definition, dates.  Called by: index extraction.
+Where compartment rows come from (``compartment_rows``): the compartment references of
+every type of the official Patient CompartmentDefinition (``fhir/compartment-links.json``),
+a Binary's securityContext, a stored Bundle's entries; references the database must resolve
+(identifiers, absolute URLs, a securityContext naming another resource) are left as pending
+rows for ``hub.ops.compartment.resolve``; a resource that belongs in a record but names no
+patient gets the ``NO_PATIENT`` row (see docs/storage.md, "The compartment rule").
+Calls: labels, ``hub.ops.compartment`` (links, NO_PATIENT), dates.
+Called by: index extraction, bulk ingest and ``hub reindex`` (compartment rows again).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from consent import labels
-from hub.ops.compartment import links
+from hub.ops.compartment import NO_PATIENT, PENDING, links
 from hub.search.dates import DateFormatError, date_range
 from hub.search.registry import Registry
 
@@ -73,21 +81,200 @@ def _period(period: Any) -> tuple[int | None, int | None]:
     return _seconds(period.get("start"), False), _seconds(period.get("end"), True)
 
 
-def compartment_rows(
-    registry: Registry, res_type: str, res_id: str, reference_rows: list[tuple[Any, ...]], mask: int
-) -> list[tuple[Any, ...]]:
-    """(patient_id, labels) rows: the patients whose compartment holds this resource."""
-    patients: dict[str, None] = {}
+def _patient_reference(value: Any) -> tuple[str, str] | None:
+    """How one compartment reference names a patient: ("patient", id); ("url", url) for an
+    absolute URL of a Patient (only this hub's own base resolves); ("identifier", "system|value")
+    for an identifier reference without a type, ("identifier!", ...) with type Patient;
+    ("unresolved", ref) for a reference that may be a patient's but names none the hub can
+    resolve (a contained Patient, a conditional or urn:uuid reference left unresolved, a bare
+    string); None when it names a resource of another type."""
+    if not isinstance(value, dict):
+        return None
+    ref = value.get("reference")
+    declared = value.get("type") if isinstance(value.get("type"), str) else None
+    if isinstance(ref, str) and ref:
+        if ref.startswith("#"):
+            return ("unresolved", ref)  # a contained Patient is no patient of the hub
+        if "?" in ref and not ref.startswith("urn:"):  # conditional: resolved before storing, or not at all
+            target = ref.split("?", 1)[0].rsplit("/", 1)[-1]
+            return (
+                ("unresolved", ref) if target == "Patient" or (not target and declared == "Patient") else None
+            )
+        if ref.startswith("urn:"):
+            return ("unresolved", ref) if declared in (None, "Patient") else None
+        parts = ref.split("/")
+        if "_history" in parts:
+            parts = parts[: parts.index("_history")]
+        if "://" in ref:
+            if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1]:
+                return ("url", ref)
+            typed = len(parts) >= 2 and parts[-2][:1].isupper()
+            return None if typed or declared not in (None, "Patient") else ("unresolved", ref)
+        if len(parts) == 2 and parts[1]:
+            return ("patient", parts[1]) if parts[0] == "Patient" else None
+        return ("unresolved", ref) if declared in (None, "Patient") else None
+    identifier = value.get("identifier")
+    if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
+        if declared not in (None, "Patient"):
+            return None
+        system = identifier.get("system") if isinstance(identifier.get("system"), str) else None
+        return ("identifier" if declared is None else "identifier!", f"{system or ''}|{identifier['value']}")
+    return None
+
+
+@dataclass
+class _Members:
+    patients: dict[str, None] = field(default_factory=dict)
+    pending: list[tuple[str, str, str | None]] = field(default_factory=list)
+    unresolved: bool = False  # a reference that may name a patient, and cannot be resolved
+    candidates: bool = False  # any reference that names or may name a patient
+
+    def add(self, value: Any, *, strict: bool = False) -> None:
+        """``strict``: an untyped identifier is not assumed to be a patient's (standalone types)."""
+        found = _patient_reference(value)
+        if found is None:
+            return
+        kind, text = found
+        if kind == "identifier" and strict:
+            return
+        self.candidates = True
+        if kind == "patient":
+            self.patients[text] = None
+        elif kind == "url":
+            self.pending.append(("url", text, None))
+        elif kind.startswith("identifier"):
+            system, _, ident = text.partition("|")
+            self.pending.append(("identifier", ident, system or None))
+        else:
+            self.unresolved = True
+
+
+def _collect(res_type: str, resource: dict[str, Any], members: _Members, *, strict: bool = False) -> bool:
+    """Add the compartment references of a resource; False when its type has none."""
+    extractors = links().by_type.get(res_type)
+    if extractors is None:
+        return False
+    for extract in extractors:
+        for value in extract(resource):
+            members.add(value, strict=strict)
+    return True
+
+
+def _bundle_members(bundle: dict[str, Any], members: _Members) -> bool:
+    """A stored Bundle (document, collection...) belongs to the patients of its entries: the
+    compartment references of each entry, a Patient entry by its identifiers or its URL on
+    this hub. References to other entries (urn:uuid fullUrls) are followed to Patient entries."""
+    entries = [
+        e for e in bundle.get("entry", ()) if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+    ]
+    patients_by_url = {
+        e["fullUrl"]: e["resource"]
+        for e in entries
+        if isinstance(e.get("fullUrl"), str) and e["resource"].get("resourceType") == "Patient"
+    }
+    in_record = False
+    for entry in entries:
+        content = entry["resource"]
+        kind = content.get("resourceType")
+        if kind == "Patient":
+            in_record = True
+            _patient_entry(entry, content, members)
+            continue
+        inner = _Members()
+        if not _collect(str(kind), content, inner):
+            continue
+        in_record = True
+        members.patients.update(inner.patients)
+        members.pending += inner.pending
+        members.candidates |= inner.candidates
+        members.unresolved |= inner.unresolved
+        # references to Patient entries of the Bundle itself
+        for extract in links().by_type[str(kind)]:
+            for value in extract(content):
+                ref = value.get("reference") if isinstance(value, dict) else None
+                if isinstance(ref, str) and ref in patients_by_url:
+                    _patient_entry({"fullUrl": ref}, patients_by_url[ref], members)
+    return in_record
+
+
+def _patient_entry(entry: dict[str, Any], patient: dict[str, Any], members: _Members) -> None:
+    members.candidates = True
+    before = len(members.patients) + len(members.pending)
+    full_url = entry.get("fullUrl")
+    if isinstance(full_url, str) and ("://" in full_url or full_url.startswith("Patient/")):
+        members.add({"reference": full_url})
+    for identifier in patient.get("identifier", ()):
+        if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
+            members.add({"identifier": identifier, "type": "Patient"})
+    if len(members.patients) + len(members.pending) == before:
+        members.unresolved = True
+
+
+def _about_no_patient(resource: dict[str, Any]) -> bool:
+    """Whether the resource's subject explicitly names a resource of another type than Patient
+    (an Observation of a Location's water, a Device's calibration, a Group's statistics)."""
+    for element in links().subject_elements:
+        value = resource.get(element)
+        for item in value if isinstance(value, list) else [value]:
+            ref = item.get("reference") if isinstance(item, dict) else None
+            if not isinstance(ref, str) or "?" in ref or ref.startswith(("#", "urn:")):
+                continue
+            parts = ref.split("/")
+            if "_history" in parts:
+                parts = parts[: parts.index("_history")]
+            if len(parts) >= 2 and parts[-2][:1].isupper() and parts[-2] != "Patient" and parts[-1]:
+                return True
+    return False
+
+
+def compartment_rows(res_type: str, res_id: str, resource: dict[str, Any], mask: int) -> dict[str, list[Any]]:
+    """The ``compartment`` rows (patient_id, labels) of a resource, and the references only the
+    database can resolve as ``hub.ops.compartment.PENDING`` rows (resolved before writing).
+
+    Patient: its own. Compartment types (``fhir/compartment-links.json``): the patients their
+    compartment references name. Binary: the patients of its ``securityContext``. Bundle: of
+    its entries. A type in some patient's record naming no resolvable patient gets the
+    ``NO_PATIENT`` row, except a standalone type (Schedule, Group) that names no patient at all.
+    """
+    members = _Members()
     if res_type == "Patient":
-        patients[res_id] = None
-    params = links(registry).get(res_type, ())
-    if params:
-        hashes = {p.hash_identity for p in params}
-        for row in reference_rows:
-            # idx_reference row without pid: (hash_identity, hash_target, type, id, url)
-            if row[0] in hashes and row[2] == "Patient" and row[3]:
-                patients[row[3]] = None
-    return [(patient, mask) for patient in patients]
+        return {"compartment": [(res_id, mask)]}
+    required = True
+    if res_type == "Binary":
+        context = resource.get("securityContext")
+        found = _patient_reference(context)
+        if found is None and isinstance(context, dict) and isinstance(context.get("reference"), str):
+            target = context["reference"].split("/_history/")[0]
+            if target.count("/") == 1 and target[:1].isupper():
+                # a resource of some patient's record (or of none): the Binary follows it
+                members.pending.append(("context", target, None))
+                required = False
+        elif found is not None:
+            members.add(context)
+        elif context is not None:
+            members.unresolved = True
+    elif res_type == "Bundle":
+        if not _bundle_members(resource, members):
+            return {}
+    else:
+        standalone = res_type in links().standalone
+        # The audit trail names its agents by untyped identifiers (user accounts, clients):
+        # only identifiers declared to be a Patient's are looked up there.
+        if not _collect(res_type, resource, members, strict=standalone or res_type == "AuditEvent"):
+            return {}
+        required = (not standalone or members.candidates) and (
+            members.candidates or not _about_no_patient(resource)
+        )
+    rows: dict[str, list[Any]] = {}
+    if members.patients:
+        rows["compartment"] = [(patient, mask) for patient in members.patients]
+    elif required or members.unresolved:
+        rows["compartment"] = [(NO_PATIENT, mask)]
+    if members.pending:
+        rows[PENDING] = [
+            (mask, kind, value, system) for kind, value, system in dict.fromkeys(members.pending)
+        ]
+    return rows
 
 
 def grant_rows(res_type: str, res_id: str, resource: dict[str, Any]) -> list[GrantRow]:
@@ -188,13 +375,10 @@ def _consent_grants(consent: dict[str, Any]) -> Iterator[GrantRow]:
 def access_rows(
     registry: Registry, res_type: str, res_id: str, resource: dict[str, Any], index_rows: dict[str, list[Any]]
 ) -> dict[str, list[tuple[Any, ...]]]:
-    """The ``compartment`` and ``access_grant`` rows of a resource, in table column order
-    without the leading pid."""
+    """The ``compartment`` (plus pending, see ``compartment_rows``) and ``access_grant`` rows
+    of a resource, in table column order without the leading pid."""
     mask = labels.labels_of(resource)
-    rows: dict[str, list[tuple[Any, ...]]] = {}
-    members = compartment_rows(registry, res_type, res_id, index_rows.get("reference", []), mask)
-    if members:
-        rows["compartment"] = members
+    rows: dict[str, list[tuple[Any, ...]]] = dict(compartment_rows(res_type, res_id, resource, mask))
     grants = grant_rows(res_type, res_id, resource)
     if grants:
         rows["access_grant"] = list(dict.fromkeys(grants))

@@ -24,7 +24,7 @@ def build_router(settings: Settings | None = None, engine: sa.Engine | None = No
     # The master key and encrypt_at_rest of this database, for every store/ingest path.
     configure_keys(settings, engine)
     registry = get_registry()
-    store = Store(engine, registry)
+    store = Store(engine, registry, settings.base_url)
     base_url = settings.base_url.rstrip("/")
     gate = Gate(
         store,

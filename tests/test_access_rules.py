@@ -603,10 +603,13 @@ def test_moving_a_resource_does_not_publish_its_history(hub: Hub) -> None:
     key = f"Observation/{rec.hiv}"
     hiv = hub.get(patient(rec.id), key).json
     hub.put({**hiv, "code": {"text": "water sample"}, "subject": ref("Location/market")})  # now "no one's"
+    # Version 2 is about a Location: public. Version 1 keeps its patient and labels (issue 8).
+    assert hub.get(INSPECTOR, key).status == 200
     assert hub.get(INSPECTOR, f"{key}/_history/1").status == 404
-    assert hub.get(INSPECTOR, f"{key}/_history").status == 404
-    assert f"{key}" not in {
-        f"Observation/{e['resource']['id']}"
+    versions = hub.get(INSPECTOR, f"{key}/_history").json["entry"]
+    assert [e["resource"]["meta"]["versionId"] for e in versions] == ["2"]
+    assert ("1", key) not in {
+        (e["resource"]["meta"]["versionId"], f"Observation/{e['resource']['id']}")
         for e in hub.get(INSPECTOR, "Observation/_history").json.get("entry", [])
         if "resource" in e
     }

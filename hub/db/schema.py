@@ -237,6 +237,19 @@ compartment = sa.Table(
     sa.Index(None, "patient_id"),
 )
 
+# The compartment rows each archived version had (``compartment`` holds the current
+# version's): a version in history is visible only to those who may see that version.
+# Copied from ``compartment`` when a version is archived (hub.store.writer).
+history_compartment = sa.Table(
+    "history_compartment",
+    metadata,
+    sa.Column("pid", Pid, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("patient_id", sa.String(64), nullable=False),
+    sa.Column("labels", sa.Integer, nullable=False),
+    sa.Index(None, "pid", "version", "patient_id"),
+)
+
 # Who may read a patient's data, for which purposes and labels, derived from the resource
 # that says so (pid: a Consent, a Patient's managing organization, a CareTeam, a
 # RelatedPerson). Break-glass grants have no source resource: pid is minus the

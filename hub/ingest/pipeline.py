@@ -1,12 +1,12 @@
 """Bulk import: worker processes prepare, the main process resolves and writes.
 
 Owns: the flow of ``hub import``: ordering, batching writes (COPY on PostgreSQL), id
-collisions, cross-bundle ``urn:uuid`` resolution, and the import report.
+collisions, cross-bundle ``urn:uuid`` resolution, compartment membership as the store makes
+it (rows derived again where ids were renumbered or placeholders patched; identifier and
+own-base references resolved against the database at write time), and the import report.
 A unit is all or nothing: a Bundle is one transaction; an NDJSON chunk keeps its good lines.
 Calls: sources, prepare, the store's writer, the REST router for units that need full
-transaction semantics, consent.context (it runs only inside an explicit system access, whose
-principal it also uses for the units it sends through the router).
-Called by: the CLI, the demo loader, the ingest benchmark.
+transaction semantics.  Called by: the CLI, the demo loader, the ingest benchmark.
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from consent import context as access_context
-from hub.auth.principal import Principal
+from consent import labels
+from consent.derive import compartment_rows
+from hub.auth.principal import system_principal
 from hub.crypto.keys import bound as bound_keys
 from hub.crypto.keys import install_worker as install_worker_keys
 from hub.crypto.keys import worker_state as worker_key_state
 from hub.errors import FhirError
 from hub.ingest.prepare import UNRESOLVED, Prepared, prepare, prepare_without_payload
 from hub.ingest.sources import Unit, discover, units
+from hub.ops import compartment
 from hub.rest import FhirRequest, FhirRouter
 from hub.search.hashing import hash64
 from hub.search.registry import Registry
@@ -80,8 +82,6 @@ class Importer:
         return self.report.stored + len(self._pending)
 
     def run(self, paths: list[Path], progress: Callable[[Prepared], None] | None = None) -> ImportReport:
-        """Import the paths; only inside ``consent.context.system_access`` (fail closed)."""
-        self._principal: Principal = access_context.required_unrestricted("Bulk import").principal
         started = time.perf_counter()
         files = discover(paths)
         self.report.files = len(files)
@@ -227,8 +227,16 @@ class Importer:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
+        # Compartment references only the database resolves (identifiers, own-base URLs) are
+        # resolved as the store does, after the rest of the batch is in: a Patient of the same
+        # batch is found by its identifier.
+        plain = [item for item in batch if compartment.PENDING not in item.index_rows]
+        waiting = [item for item in batch if compartment.PENDING in item.index_rows]
         with self.store.write() as conn:
-            writer.insert_new(conn, batch)
+            writer.insert_new(conn, plain)
+            for item in waiting:
+                compartment.resolve(conn, item.index_rows, self.store.base_url)
+            writer.insert_new(conn, waiting)
             fullurl_aliases.record(conn, self._aliases)
         self._aliases = []
         self._known.clear()
@@ -242,7 +250,7 @@ class Importer:
             self.report.rejected += 1
             return
         response = self.router.handle(
-            FhirRequest("POST", "", body=body, principal=self._principal)
+            FhirRequest("POST", "", body=body, principal=system_principal("hub-import"))
         )
         if response.status >= 400:
             outcome = orjson.loads(response.body or b"{}")
@@ -276,6 +284,8 @@ def _renumber(registry: Registry, items: list[NewResource], new_ids: dict[str, s
                 content = content.replace(old, new)
             rows = dict(rows)
             rows["reference"] = [_repoint(registry, row, new_ids) for row in rows.get("reference", [])]
+        if content is not item.content:
+            rows = _rederive(item.res_type, new_ids.get(item.res_id, item.res_id), content, rows)
         renumbered.append(
             replace(item, res_id=new_ids.get(item.res_id, item.res_id), content=content, index_rows=rows)
         )
@@ -305,4 +315,14 @@ def _patch_unresolved(item: NewResource, targets: dict[str, str]) -> NewResource
             (row[0], row[1], targets.get(row[3], row[2]), row[3], row[4]) if row[2] == UNRESOLVED else row
             for row in rows["reference"]
         ]
+    rows = _rederive(item.res_type, item.res_id, content, rows)
     return replace(item, content=content, index_rows=rows)
+
+
+def _rederive(res_type: str, res_id: str, content: bytes, rows: dict[str, Any]) -> dict[str, Any]:
+    """Compartment rows again, from content whose ids or references changed after the
+    worker indexed it (the patient a resource belongs to may have a new id now)."""
+    rows = {k: v for k, v in rows.items() if k not in ("compartment", compartment.PENDING)}
+    parsed = orjson.loads(content)
+    rows.update(compartment_rows(res_type, res_id, parsed, labels.labels_of(parsed)))
+    return rows

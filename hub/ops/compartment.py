@@ -1,32 +1,53 @@
 """The Patient compartment: which resources belong to which patients.
 
-Owns: reading the official R4 Patient CompartmentDefinition
-(``fhir/compartmentdefinition-patient.json``) once, the reference parameters that put a
-resource of each supported type into a patient's compartment, and the SQL that selects the
-pids of compartment members from ``idx_reference``.
-Calls: the search-parameter registry, the schema.  Called by: ``$everything`` and ``$export``.
+Owns: the compartment rule as data (``fhir/compartment-links.json``: for every type the
+official R4 Patient CompartmentDefinition lists with parameters, the FHIRPath of each
+parameter from the official R4 SearchParameter definitions, compiled with the registry's
+extractor machinery; and the types that may stand without a patient), ``NO_PATIENT``,
+resolving at write time the references only the database can resolve (identifier
+references, this hub's own absolute URLs, a Binary's ``securityContext``), and the SQL that
+selects the pids of a patient's compartment members from the ``compartment`` table.
+Calls: the extractor compiler, the schema, ``hub.crypto.blind``, ``consent.context``.
+Called by: ``consent.derive`` (membership of a resource), the store, bulk ingest and
+``hub reindex`` (resolution), ``$everything`` and ``$export`` (members).
 
 A resource of type T is in the compartment of patient P when one of T's compartment
-parameters (Observation: ``subject``, ``performer``) has an index row pointing at
-``Patient/P``. ``hash_identity = H(T, code)`` already names the type, so one lookup on
-``idx_reference (target_id, target_type)`` filtered by the set of compartment hashes finds
-the members of every type at once. The Patient itself is in its own compartment.
-Only types the registry supports can match: others have no index rows.
+references names ``Patient/P``: relative, versioned, as an absolute URL of this hub's base,
+or as an identifier the hub resolves to exactly one Patient. Membership follows the current
+version (``compartment``); each archived version keeps the rows it had
+(``history_compartment``). A resource of a compartment type that names no resolvable
+patient gets one row with ``patient_id = NO_PATIENT``: only unrestricted roles see it. The
+Patient itself is in its own compartment (only: ``Patient.link`` is not followed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
 
-from hub.db.schema import idx_reference, resource
-from hub.search.registry import FHIR_DATA_DIR, Registry, SearchParam
+from hub.db.schema import compartment, idx_token, resource
+from hub.search.extract import Extractor, compile_expression
+from hub.search.hashing import hash64
+from hub.search.registry import FHIR_DATA_DIR, Registry
 
 DEFINITION_FILE = FHIR_DATA_DIR / "compartmentdefinition-patient.json"
+LINKS_FILE = FHIR_DATA_DIR / "compartment-links.json"
+
+# The patient_id of the one compartment row of a resource that belongs in some patient's
+# record but names no patient the hub can resolve: no patient's id is empty, so no grant,
+# own-record or break-glass rule ever opens it; only unrestricted roles see it.
+NO_PATIENT = ""
+
+# Pending rows (IndexRows key): what only the database can resolve, resolved by ``resolve``
+# before the rows are written. (labels, kind, value, system): kind "identifier" (value,
+# system), "url" (an absolute URL naming a Patient) or "context" (``Type/id`` of a Binary's
+# securityContext, whose patients the Binary shares).
+PENDING = "compartment_pending"
 
 # Patient ids as literal values or as a subquery selecting one column of ids.
 PatientIds = Sequence[str] | sa.Select[Any]
@@ -39,24 +60,29 @@ def definition_params() -> dict[str, tuple[str, ...]]:
     return {entry["code"]: tuple(entry.get("param", ())) for entry in document["resource"]}
 
 
-@lru_cache(maxsize=4)
-def links(registry: Registry) -> dict[str, tuple[SearchParam, ...]]:
-    """Supported type -> the indexed reference parameters that link it to a patient."""
-    result: dict[str, tuple[SearchParam, ...]] = {}
-    for res_type, codes in definition_params().items():
-        params = tuple(
-            p
-            for p in (registry.get(res_type, code) for code in codes)
-            if p is not None and p.indexed and p.type == "reference"
-        )
-        if params:
-            result[res_type] = params
-    return result
+@dataclass(frozen=True)
+class Links:
+    by_type: dict[str, tuple[Extractor, ...]]  # type -> extractors of its compartment references
+    standalone: frozenset[str]  # types that may stand without a patient
+    subject_elements: tuple[str, ...]  # elements whose non-patient target puts data outside
 
 
-def compartment_types(registry: Registry) -> tuple[str, ...]:
-    """Supported types that can be in a Patient compartment, Patient included, sorted."""
-    return tuple(sorted(set(links(registry)) | {"Patient"}))
+@lru_cache(maxsize=1)
+def links() -> Links:
+    """The compartment references of every compartment type, compiled once."""
+    document = orjson.loads(LINKS_FILE.read_bytes())
+    by_type = {
+        res_type: tuple(compile_expression(expression, res_type)[0] for expression in params.values())
+        for res_type, params in document["links"].items()
+    }
+    return Links(
+        by_type, frozenset(document.get("standalone", ())), tuple(document.get("subject_elements", ()))
+    )
+
+
+def compartment_types(registry: Registry | None = None) -> tuple[str, ...]:
+    """Types that can be in a Patient compartment, Patient included, sorted."""
+    return tuple(sorted(set(links().by_type) | {"Patient"}))
 
 
 @lru_cache(maxsize=1)
@@ -66,33 +92,127 @@ def shared_types() -> tuple[str, ...]:
     return tuple(sorted(t for t, params in definition_params().items() if not params))
 
 
-def _hashes(registry: Registry, types: Collection[str] | None) -> list[int]:
+# --- resolution at write time -------------------------------------------------------------
+
+
+def _own_patient(url: str, base_url: str | None) -> str | None:
+    """The id of ``{base_url}/Patient/{id}[/_history/n]``; None for any other URL."""
+    if not base_url:
+        return None
+    prefix = base_url.rstrip("/") + "/"
+    if not url.startswith(prefix):
+        return None
+    parts = url[len(prefix) :].split("/")
+    if (
+        len(parts) in (2, 4)
+        and parts[0] == "Patient"
+        and parts[1]
+        and (len(parts) == 2 or parts[2] == "_history")
+    ):
+        return parts[1]
+    return None
+
+
+def _visible(table: sa.Table) -> list[sa.ColumnElement[bool]]:
+    from consent.context import visible_clause
+
+    clause = visible_clause(table)
+    return [] if clause is None else [clause]
+
+
+def _by_identifier(conn: sa.Connection, system: str | None, value: str) -> list[str] | None:
+    """The one Patient (visible to the request) holding this identifier; None if none or several."""
+    from hub.crypto.blind import index_identifier
+
+    forms = {value, index_identifier(system, value)}
+    hashes = [hash64("Patient", "identifier", system, form) for form in forms]
+    if system is None:  # a bare value matches the value under any system
+        condition = idx_token.c.hash_value.in_([hash64("Patient", "identifier", form) for form in forms])
+    else:
+        condition = idx_token.c.hash_sys_value.in_(hashes)
+    rows = conn.execute(
+        sa.select(resource.c.res_id)
+        .join(idx_token, idx_token.c.pid == resource.c.pid)
+        .where(
+            condition, resource.c.res_type == "Patient", resource.c.deleted.is_(False), *_visible(resource)
+        )
+        .distinct()
+        .limit(2)
+    ).all()
+    return [rows[0][0]] if len(rows) == 1 else None
+
+
+def _of_context(conn: sa.Connection, reference: str) -> list[str] | None:
+    """The patients of the resource ``Type/id`` (visible to the request); None if unknown."""
+    res_type, _, res_id = reference.partition("/")
+    row = conn.execute(
+        sa.select(resource.c.pid).where(
+            resource.c.res_type == res_type, resource.c.res_id == res_id, *_visible(resource)
+        )
+    ).first()
+    if row is None:
+        return None
     return [
-        p.hash_identity
-        for res_type, params in links(registry).items()
-        if types is None or res_type in types
-        for p in params
+        r[0] for r in conn.execute(sa.select(compartment.c.patient_id).where(compartment.c.pid == row.pid))
     ]
+
+
+def resolve(conn: sa.Connection, rows: dict[str, list[tuple[Any, ...]]], base_url: str | None) -> None:
+    """Replace the pending rows of one resource's index rows by its final compartment rows.
+
+    Identifier references resolve to the one Patient holding the identifier that the current
+    request may see (hidden patients are unknown, as everywhere); absolute URLs only under
+    this hub's ``base_url``; a securityContext to the patients of that resource. What does not
+    resolve leaves the resource with no patient: if no other reference names one, it gets the
+    ``NO_PATIENT`` row. A securityContext naming a resource outside every compartment (an
+    Organization's logo) leaves the Binary outside too.
+    """
+    pending = rows.pop(PENDING, None)
+    if not pending:
+        return
+    mask = pending[0][0]
+    patients = dict.fromkeys(p for p, _ in rows.get("compartment", ()) if p != NO_PATIENT)
+    unresolved = False
+    for _, kind, value, system in pending:
+        found: list[str] | None
+        if kind == "identifier":
+            found = _by_identifier(conn, system, value)
+        elif kind == "url":
+            own = _own_patient(value, base_url)
+            found = [own] if own else None
+        else:
+            found = _of_context(conn, value)
+        if found is None:
+            unresolved = True
+        for patient in found or ():
+            if patient == NO_PATIENT:
+                unresolved = True
+            else:
+                patients[patient] = None
+    if patients:
+        rows["compartment"] = [(patient, mask) for patient in patients]
+    elif unresolved or rows.get("compartment"):
+        rows["compartment"] = [(NO_PATIENT, mask)]
+    else:
+        rows.pop("compartment", None)
+
+
+def has_no_patient(rows: dict[str, list[tuple[Any, ...]]]) -> bool:
+    """Whether resolved rows put the resource in no patient's record although it belongs in one."""
+    members = rows.get("compartment") or ()
+    return any(row[0] == NO_PATIENT for row in members)
+
+
+# --- members of compartments (reads) ------------------------------------------------------
 
 
 def _ids_condition(column: sa.ColumnElement[str], patient_ids: PatientIds) -> sa.ColumnElement[bool]:
     if isinstance(patient_ids, sa.Select):
         return column.in_(patient_ids)
-    if len(patient_ids) == 1:
-        return column == patient_ids[0]
-    return column.in_(list(patient_ids))
-
-
-def linked_pids(
-    registry: Registry, patient_ids: PatientIds, types: Collection[str] | None = None
-) -> sa.Select[Any]:
-    """Pids of resources (of ``types``, default all) linked to the patients by a compartment
-    parameter; excludes the patients themselves. Deleted resources have no index rows."""
-    return sa.select(idx_reference.c.pid).where(
-        _ids_condition(idx_reference.c.target_id, patient_ids),
-        idx_reference.c.target_type == "Patient",
-        idx_reference.c.hash_identity.in_(_hashes(registry, types)),
-    )
+    wanted = [p for p in patient_ids if p != NO_PATIENT]
+    if len(wanted) == 1:
+        return column == wanted[0]
+    return column.in_(wanted)
 
 
 def patient_pids(patient_ids: PatientIds) -> sa.Select[Any]:
@@ -104,20 +224,18 @@ def patient_pids(patient_ids: PatientIds) -> sa.Select[Any]:
 
 def member_pids(
     registry: Registry, patient_ids: PatientIds, types: Collection[str] | None = None
-) -> sa.Select[Any] | sa.CompoundSelect:
-    """Pids of every resource in the compartments of the patients (optionally of some types only).
+) -> sa.Select[Any]:
+    """Pids of every resource in the compartments of the patients (optionally of some types
+    only), the Patients included, from the ``compartment`` rows of current versions.
 
-    A pid may appear more than once in the linked part (a resource referencing two of the
-    patients); use it under ``IN``, or through the UNION, which removes duplicates.
+    Deleted resources keep their rows (callers filter), and a pid may appear more than once
+    (a resource of two of the patients): use it under ``IN``.
     """
-    parts: list[sa.Select[Any]] = []
-    if types is None or set(types) & set(links(registry)):
-        parts.append(linked_pids(registry, patient_ids, types))
-    if types is None or "Patient" in types:
-        parts.append(patient_pids(patient_ids))
-    if not parts:
-        return sa.select(resource.c.pid).where(sa.false())
-    return parts[0] if len(parts) == 1 else sa.union(*parts)
+    query = sa.select(compartment.c.pid).where(_ids_condition(compartment.c.patient_id, patient_ids))
+    if types is not None:
+        typed = sa.select(resource.c.pid).where(resource.c.res_type.in_(sorted(types)))
+        query = query.where(compartment.c.pid.in_(typed))
+    return query
 
 
 def all_patient_ids() -> sa.Select[Any]:

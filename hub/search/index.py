@@ -3,8 +3,11 @@
 Owns: how each FHIR element kind becomes rows of the ``idx_*`` tables. Rows are plain
 tuples in table column order without the leading ``pid`` (assigned at write time), so
 they pickle cheaply across ingest worker processes and feed COPY directly.
-Calls: registry, hashing, normalize, dates, ``hub.crypto.blind``.
-Called by: the store (every write), bulk ingest.
+Calls: registry, hashing, normalize, dates, ``hub.crypto.blind``, ``consent.derive`` (the
+``compartment`` and ``access_grant`` rows; compartment references only the database can
+resolve come out as ``compartment_pending`` rows, resolved before writing by
+``hub.ops.compartment.resolve``).
+Called by: the store (every write), bulk ingest, ``hub reindex``.
 """
 
 from __future__ import annotations

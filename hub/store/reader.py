@@ -1,6 +1,7 @@
 """Reading current versions, earlier versions and history.
 
-Owns: the read-side SQL over ``resource`` and ``resource_history``.
+Owns: the read-side SQL over ``resource`` and ``resource_history`` (each history row is
+filtered by the visibility of its own version, see ``consent.decision.Access.visible``).
 Calls: SQLAlchemy.  Called by: the store.
 """
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from consent.context import report, required, visible_clause
+from consent.context import report, visible_clause
 from hub.crypto.envelope import open_content
 from hub.db.schema import resource, resource_history
 from hub.store.records import StoredResource, as_utc
@@ -47,8 +48,6 @@ def current_row(
         resource.c.res_id == res_id, resource.c.res_type == res_type
     )
     clause = visible_clause(resource) if visible_only else None
-    if not visible_only:
-        required()  # fail closed: even the lookup a write makes before its own check needs an Access
     if clause is not None:
         query = query.where(clause)
     if for_update and conn.dialect.name == "postgresql":
@@ -57,18 +56,23 @@ def current_row(
 
 
 def version_row(conn: sa.Connection, res_type: str, res_id: str, version: int) -> sa.Row[Any] | None:
-    # Visibility is decided on the current row: every version shares its pid, compartment
-    # and labels (labels only ever accumulate across versions; see Store.update).
-    row = current_row(conn, res_type, res_id, visible_only=True)
+    """One version, when the request may see that version: the current one by its
+    ``compartment`` rows, an earlier one by its own (``history_compartment``). A result moved
+    to another patient is no longer the first patient's, but its first version still is (and
+    never was the second patient's)."""
+    if not 0 < version <= _MAX_VERSION:  # no such version; PostgreSQL would fail on the bind
+        return None
+    row = current_row(conn, res_type, res_id)  # its pid; what the request sees is decided below
     if row is None:
         return None
     if row.version == version:
-        return row
-    if not 0 < version <= _MAX_VERSION:  # no such version; PostgreSQL would fail on the bind
-        return None
+        return current_row(conn, res_type, res_id, visible_only=True)
     query = sa.select(resource_history.c.pid, *(resource_history.c[c] for c in _COLUMNS)).where(
         resource_history.c.pid == row.pid, resource_history.c.version == version
     )
+    clause = visible_clause(resource_history)
+    if clause is not None:
+        query = query.where(clause)
     return conn.execute(query).first()
 
 
@@ -109,9 +113,7 @@ def history(
 
 
 def resolve_bare_ids(conn: sa.Connection, ids: list[str]) -> dict[str, list[str]]:
-    """Resource types holding each of the given ids (used to resolve urn:uuid references).
-    Unfiltered: callers that answer a restricted principal check visibility themselves."""
-    required()
+    """Resource types holding each of the given ids (used to resolve urn:uuid references)."""
     found: dict[str, list[str]] = {}
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]

@@ -1,10 +1,17 @@
 """The store: versioned create, read, update and delete of FHIR resources.
 
 Owns: the semantics of each write (version numbers, history, idempotent deletes, no-op
-updates) and the transaction boundaries for callers that do not bring their own.
+updates) and the transaction boundaries for callers that do not bring their own; resolving
+at write time what decides whose record a version belongs to (conditional references
+``Type?query`` outside a transaction are rewritten to ``Type/id`` as transactions do;
+identifier references and own-base URLs via ``hub.ops.compartment.resolve``), and refusing
+(422) a restricted writer's resource of a patient-compartment type that names no patient
+the hub knows (it could not read it back). Membership follows the current version; earlier
+versions keep theirs in ``history_compartment`` (the writer).
 Every method takes the connection of an open transaction, so a Bundle transaction can run
 many operations atomically.
-Calls: records, reader, writer.  Called by: the REST router, bulk ingest, the CLI.
+Calls: records, reader, writer, ``hub.ops.compartment``, the search engine (conditional
+references).  Called by: the REST router, bulk ingest, the CLI.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ from sqlalchemy.exc import IntegrityError
 
 from consent import context as access
 from hub.crypto.keys import bound as bound_keys
-from hub.db.schema import compartment
-from hub.errors import FhirError, conflict, gone, not_found, precondition_failed
+from hub.errors import FhirError, Issue, conflict, gone, not_found, precondition_failed, unprocessable
+from hub.ops import compartment
 from hub.search.registry import Registry
 from hub.store import reader, writer
 from hub.store.records import NewResource, StoredResource, finalize, now, same_content
+from hub.store.references import rewrite
 
 
 def new_id() -> str:
@@ -32,9 +40,11 @@ def new_id() -> str:
 
 
 class Store:
-    def __init__(self, engine: sa.Engine, registry: Registry) -> None:
+    def __init__(self, engine: sa.Engine, registry: Registry, base_url: str | None = None) -> None:
         self.engine = engine
         self.registry = registry
+        # This hub's FHIR base: absolute references under it are local (compartment rules).
+        self.base_url = base_url.rstrip("/") if base_url else None
 
     # Both bind the database's keys (hub.crypto) for the code run inside: index extraction,
     # search predicates and decryption find them there. Bound before connecting: loading the
@@ -85,13 +95,19 @@ class Store:
         count: int = 20,
         offset: int = 0,
     ) -> tuple[list[StoredResource], int]:
+        """Versions the request may see, each by its own compartment rows (see
+        ``reader.version_row``); an instance none of whose versions is visible is unknown."""
+        found = reader.history(
+            conn, res_type=res_type, res_id=res_id, since=since, count=count, offset=offset
+        )
         if (
             res_id is not None
             and res_type is not None
+            and found[1] == 0
             and reader.current_row(conn, res_type, res_id, visible_only=True) is None
         ):
             raise not_found(f"{res_type}/{res_id} is not known")
-        return reader.history(conn, res_type=res_type, res_id=res_id, since=since, count=count, offset=offset)
+        return found
 
     # --- writes -------------------------------------------------------------------------
 
@@ -110,7 +126,9 @@ class Store:
         for index, (body, res_id) in enumerate(resources):
             try:
                 access.before_write(body)
+                self._resolve_conditional(conn, body)
                 item = finalize(self.registry, body, res_id or new_id(), 1, moment)
+                self._resolve_members(conn, item)
                 access.authorize_write(conn, item.res_type, "c", None, item.index_rows)
                 items.append(item)
             except FhirError as error:
@@ -135,20 +153,9 @@ class Store:
         resource: dict[str, Any],
         *,
         if_match: int | None = None,
-        server_id: bool = False,
     ) -> tuple[StoredResource, bool]:
-        """PUT semantics: a new version, or creation with the client's id. Returns (stored, created).
-
-        Hidden is unknown: a principal that does not see every row may only change what it
-        can see, and may not choose the id of a new resource; any other id answers 404 "not
-        known", whether it exists or not (``server_id``: the server chose this id, as for a
-        transaction's conditional PUT without a match, so creating it is allowed)."""
+        """PUT semantics: a new version, or creation with the client's id. Returns (stored, created)."""
         row = reader.current_row(conn, res_type, res_id, for_update=True)
-        if not access.unrestricted() and _unknown_to_caller(conn, row):
-            if not server_id or row is not None:
-                access.required().require(res_type, "u")
-                raise not_found(f"{res_type}/{res_id} is not known")
-            row = None
         if row is None:
             if if_match is not None:
                 raise precondition_failed(
@@ -160,10 +167,11 @@ class Store:
         current = reader.to_stored(row)
         access.authorize_write(conn, res_type, "u", row.pid, None)
         access.before_write(resource)
+        self._resolve_conditional(conn, resource)
         if not current.deleted and current.content is not None and same_content(current.content, resource):
             return current, False
         item = finalize(self.registry, resource, res_id, row.version + 1, max(now(), current.last_updated))
-        _keep_earlier_labels(conn, row.pid, item)
+        self._resolve_members(conn, item)
         access.authorize_write(conn, res_type, "u", None, item.index_rows)
         access.report([row.pid])
         if not writer.replace_current(
@@ -173,15 +181,46 @@ class Store:
         writer.insert_index_rows(conn, [row.pid], [item])
         return _stored(item), current.deleted
 
-    def delete(self, conn: sa.Connection, res_type: str, res_id: str) -> StoredResource | None:
-        """Delete the current version; a resource already deleted or never known is fine.
+    def _resolve_conditional(self, conn: sa.Connection, body: dict[str, Any]) -> None:
+        """Rewrite conditional references (``Patient?identifier=sys|val``) to ``Type/id``, as a
+        transaction does: exactly one match (among what the request may see), else 412."""
 
-        Hidden is unknown: for a principal that does not see every row, an id it cannot see
-        answers 404 "not known", whether it exists or not."""
+        def resolve(reference: str) -> str | None:
+            head, _, query = reference.partition("?")
+            if not query or "/" in head or not head[:1].isupper():
+                return None
+            from urllib.parse import parse_qsl
+
+            from hub.search import engine as search_engine  # the engine imports the store's users
+
+            found = search_engine.find_ids(conn, self.registry, head, parse_qsl(query), self.base_url or "")
+            if len(found) != 1:
+                raise precondition_failed(
+                    f"Conditional reference '{reference}' matches {'no' if not found else 'more than one'} resource"
+                )
+            return f"{head}/{found[0]}"
+
+        rewrite(body, resolve)
+
+    def _resolve_members(self, conn: sa.Connection, item: NewResource) -> None:
+        """Final compartment rows of a new version (identifier and own-base references looked
+        up now); a restricted writer may not store one that belongs to no known patient."""
+        compartment.resolve(conn, item.index_rows, self.base_url)
+        current = access.current()
+        if current is not None and not current.unrestricted and compartment.has_no_patient(item.index_rows):
+            raise unprocessable(
+                [
+                    Issue(
+                        "processing",
+                        f"This {item.res_type} belongs in a patient's record: its subject (or patient,"
+                        " securityContext...) must reference a Patient known to the hub",
+                    )
+                ]
+            )
+
+    def delete(self, conn: sa.Connection, res_type: str, res_id: str) -> StoredResource | None:
+        """Delete the current version; a resource already deleted or never known is fine."""
         row = reader.current_row(conn, res_type, res_id, for_update=True)
-        if not access.unrestricted() and _unknown_to_caller(conn, row):
-            access.required().require(res_type, "d")
-            raise not_found(f"{res_type}/{res_id} is not known")
         if row is None or row.deleted:
             access.authorize_write(conn, res_type, "d", None, None)
             return None
@@ -191,28 +230,6 @@ class Store:
         if not writer.replace_current(conn, row.pid, row.version, row.version + 1, moment, None):
             raise conflict(f"{res_type}/{res_id} was changed concurrently")
         return StoredResource(res_type, res_id, row.version + 1, moment, True, None)
-
-
-def _unknown_to_caller(conn: sa.Connection, row: sa.Row[Any] | None) -> bool:
-    """Whether the current request must treat this row as if it did not exist."""
-    return row is None or not access.required().may_see(conn, row.pid)
-
-
-def _keep_earlier_labels(conn: sa.Connection, pid: int, item: NewResource) -> None:
-    """A version's labels include every earlier version's, and its patients every earlier
-    version's, so neither removing an HIV code nor moving the resource to another patient
-    (or out of every compartment) makes the old versions readable through history."""
-    earlier, patients = 0, dict[str, None]()
-    for patient, mask in conn.execute(
-        sa.select(compartment.c.patient_id, compartment.c.labels).where(compartment.c.pid == pid)
-    ):
-        earlier |= mask
-        patients[patient] = None
-    members = item.index_rows.get("compartment") or []
-    if earlier:
-        merged = earlier | (members[0][1] if members else 0)
-        wanted = dict.fromkeys(patient for patient, _ in members) | patients
-        item.index_rows["compartment"] = [(patient, merged) for patient in wanted]
 
 
 def _stored(item: NewResource) -> StoredResource:

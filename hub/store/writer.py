@@ -1,9 +1,12 @@
 """Writing resource rows and their index rows.
 
 Owns: pid allocation, bulk insertion (COPY on PostgreSQL, executemany on SQLite), moving
-the current version into history, replacing index rows, and sealing versions that are
-stored encrypted.
-Calls: SQLAlchemy, psycopg (COPY), ``hub.crypto`` (seal).  Called by: the store and bulk ingest.
+the current version into history (with the compartment rows it had, into
+``history_compartment``), replacing index rows, and sealing versions that are stored
+encrypted.
+Calls: SQLAlchemy, psycopg (COPY), ``hub.crypto`` (seal), ``hub.ops.compartment`` (pending
+compartment references the caller left unresolved).  Called by: the store, bulk ingest,
+the audit trail and ``hub reindex``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import sqlalchemy as sa
 
 from hub.crypto.envelope import seal
 from hub.crypto.keys import keyring_for
-from hub.db.schema import INDEX_TABLES, resource, resource_history
+from hub.db.schema import INDEX_TABLES, compartment, history_compartment, resource, resource_history
+from hub.ops.compartment import PENDING
+from hub.ops.compartment import resolve as resolve_compartment
 from hub.store.records import NewResource, instant
 
 _COPY_THRESHOLD = 64  # below this many rows, plain INSERTs beat setting up a COPY
@@ -66,6 +71,10 @@ _RESOURCE_COLUMNS = ("pid", "res_type", "res_id", "version", "last_updated", "de
 def insert_index_rows(conn: sa.Connection, pids: Sequence[int], items: Sequence[NewResource]) -> None:
     by_table: dict[str, list[tuple[Any, ...]]] = {}
     for pid, item in zip(pids, items, strict=True):
+        if PENDING in item.index_rows:
+            # Callers resolve with this hub's base URL (the store, ingest, reindex); whatever
+            # is left is resolved without it: absolute URLs then stay foreign (restricted).
+            resolve_compartment(conn, item.index_rows, None)
         for kind, rows in item.index_rows.items():
             by_table.setdefault(kind, []).extend((pid, *row) for row in rows)
     for kind, rows in by_table.items():
@@ -104,7 +113,16 @@ def insert_new(conn: sa.Connection, items: Sequence[NewResource]) -> list[int]:
 
 
 def archive_current(conn: sa.Connection, pid: int) -> None:
-    """Copy the current version of a resource into history before it is replaced."""
+    """Copy the current version of a resource into history before it is replaced, with the
+    compartment rows it has (a version is visible to those who could see that version)."""
+    conn.execute(
+        history_compartment.insert().from_select(
+            ["pid", "version", "patient_id", "labels"],
+            sa.select(compartment.c.pid, resource.c.version, compartment.c.patient_id, compartment.c.labels)
+            .join(resource, resource.c.pid == compartment.c.pid)
+            .where(compartment.c.pid == pid),
+        )
+    )
     columns = [
         resource.c[name]
         for name in ("pid", "version", "res_type", "res_id", "last_updated", "deleted", "content")
