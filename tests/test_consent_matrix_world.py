@@ -34,8 +34,24 @@ reads and searches follow the current version, vread and history each version's 
 AuditEvents naming no patient are for auditors and admins (D12). It does not import
 ``consent`` or the hub's compartment code.
 
-Each expectation names the issue-8 defect it proves (``D1`` … ``D17``); a failure line
-starts with its group, e.g. ``[LEAK] D1 …``. ``HUB_MATRIX_SEED`` replays a run (the seed is
+Each expectation names the issue-8 defect it proves; a failure line reads
+``[KIND] <principal> D<n> <operation>: …`` and the summary counts failures per defect:
+
+- D1: resources of every compartment type (``w-<type>``), Binary, document Bundle: read,
+  search totals, ``$everything``, ``$export`` by patients, proxies and clinicians;
+- D2: the reference forms (``w-form-<form>-<k>``), HIV and NORMAL, read and searched by all;
+- D3: moved and corrected resources (``w-moved-<n>``): read follows the current patient,
+  vread/history each version's (``WideMatrix.versions``);
+- D5, D6, D7: Consents written over HTTP by the patient, her husband, her GP and a
+  colleague (``test_consents_written_by_each_role_over_http``);
+- D11: ``WideMatrix.hidden_writes``: PUT If-Match, DELETE, conditional PUT, ``urn:uuid``
+  on hidden resources answer (status, issue code, text) exactly as for an unknown id, and
+  leave the hidden resource untouched;
+- D12: ``AuditEvent`` searches by clinicians, proxies and patients;
+- D17: proxies whose RelatedPerson has ended or is inactive (``rp-expired-*``,
+  ``rp-inactive-*``) reading the base world.
+
+``HUB_MATRIX_SEED`` replays a run (the seed is
 printed); the summary goes to stderr and ``var/consent-matrix.log`` like the base matrix.
 
 Calls: the hub through ``RouterHub`` (router level, both backends) and ``HttpHub`` (uvicorn,
@@ -540,7 +556,7 @@ def grow(m: Matrix, rng: random.Random, patients: list[str], wide: Wide) -> None
     # D2: every reference form, on several types, NORMAL and HIV.
     numbers = {patient: number for number, patient in world.cccd.items()}
     for form in REFERENCE_FORMS:
-        for k, res_type in enumerate(rng.sample(FORM_TYPES, 2)):
+        for k, res_type in enumerate(rng.sample(FORM_TYPES, 3)):
             patient = rng.choice(patients)
             reference, contained = patient_reference(form, patient, numbers[patient], world.own_base)
             sensitive = "HIV" if k == 0 else rng.choice([None, "PSY"])
@@ -793,14 +809,14 @@ def defect_of(who: Who, what: str) -> str:
 
 
 def wide_round(m: WideMatrix, who: Who, wide: Wide, tier: int) -> None:
-    """One principal: searches of the new types (all of them in tier 2, 12 in tier 1, 4 in
+    """One principal: searches of the new types (all of them in tier 2, 20 in tier 1, 6 in
     tier 0), reads of reference-form and moved resources and of some of the others (a read
     also checks that a hidden one answers like an unknown id), each version of moved ones,
     $everything. Tiers keep the run bounded: the key principals get the most."""
     world, rng = m.world, m.rng
     types = sorted({k.split("/")[0] for k in wide.by_type} | {v[2] for v in wide.forms.values()})
     if tier < 2:
-        types = rng.sample(types, 12 if tier else 4)
+        types = rng.sample(types, 20 if tier else 6)
     for res_type in types:
         if may(who, res_type, "s"):
             m.search(who, res_type)
@@ -908,8 +924,10 @@ def _group_report(m: Matrix) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(groups.items())) or "clean"
 
 
-def _finish(m: WideMatrix, started: float, minimum: int) -> None:
+def _finish(m: WideMatrix, started: float, minimum: int, wide: Wide | None = None) -> None:
     line = _report(m, time.monotonic() - started) + f"; by defect: {_group_report(m)}"
+    if wide is not None:  # what the hub refused to store (allowed for unresolvable forms)
+        line += f"; refused writes: {sorted({(form, status) for form, _, status in wide.refused}) or 'none'}"
     print(line, file=sys.stderr)
     assert m.checks >= minimum, line
     if m.failures:
@@ -966,7 +984,7 @@ def test_consent_matrix_wide_world_through_the_router(fresh_database_url, tmp_pa
             m.hidden_writes(who, rng.choice(writable))
     for who in [w for w in people if w.role is Role.PATIENT][:1]:
         m.hidden_writes(who, (who.fhir_user or "/").split("/", 1)[1])
-    _finish(m, started, 3000)
+    _finish(m, started, 3000, wide)
 
 
 # --- consent written by each role, over HTTP (D5, D6, D7) -----------------------------------
@@ -1081,7 +1099,7 @@ def test_consents_written_by_each_role_over_http(fresh_database_url, tmp_path: P
                 m.search(who, res_type)
         m.hidden_writes(doctor, wife)
         hub.client.close()
-    _finish(m, started, 150)
+    _finish(m, started, 150, wide)
 
 
 if __name__ == "__main__":  # pragma: no cover
