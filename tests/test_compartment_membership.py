@@ -302,6 +302,12 @@ def test_identifier_absolute_and_conditional_subjects_resolve_to_the_patient(wor
         assert world.patient_a.get(f"/{key}").status_code == 200, form
         for outsider in (*OUTSIDERS, "home_clinician"):  # HIV: not even the treating facility
             assert world.clients[outsider].get(f"/{key}").status_code == 404, (form, outsider)
+    # A Binary is as sensitive as the resource of its securityContext.
+    pdf = {"resourceType": "Binary", "contentType": "application/pdf", "securityContext": {"reference": key}}
+    binary = _post(world.admin, pdf)
+    assert world.patient_a.get(f"/{binary}").status_code == 200
+    for name in (*OUTSIDERS, "home_clinician"):
+        assert world.clients[name].get(f"/{binary}").status_code == 404, name
     # A conditional reference is stored as the literal reference it resolved to.
     key = _post(world.admin, _hiv_observation(subjects["conditional"]))
     assert world.admin.get(f"/{key}").json()["subject"] == {"reference": f"Patient/{world.a}"}

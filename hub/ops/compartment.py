@@ -142,8 +142,9 @@ def _by_identifier(conn: sa.Connection, system: str | None, value: str) -> list[
     return [rows[0][0]] if len(rows) == 1 else None
 
 
-def _of_context(conn: sa.Connection, reference: str) -> list[str] | None:
-    """The patients of the resource ``Type/id`` (visible to the request); None if unknown."""
+def _of_context(conn: sa.Connection, reference: str) -> tuple[list[str], int] | None:
+    """The patients and labels of the resource ``Type/id`` (visible to the request); None if
+    unknown."""
     res_type, _, res_id = reference.partition("/")
     row = conn.execute(
         sa.select(resource.c.pid).where(
@@ -152,9 +153,21 @@ def _of_context(conn: sa.Connection, reference: str) -> list[str] | None:
     ).first()
     if row is None:
         return None
-    return [
-        r[0] for r in conn.execute(sa.select(compartment.c.patient_id).where(compartment.c.pid == row.pid))
-    ]
+    rows = conn.execute(
+        sa.select(compartment.c.patient_id, compartment.c.labels).where(compartment.c.pid == row.pid)
+    ).all()
+    mask = 0
+    for _, labels in rows:
+        mask |= labels
+    return [r[0] for r in rows], mask
+
+
+def _merged(mask: int, other: int) -> int:
+    """A Binary is as sensitive as its securityContext: the sensitive classes of both."""
+    from consent.labels import NORMAL, SENSITIVE
+
+    merged = mask | other
+    return merged & ~NORMAL if merged & SENSITIVE else merged
 
 
 def resolve(conn: sa.Connection, rows: dict[str, list[tuple[Any, ...]]], base_url: str | None) -> None:
@@ -162,7 +175,8 @@ def resolve(conn: sa.Connection, rows: dict[str, list[tuple[Any, ...]]], base_ur
 
     Identifier references resolve to the one Patient holding the identifier that the current
     request may see (hidden patients are unknown, as everywhere); absolute URLs only under
-    this hub's ``base_url``; a securityContext to the patients of that resource. What does not
+    this hub's ``base_url``; a securityContext to the patients of that resource (and its
+    sensitive labels: a Binary is as sensitive as what it belongs to). What does not
     resolve leaves the resource with no patient: if no other reference names one, it gets the
     ``NO_PATIENT`` row. A securityContext naming a resource outside every compartment (an
     Organization's logo) leaves the Binary outside too.
@@ -181,7 +195,10 @@ def resolve(conn: sa.Connection, rows: dict[str, list[tuple[Any, ...]]], base_ur
             own = _own_patient(value, base_url)
             found = [own] if own else None
         else:
-            found = _of_context(conn, value)
+            context = _of_context(conn, value)
+            found = None if context is None else context[0]
+            if context is not None:
+                mask = _merged(mask, context[1])
         if found is None:
             unresolved = True
         for patient in found or ():
