@@ -52,6 +52,7 @@ from conftest import REPO, LiveServer, backend, make_token
 from hub.app_factory import build_router
 from hub.auth.principal import Principal, Role, system_principal
 from hub.auth.scopes import ScopeSet
+from hub.crypto.envelope import open_content
 from hub.db.engine import create_engine
 from hub.db.schema import audit_chain, break_glass
 from hub.db.schema import resource as resource_table
@@ -1073,7 +1074,7 @@ class Matrix:
         per connection, so an $export job's event may have a lower pid than earlier ones)."""
         with self.hub.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(audit_chain.c.seq, resource_table.c.content)
+                sa.select(audit_chain.c.seq, audit_chain.c.res_id, resource_table.c.content)
                 .join(
                     resource_table,
                     sa.and_(
@@ -1084,10 +1085,12 @@ class Matrix:
                 .where(audit_chain.c.seq > self.audit_seq)
                 .order_by(audit_chain.c.seq)
             ).all()
-        for seq, content in rows:
+        for seq, res_id, content in rows:
             self.audit_seq = seq
-            # PostgreSQL hands the JSON back parsed, SQLite as text.
-            self.world.record(orjson.loads(content) if isinstance(content, bytes | str) else content)
+            # PostgreSQL hands the JSON back parsed, SQLite as text; sealed at rest (issue 8).
+            raw = content.encode() if isinstance(content, str) else content
+            raw = raw if isinstance(raw, bytes) else orjson.dumps(raw)
+            self.world.record(orjson.loads(open_content(raw, "AuditEvent", res_id)))
 
     def call(
         self, who: Who | None, method: str, path: str, query: Iterable[tuple[str, str]] = (), **kw: Any

@@ -72,7 +72,6 @@ from typing import Any
 
 import orjson
 import pytest
-import sqlalchemy as sa
 from conftest import REPO, SHARED, LiveServer
 from test_consent_matrix import (
     ADMIN,
@@ -108,9 +107,6 @@ from test_consent_matrix import (
 )
 
 from hub.auth.principal import Role
-from hub.crypto.envelope import open_content
-from hub.db.schema import audit_chain
-from hub.db.schema import resource as resource_table
 
 CCCD = "https://ehealth-hub.vn/sid/cccd"
 
@@ -614,28 +610,6 @@ def stale_proxies(
 
 class WideMatrix(Matrix):
     """The base operations, plus version-aware history and the write probes of D11."""
-
-    def refresh_audit(self) -> None:
-        """The base's, opening encrypted AuditEvents (D13 seals them at rest)."""
-        with self.hub.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(audit_chain.c.seq, audit_chain.c.res_id, resource_table.c.content)
-                .join(
-                    resource_table,
-                    sa.and_(
-                        resource_table.c.res_type == "AuditEvent",
-                        resource_table.c.res_id == audit_chain.c.res_id,
-                    ),
-                )
-                .where(audit_chain.c.seq > self.audit_seq)
-                .order_by(audit_chain.c.seq)
-            ).all()
-        for seq, res_id, content in rows:
-            self.audit_seq = seq
-            # PostgreSQL hands the JSON back parsed, SQLite as text.
-            raw = content.encode() if isinstance(content, str) else content
-            raw = raw if isinstance(raw, bytes) else orjson.dumps(raw)
-            self.world.record(orjson.loads(open_content(raw, "AuditEvent", res_id)))
 
     def fail(self, kind: str, who: Who, what: str, detail: str) -> None:
         super().fail(
