@@ -27,6 +27,7 @@ from conftest import LiveServer, make_token
 
 from consent.context import system_access
 from hub.auth.principal import Role
+from hub.crypto import is_sealed
 from hub.db.schema import compartment, history_compartment, resource
 from hub.ingest.pipeline import Importer
 from hub.ops.compartment import NO_PATIENT
@@ -308,6 +309,11 @@ def test_identifier_absolute_and_conditional_subjects_resolve_to_the_patient(wor
     assert world.patient_a.get(f"/{binary}").status_code == 200
     for name in (*OUTSIDERS, "home_clinician"):
         assert world.clients[name].get(f"/{binary}").status_code == 404, name
+    with world.server.engine.connect() as conn:  # ... and sealed at rest like it
+        stored = conn.execute(
+            sa.select(resource.c.content).where(resource.c.res_id == binary.split("/")[1])
+        ).scalar_one()
+    assert is_sealed(stored if isinstance(stored, bytes) else stored.encode())
     # A conditional reference is stored as the literal reference it resolved to.
     key = _post(world.admin, _hiv_observation(subjects["conditional"]))
     assert world.admin.get(f"/{key}").json()["subject"] == {"reference": f"Patient/{world.a}"}

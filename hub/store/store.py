@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +28,8 @@ from sqlalchemy.exc import IntegrityError
 
 from consent import context as access
 from hub.crypto.keys import bound as bound_keys
+from hub.crypto.keys import current as current_keyring
+from hub.crypto.policy import needs_sealing
 from hub.errors import FhirError, Issue, conflict, gone, not_found, precondition_failed, unprocessable
 from hub.ops import compartment
 from hub.search.registry import Registry
@@ -128,7 +131,7 @@ class Store:
                 access.before_write(body)
                 self._resolve_conditional(conn, body)
                 item = finalize(self.registry, body, res_id or new_id(), 1, moment)
-                self._resolve_members(conn, item)
+                item = self._resolve_members(conn, item)
                 access.authorize_write(conn, item.res_type, "c", None, item.index_rows)
                 items.append(item)
             except FhirError as error:
@@ -171,7 +174,7 @@ class Store:
         if not current.deleted and current.content is not None and same_content(current.content, resource):
             return current, False
         item = finalize(self.registry, resource, res_id, row.version + 1, max(now(), current.last_updated))
-        self._resolve_members(conn, item)
+        item = self._resolve_members(conn, item)
         access.authorize_write(conn, res_type, "u", None, item.index_rows)
         access.report([row.pid])
         if not writer.replace_current(
@@ -202,10 +205,19 @@ class Store:
 
         rewrite(body, resolve)
 
-    def _resolve_members(self, conn: sa.Connection, item: NewResource) -> None:
+    def _resolve_members(self, conn: sa.Connection, item: NewResource) -> NewResource:
         """Final compartment rows of a new version (identifier and own-base references looked
-        up now); a restricted writer may not store one that belongs to no known patient."""
+        up now); a restricted writer may not store one that belongs to no known patient. A
+        version that resolution made sensitive (a Binary of an HIV result) is sealed."""
         compartment.resolve(conn, item.index_rows, self.base_url)
+        ring = current_keyring()
+        if (
+            not item.encrypt
+            and ring is not None
+            and ring.encrypt
+            and needs_sealing(item.res_type, item.content, {}, item.index_rows)
+        ):
+            item = replace(item, encrypt=True)
         current = access.current()
         if current is not None and not current.unrestricted and compartment.has_no_patient(item.index_rows):
             raise unprocessable(
@@ -217,6 +229,7 @@ class Store:
                     )
                 ]
             )
+        return item
 
     def delete(self, conn: sa.Connection, res_type: str, res_id: str) -> StoredResource | None:
         """Delete the current version; a resource already deleted or never known is fine."""
