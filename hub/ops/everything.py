@@ -10,8 +10,8 @@ Calls: ``hub.ops.compartment``, the schema, ``hub.rest.bundles``.  Called by: th
 The member set is one SQL statement, so paging is plain offset paging over one stable
 order (the patients first, then by type and pid) and each resource is on exactly one page:
 
-- compartment: ``idx_reference`` rows pointing at the patients through a compartment
-  parameter, plus the Patient rows (``hub.ops.compartment.member_pids``);
+- compartment: the ``compartment`` rows of the patients (every compartment type, the
+  Patients themselves, Binaries and stored Bundles of theirs; ``hub.ops.compartment.member_pids``);
 - referenced: the targets of every ``idx_reference`` row of a compartment member whose
   type can never be in a patient compartment (Practitioner, Organization, Location,
   Medication...). Referenced Patients, Encounters, Observations... outside this compartment
