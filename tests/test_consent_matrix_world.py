@@ -643,6 +643,25 @@ class WideMatrix(Matrix):
         # An instance history whose current version is hidden may say 404 or list the rest.
         self.compare(who, what, got, allowed, len(item.versions), complete=world.sees(who, item))
 
+    def type_history(self, who: Who, res_type: str) -> None:
+        """``GET {type}/_history``: each version as far as that version may be seen (D3)."""
+        world = self.world
+        assert isinstance(world, WideWorld)
+        what = f"GET {res_type}/_history (moved)"
+        answer = self.call(who, "GET", f"{res_type}/_history", [("_count", "1000")])
+        if (
+            not self.status(who, what, answer, 200 if may(who, res_type, "s") else 403)
+            or answer.status != 200
+        ):
+            return
+        items = world.of_type(res_type)
+        expected = {f"{i.key}@{v}" for i in items for v, _ in i.versions if world.sees_version(who, i, v)}
+        got = [f"{key}@{version}" for key, version in history_keys(answer.json)]
+        universe = sum(len(i.versions) for i in items)
+        self.compare(
+            who, what, got, expected, universe, total=answer.json.get("total"), complete=len(expected) <= 1000
+        )
+
     # --- D11: hidden = unknown on writes ---
 
     def same_answer(
@@ -799,6 +818,8 @@ def wide_round(m: WideMatrix, who: Who, wide: Wide, tier: int) -> None:
         m.read(who, world.items[key])
     for key in wide.moved if tier else rng.sample(wide.moved, 1):
         m.versions(who, world.items[key])
+    for res_type in sorted({k.split("/")[0] for k in wide.moved}) if tier else []:
+        m.type_history(who, res_type)
     if who.role in (Role.CLINICIAN, Role.PROXY, Role.PATIENT) and may(who, "AuditEvent", "s"):
         m.search(who, "AuditEvent")
     patients = [p.id for p in world.live("Patient")]
