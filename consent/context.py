@@ -198,8 +198,6 @@ def _govern(
     _pending.set(None)
     _replacing.set(None)
     if pending is None or pending[0] is not access:
-        from hub.errors import FhirError, Issue
-
         raise FhirError(500, [Issue("exception", "A Consent reached the store without its governance check")])
     replaced = (
         replacing[1] if permission == "u" and replacing is not None and replacing[0] is access else None

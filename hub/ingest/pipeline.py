@@ -6,7 +6,9 @@ it (rows derived again where ids were renumbered or placeholders patched; identi
 own-base references resolved against the database at write time), and the import report.
 A unit is all or nothing: a Bundle is one transaction; an NDJSON chunk keeps its good lines.
 Calls: sources, prepare, the store's writer, the REST router for units that need full
-transaction semantics.  Called by: the CLI, the demo loader, the ingest benchmark.
+transaction semantics, consent.context (it runs only inside an explicit system access, whose
+principal it also uses for the units it sends through the router).
+Called by: the CLI, the demo loader, the ingest benchmark.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from consent import context as access_context
 from consent import labels
 from consent.derive import compartment_rows
-from hub.auth.principal import system_principal
+from hub.auth.principal import Principal
 from hub.crypto.keys import bound as bound_keys
 from hub.crypto.keys import install_worker as install_worker_keys
 from hub.crypto.keys import worker_state as worker_key_state
@@ -82,6 +85,8 @@ class Importer:
         return self.report.stored + len(self._pending)
 
     def run(self, paths: list[Path], progress: Callable[[Prepared], None] | None = None) -> ImportReport:
+        """Import the paths; only inside ``consent.context.system_access`` (fail closed)."""
+        self._principal: Principal = access_context.required_unrestricted("Bulk import").principal
         started = time.perf_counter()
         files = discover(paths)
         self.report.files = len(files)
@@ -250,7 +255,7 @@ class Importer:
             self.report.rejected += 1
             return
         response = self.router.handle(
-            FhirRequest("POST", "", body=body, principal=system_principal("hub-import"))
+            FhirRequest("POST", "", body=body, principal=self._principal)
         )
         if response.status >= 400:
             outcome = orjson.loads(response.body or b"{}")

@@ -12,7 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from consent.context import report, visible_clause
+from consent.context import report, required, visible_clause
 from hub.crypto.envelope import open_content
 from hub.db.schema import resource, resource_history
 from hub.store.records import StoredResource, as_utc
@@ -48,6 +48,8 @@ def current_row(
         resource.c.res_id == res_id, resource.c.res_type == res_type
     )
     clause = visible_clause(resource) if visible_only else None
+    if not visible_only:
+        required()  # fail closed: even the lookup a write makes before its own check needs an Access
     if clause is not None:
         query = query.where(clause)
     if for_update and conn.dialect.name == "postgresql":
@@ -113,7 +115,9 @@ def history(
 
 
 def resolve_bare_ids(conn: sa.Connection, ids: list[str]) -> dict[str, list[str]]:
-    """Resource types holding each of the given ids (used to resolve urn:uuid references)."""
+    """Resource types holding each of the given ids (used to resolve urn:uuid references).
+    Unfiltered: callers that answer a restricted principal check visibility themselves."""
+    required()
     found: dict[str, list[str]] = {}
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]

@@ -7,8 +7,9 @@ its last version) and ``history_compartment`` from the content of every archived
 (a deletion marker in history keeps the rows of the version it deleted). It works in
 batches, each in its own transaction, so a large store is reindexed without holding one
 long lock.
+It runs only inside an explicit system access (``consent.context.system_access``).
 Calls: index extraction, the writer, ``hub.crypto`` (decryption), ``consent.derive`` and
-``hub.ops.compartment`` (membership).  Called by: the CLI, tests.
+``hub.ops.compartment`` (membership), consent.context.  Called by: the CLI, tests.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import orjson
 import sqlalchemy as sa
 
 from consent import labels
+from consent.context import required_unrestricted
 from consent.derive import compartment_rows
 from hub.crypto.envelope import open_content
 from hub.db.schema import INDEX_TABLES, compartment, history_compartment, resource, resource_history
@@ -42,6 +44,7 @@ class ReindexReport:
 def reindex(
     store: Store, res_type: str | None = None, progress: Callable[[int], None] | None = None
 ) -> ReindexReport:
+    required_unrestricted("Reindexing")
     report = ReindexReport()
     last_pid = 0
     while True:

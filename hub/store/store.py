@@ -156,9 +156,20 @@ class Store:
         resource: dict[str, Any],
         *,
         if_match: int | None = None,
+        server_id: bool = False,
     ) -> tuple[StoredResource, bool]:
-        """PUT semantics: a new version, or creation with the client's id. Returns (stored, created)."""
+        """PUT semantics: a new version, or creation with the client's id. Returns (stored, created).
+
+        Hidden is unknown: a principal that does not see every row may only change what it
+        can see, and may not choose the id of a new resource; any other id answers 404 "not
+        known", whether it exists or not (``server_id``: the server chose this id, as for a
+        transaction's conditional PUT without a match, so creating it is allowed)."""
         row = reader.current_row(conn, res_type, res_id, for_update=True)
+        if not access.unrestricted() and _unknown_to_caller(conn, row):
+            if not server_id or row is not None:
+                access.required().require(res_type, "u")
+                raise not_found(f"{res_type}/{res_id} is not known")
+            row = None
         if row is None:
             if if_match is not None:
                 raise precondition_failed(
@@ -232,8 +243,14 @@ class Store:
         return item
 
     def delete(self, conn: sa.Connection, res_type: str, res_id: str) -> StoredResource | None:
-        """Delete the current version; a resource already deleted or never known is fine."""
+        """Delete the current version; a resource already deleted or never known is fine.
+
+        Hidden is unknown: for a principal that does not see every row, an id it cannot see
+        answers 404 "not known", whether it exists or not."""
         row = reader.current_row(conn, res_type, res_id, for_update=True)
+        if not access.unrestricted() and _unknown_to_caller(conn, row):
+            access.required().require(res_type, "d")
+            raise not_found(f"{res_type}/{res_id} is not known")
         if row is None or row.deleted:
             access.authorize_write(conn, res_type, "d", None, None)
             return None
@@ -243,6 +260,11 @@ class Store:
         if not writer.replace_current(conn, row.pid, row.version, row.version + 1, moment, None):
             raise conflict(f"{res_type}/{res_id} was changed concurrently")
         return StoredResource(res_type, res_id, row.version + 1, moment, True, None)
+
+
+def _unknown_to_caller(conn: sa.Connection, row: sa.Row[Any] | None) -> bool:
+    """Whether the current request must treat this row as if it did not exist."""
+    return row is None or not access.required().may_see(conn, row.pid)
 
 
 def _stored(item: NewResource) -> StoredResource:
