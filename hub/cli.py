@@ -123,12 +123,15 @@ def reindex(
     from hub.store.reindex import reindex as run_reindex
 
     store = build_router().ctx.store
-    with _system_command("reindex", f"_type={resource_type}" if resource_type else None), Progress(
-        TextColumn("[bold]Reindexing"),
-        TextColumn("{task.completed} resources"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with (
+        _system_command("reindex", f"_type={resource_type}" if resource_type else None),
+        Progress(
+            TextColumn("[bold]Reindexing"),
+            TextColumn("{task.completed} resources"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
         task = progress.add_task("reindex", total=None)
         report = run_reindex(store, resource_type, lambda n: progress.update(task, advance=n))
     console.print(f"[green]Reindexed {report.resources} resources ({report.rows} index rows)[/]")

@@ -107,7 +107,7 @@ NORMAL_OBSERVATION_CODES = [c for c in OBSERVATION_CODES if not c[2]]
 # R4 Patient compartment: the reference paths of the fixture's types that put a resource in
 # a patient's compartment (CompartmentDefinition "patient"), by hand.
 COMPARTMENT_PATHS = {
-    "Patient": ["link.other"],
+    "Patient": [],  # its own compartment only: Patient.link joins no records (issue 8, docs/access.md)
     "Observation": ["subject", "performer"],
     "Condition": ["subject", "asserter"],
     "Encounter": ["subject"],
@@ -480,8 +480,10 @@ class World:
     def _sees(self, who: Who, item: Item) -> bool:
         if not scope_admits(who, item):
             return False
-        if who.role in (Role.ADMIN, Role.SERVICE, Role.AUDITOR) or not item.comps:
+        if who.role in (Role.ADMIN, Role.SERVICE, Role.AUDITOR):
             return True
+        if not item.comps:  # issue 8: an AuditEvent naming no patient is for auditors and admins
+            return item.type != "AuditEvent"
         if who.role in (Role.FACILITY_ADMIN, Role.INSPECTOR):
             return False
         context = self.context(who)
@@ -1595,7 +1597,9 @@ class Matrix:
             )
         else:
             write_ok = True
-        if not write_ok or not may(who, target.type, "r"):
+        if write == "update" and may(who, target.type, "u") and not world.sees(who, target):
+            expected = 404  # issue 8: a write to a hidden resource answers as for an unknown id
+        elif not write_ok or not may(who, target.type, "r"):
             expected = 403
         else:
             # Neither write changes who may read the target: same labels, same record.

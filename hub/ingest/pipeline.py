@@ -254,9 +254,7 @@ class Importer:
             self.report.errors.append(f"{unit.source}: cannot be imported")
             self.report.rejected += 1
             return
-        response = self.router.handle(
-            FhirRequest("POST", "", body=body, principal=self._principal)
-        )
+        response = self.router.handle(FhirRequest("POST", "", body=body, principal=self._principal))
         if response.status >= 400:
             outcome = orjson.loads(response.body or b"{}")
             messages = "; ".join(i.get("diagnostics", "") for i in outcome.get("issue", []))

@@ -307,7 +307,11 @@ def requester_access(conn: sa.Connection, registry: Registry, requester: dict[st
         issuer=requester.get("issuer"),
     )
     return decide(
-        conn, principal, registry, purpose=requester.get("purpose"), policy=str(requester.get("policy", "moh"))
+        conn,
+        principal,
+        registry,
+        purpose=requester.get("purpose"),
+        policy=str(requester.get("policy", "moh")),
     )
 
 
