@@ -11,8 +11,10 @@ reads it every way the hub offers: read, vread, history (instance and type), sea
 ``_total=accurate`` and paging, ``_include``/``_revinclude`` (``:iterate``), chains and
 ``_has``, ``Patient/{id}/$everything``, ``$export`` (system, Patient, Group; NDJSON files
 read back) and transaction Bundles with GET entries and writes. Every answer is compared
-with an oracle written here from the rules of issue 4 alone (it does not import
-``consent.decision`` or ``consent.derive``): the set of ids returned, totals, status codes,
+with an oracle written here from the rules of issues 4 and 8 alone (it does not import
+``consent.decision`` or ``consent.derive``; issue 8: a Patient is in its own compartment only,
+AuditEvents naming no patient are for auditors and admins, a write to a hidden resource
+answers as for an unknown id; ``test_consent_matrix_world.py`` widens the world): the set of ids returned, totals, status codes,
 and the body of a hidden read, which must be that of an unknown id. Consents are then
 withdrawn, re-granted, deleted and added, care teams and proxies deactivated, a clinician
 breaks the glass, and every change must take effect on the very next request.
