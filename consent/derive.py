@@ -27,6 +27,7 @@ Called by: index extraction, bulk ingest and ``hub reindex`` (compartment rows a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ ANY = "*"
 _SCOPE_PURPOSE = {"treatment": TREAT, "research": HRESCH}
 _INACTIVE_CARE_TEAM = frozenset({"inactive", "entered-in-error", "proposed", "suspended"})
 _CONFIDENTIALITY_NORMAL = frozenset({"N", "L", "U", "NORMAL"})
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 # (patient_id, grantee, purpose, effect, labels, basis, starts, ends)
 GrantRow = tuple[str, str, str, str, int, str, int | None, int | None]
@@ -62,7 +65,8 @@ def _ref(value: Any) -> str | None:
 
 def _patient_id(value: Any) -> str | None:
     ref = _ref(value)
-    return ref.split("/", 1)[1] if ref and ref.startswith("Patient/") else None
+    found = ref.split("/", 1)[1] if ref and ref.startswith("Patient/") else None
+    return found if found and _FHIR_ID.fullmatch(found) else None
 
 
 def _seconds(text: Any, upper: bool) -> int | None:
@@ -111,7 +115,11 @@ def _patient_reference(value: Any) -> tuple[str, str] | None:
             typed = len(parts) >= 2 and parts[-2][:1].isupper()
             return None if typed or declared not in (None, "Patient") else ("unresolved", ref)
         if len(parts) == 2 and parts[1]:
-            return ("patient", parts[1]) if parts[0] == "Patient" else None
+            if parts[0] != "Patient":
+                return None
+            # No FHIR id is longer than 64 characters or holds other characters: such a
+            # "Patient" is none the hub can hold, so the resource names no patient it knows.
+            return ("patient", parts[1]) if _FHIR_ID.fullmatch(parts[1]) else ("unresolved", ref)
         return ("unresolved", ref) if declared in (None, "Patient") else None
     identifier = value.get("identifier")
     if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
