@@ -371,20 +371,33 @@ def identities_of(conn: sa.Connection, principal: Principal, now: int | None = N
         # Only a CareTeam's own grants say who is on it: a Consent naming the clinician and
         # some CareTeam together, or a care team listing another team, does not make the
         # clinician a member of that team.
-        teams = conn.execute(
-            sa.select(resource.c.res_id)
-            .join(access_grant, access_grant.c.pid == resource.c.pid)
-            .where(
-                resource.c.res_type == "CareTeam",
-                access_grant.c.basis == "policy",
-                access_grant.c.grantee == principal.fhir_user,
-                sa.func.coalesce(access_grant.c.starts, 0) <= now,
-                sa.func.coalesce(access_grant.c.ends, _FAR_FUTURE) >= now,
-            )
-            .distinct()
-        ).all()
-        found += [f"CareTeam/{r[0]}" for r in teams]
+        found += care_teams_of(conn, principal.fhir_user, now)
     return tuple(dict.fromkeys(found))
+
+
+def care_teams_of(conn: sa.Connection, fhir_user: str, now: int | None) -> list[str]:
+    """``CareTeam/{id}`` of the teams a person is on, from the teams' own grants: at ``now``
+    (within the team's period), or in any period when ``now`` is None."""
+    in_period = (
+        []
+        if now is None
+        else [
+            sa.func.coalesce(access_grant.c.starts, 0) <= now,
+            sa.func.coalesce(access_grant.c.ends, _FAR_FUTURE) >= now,
+        ]
+    )
+    teams = conn.execute(
+        sa.select(resource.c.res_id)
+        .join(access_grant, access_grant.c.pid == resource.c.pid)
+        .where(
+            resource.c.res_type == "CareTeam",
+            access_grant.c.basis == "policy",
+            access_grant.c.grantee == fhir_user,
+            *in_period,
+        )
+        .distinct()
+    ).all()
+    return [f"CareTeam/{r[0]}" for r in teams]
 
 
 def proxied_patients(conn: sa.Connection, principal: Principal, now: int | None = None) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from consent import labels
+from consent.decision import care_teams_of
 from consent.derive import ANY, GrantRow, _ref, grant_rows
 from hub.auth.principal import Principal, Role
 from hub.db.schema import access_grant, compartment, consent_alert, idx_reference, resource
@@ -301,17 +302,7 @@ def _selves(conn: sa.Connection, access: Access) -> set[str]:
     if not principal.fhir_user:
         return selves
     selves.add(principal.fhir_user)
-    teams = conn.execute(  # care teams they are on, or were, or will be: any period
-        sa.select(resource.c.res_id)
-        .join(access_grant, access_grant.c.pid == resource.c.pid)
-        .where(
-            resource.c.res_type == "CareTeam",
-            access_grant.c.basis == "policy",
-            access_grant.c.grantee == principal.fhir_user,
-        )
-        .distinct()
-    ).all()
-    selves |= {f"CareTeam/{r[0]}" for r in teams}
+    selves |= set(care_teams_of(conn, principal.fhir_user, None))  # on, were or will be: any period
     mine = [
         sa.and_(
             idx_reference.c.target_type == "Practitioner", idx_reference.c.target_id == principal.fhir_user_id
