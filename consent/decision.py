@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -355,7 +356,10 @@ def _rebind(condition: sa.ColumnElement[bool], pid: sa.ColumnElement[int]) -> sa
         return condition
     from sqlalchemy.sql.visitors import replacement_traverse
 
-    return replacement_traverse(condition, {}, lambda e: pid if e is resource.c.pid else None)  # type: ignore[no-any-return]
+    def replace(element: Any, **_: Any) -> Any:
+        return pid if element is resource.c.pid else None
+
+    return replacement_traverse(condition, {}, replace)
 
 
 # --- making an Access for a request ---------------------------------------------------------

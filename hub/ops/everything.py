@@ -87,7 +87,7 @@ def since_param(values: list[str]) -> datetime | None:
         raise bad_request(f"_since: {exc}") from None
 
 
-def everything_pids(registry: Registry, patient_ids: compartment.PatientIds) -> sa.CompoundSelect:
+def everything_pids(registry: Registry, patient_ids: compartment.PatientIds) -> sa.CompoundSelect[int]:
     """Pids of the compartment members of the patients plus the shared resources they reference.
 
     Deleted resources may appear (the Patient rows, deleted reference targets): callers filter.
@@ -97,7 +97,7 @@ def everything_pids(registry: Registry, patient_ids: compartment.PatientIds) -> 
     members = compartment.member_pids(registry, patient_ids).cte("compartment_members")
     source = resource.alias("source")
     # What the access log points at is not part of the record: AuditEvents are no source.
-    source_conditions = [
+    source_conditions: list[sa.ColumnElement[bool]] = [
         source.c.pid.in_(sa.select(members.c.pid)),
         source.c.res_type.not_in(sorted(AUDIT_TRAIL_TYPES)),
     ]

@@ -142,7 +142,7 @@ def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
 def _included(conn: sa.Connection, includes: list[Include], page: list[Match]) -> list[Match]:
     """Resources pulled in by _include/_revinclude; :iterate repeats on what was pulled in."""
     seen = {m.pid for m in page}
-    frontier, found = page, []
+    frontier, found = page, list[Match]()
     for round_number in range(MAX_INCLUDE_ROUNDS):
         fresh: list[Match] = []
         for include in includes:

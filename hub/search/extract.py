@@ -191,7 +191,7 @@ def _fhirpath_extractor(expression: str) -> Extractor:
     from fhirpathpy.models import models
 
     evaluate = fhirpath_compile(expression, models["r4"])
-    return lambda resource: list(evaluate(resource))
+    return lambda resource: list(evaluate(resource, None))
 
 
 def compile_expression(expression: str, resource_type: str) -> tuple[Extractor, bool]:

@@ -61,7 +61,7 @@ def _pids_in(table: sa.Table, *conditions: Condition) -> PidSet:
 
 
 def _range_condition(
-    prefix: str, low: sa.ColumnElement, high: sa.ColumnElement, q_low: float, q_high: float
+    prefix: str, low: sa.ColumnElement[Any], high: sa.ColumnElement[Any], q_low: float, q_high: float
 ) -> Condition:
     """Spec R4 3.1.1.4.x: compare the target range [low, high] with the search range."""
     if prefix == "eq":
@@ -259,6 +259,8 @@ def composite(param: SearchParam, value: str, modifier: str | None) -> PidSet:
             idx_composite.c.text.startswith(fold(second), autoescape=True),
         )
     prefix, text = split_prefix(second)
+    q_low: float
+    q_high: float
     if kind == "date":
         q_low, q_high = _date_or_400(code, text)
         key = hash64(rtype, code, first, "d", "")

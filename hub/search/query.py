@@ -42,7 +42,7 @@ RESULT_PARAMS = frozenset(
 SUMMARY_VALUES = frozenset({"true", "false", "text", "data", "count"})
 MAX_CHAIN_DEPTH = 3
 
-Target = Any  # the resource table or an alias of it
+Target = sa.FromClause  # the resource table or an alias of it
 
 
 @dataclass(frozen=True)

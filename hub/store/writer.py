@@ -51,7 +51,7 @@ def _bulk_rows(
     if not rows:
         return
     if _is_postgres(conn) and len(rows) >= _COPY_THRESHOLD:
-        raw = conn.connection.dbapi_connection
+        raw: Any = conn.connection.dbapi_connection  # psycopg's Connection, for COPY
         assert raw is not None
         with (
             raw.cursor() as cursor,
