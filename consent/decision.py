@@ -40,6 +40,7 @@ import sqlalchemy as sa
 
 from consent import labels
 from consent.derive import ANY, ETREAT, HRESCH, PUBHLTH, TREAT
+from hub.audit import APPEND_ONLY_TYPES
 from hub.auth.principal import Principal, Role
 from hub.auth.scopes import Scope
 from hub.db.schema import (
@@ -76,8 +77,6 @@ ROLE_TYPES: dict[Role, frozenset[str] | None] = {
 UNRESTRICTED = frozenset({Role.ADMIN, Role.SERVICE, Role.AUDITOR})
 # Roles that never see patient data, even with a wide scope.
 NO_PATIENT_DATA = frozenset({Role.FACILITY_ADMIN, Role.INSPECTOR})
-# Types no one may change over the API: the audit trail is append-only.
-APPEND_ONLY = frozenset({"AuditEvent"})
 # Which purposes of use a role may state (the first is its default).
 ROLE_PURPOSES: dict[Role, tuple[str, ...]] = {
     Role.CLINICIAN: (TREAT, HRESCH, PUBHLTH),
@@ -133,13 +132,6 @@ class Access:
 
     # --- interaction level ----------------------------------------------------------------
 
-    def readable_scopes(self, res_type: str) -> list[Scope]:
-        allowed = ROLE_TYPES[self.principal.role]
-        if allowed is not None and res_type not in allowed:
-            return []
-        scopes = self.principal.scopes
-        return scopes.granting(res_type, "r") + scopes.granting(res_type, "s")
-
     def require(self, res_type: str | None, permission: str) -> None:
         """403 unless role and scopes allow ``permission`` on the type (None: system level)."""
         role = self.principal.role
@@ -149,7 +141,7 @@ class Access:
             ):
                 raise forbidden(f"Your access does not include system-level '{permission}' interactions")
             return
-        if permission in "cud" and res_type in APPEND_ONLY:
+        if permission in "cud" and res_type in APPEND_ONLY_TYPES:  # the audit trail
             raise forbidden(f"{res_type} is append-only: the hub writes it, no one changes it")
         allowed = ROLE_TYPES[role]
         if allowed is not None and res_type not in allowed:

@@ -37,7 +37,6 @@ from hub.ops.compartment import NO_PATIENT, PENDING, links
 from hub.search.dates import DateFormatError, date_range
 from hub.search.registry import Registry
 
-PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 TREAT, ETREAT, HRESCH, PUBHLTH = "TREAT", "ETREAT", "HRESCH", "PUBHLTH"
 ANY = "*"
 _SCOPE_PURPOSE = {"treatment": TREAT, "research": HRESCH}

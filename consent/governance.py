@@ -22,7 +22,8 @@ version) with those of the version it replaces (its ``access_grant`` rows):
   drops or narrows it) only by the patient, or by a hub admin stating ``X-Access-Reason``
   (kept in the alert), or by the hub's own named system access (CLI);
 - integration services may import Consents: validated and alerted like everyone else.
-Calls: consent.derive (grant rows, references), consent.labels, the schema.
+Calls: consent.derive (grant rows, references), consent.labels, consent.decision (the care
+teams of a principal), the schema.
 Called by: consent.context's write hooks (the store, on every create/update/delete),
 hub.api.access_routes (``GET /access/consent-alerts``).
 """
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 STATUSES = frozenset({"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"})
 PROVISION_TYPES = frozenset({"permit", "deny"})
 WITNESS_EXTENSION = "https://ehealth-hub.vn/fhir/StructureDefinition/consent-witness"
-REASON_HEADER = "x-access-reason"
 _WITNESS_TYPES = ("Practitioner", "PractitionerRole")
 _SYSTEM_PREFIX = "system:"
 _FAR = 2**62

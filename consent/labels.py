@@ -48,7 +48,6 @@ BITS: dict[str, int] = {
     "V": RESTRICTED, "AUDIT": AUDIT,
 }  # fmt: skip
 SENSITIVE = HIV | PSY | SEX | ETH | STD | GDIS | RESTRICTED
-ALL = NORMAL | SENSITIVE | AUDIT  # what a patient may see of their own record
 
 
 def names(mask: int) -> list[str]:
@@ -349,7 +348,3 @@ def labels_of(resource: dict[str, Any]) -> int:
     if resource.get("resourceType") == "AuditEvent":
         return AUDIT
     return (_security_bits(resource) | _content_bits(resource, rules())) or NORMAL
-
-
-def is_sensitive(resource: dict[str, Any]) -> bool:
-    return bool(labels_of(resource) & SENSITIVE)

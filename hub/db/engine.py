@@ -94,10 +94,6 @@ def guarded(guard: RequestGuard) -> Iterator[RequestGuard]:
         _guard.reset(token)
 
 
-def current_guard() -> RequestGuard | None:
-    return _guard.get()
-
-
 class RequestCancelled(Exception):
     """The client went away; the request's remaining database work is not started."""
 

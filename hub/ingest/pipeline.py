@@ -7,7 +7,8 @@ own-base references resolved against the database at write time), and the import
 A unit is all or nothing: a Bundle is one transaction; an NDJSON chunk keeps its good lines.
 Calls: sources, prepare, the store's writer, the REST router for units that need full
 transaction semantics, consent.context (it runs only inside an explicit system access, whose
-principal it also uses for the units it sends through the router).
+principal it also uses for the units it sends through the router), consent.derive and labels
+(compartment rows), hub.crypto.keys (the keyring, handed to the worker processes).
 Called by: the CLI, the demo loader, the ingest benchmark.
 """
 

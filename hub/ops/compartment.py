@@ -232,13 +232,6 @@ def _ids_condition(column: sa.ColumnElement[str], patient_ids: PatientIds) -> sa
     return column.in_(wanted)
 
 
-def patient_pids(patient_ids: PatientIds) -> sa.Select[Any]:
-    """Pids of the Patient resources themselves (deleted ones included; callers filter)."""
-    return sa.select(resource.c.pid).where(
-        resource.c.res_type == "Patient", _ids_condition(resource.c.res_id, patient_ids)
-    )
-
-
 def member_pids(
     registry: Registry, patient_ids: PatientIds, types: Collection[str] | None = None
 ) -> sa.Select[Any]:

@@ -3,8 +3,10 @@
 Owns: executing a ``SearchQuery``: totals, sort order (any indexed parameter, linear on
 both databases: see ``_sort_key``), offset
 paging, ``_include``/``_revinclude`` (with ``:iterate``) and ``_summary``/``_elements``.
-Calls: ``query`` (parsing), ``shaping``, SQLAlchemy.  Called by: the REST interactions
-(search, conditional operations, conditional references in transactions).
+Calls: ``query`` (parsing), ``shaping``, ``consent.context`` (the rows the request may see,
+added to the page, total and include statements; what was returned is reported),
+``hub.crypto.envelope`` (opening sealed content), SQLAlchemy.  Called by: the REST
+interactions (search, conditional operations, conditional references in transactions).
 """
 
 from __future__ import annotations

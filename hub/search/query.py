@@ -6,7 +6,9 @@ Owns: the search query model (``SearchQuery``) and the grammar of parameter name
 parameters per query, comma-separated values per parameter, sort keys; 400 beyond).
 Every condition is built against a given alias of ``resource``, so a chain's inner search
 is just another search on a fresh alias.
-Calls: registry, predicates, settings (the limits' defaults).  Called by: ``hub.search.engine``.
+Calls: registry, predicates, settings (the limits' defaults), ``consent.context`` (a chain's
+or ``_has``'s inner search sees only the rows the request may see).
+Called by: ``hub.search.engine``, ``consent.decision`` (granular scopes).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Owns: the read-side SQL over ``resource`` and ``resource_history`` (each history row is
 filtered by the visibility of its own version, see ``consent.decision.Access.visible``).
-Calls: SQLAlchemy.  Called by: the store.
+Calls: ``consent.context`` (the visibility condition of every read; what was read is
+reported), ``hub.crypto.envelope`` (opening sealed content), SQLAlchemy.
+Called by: the store.
 """
 
 from __future__ import annotations

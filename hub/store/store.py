@@ -11,7 +11,9 @@ versions keep theirs in ``history_compartment`` (the writer).
 Every method takes the connection of an open transaction, so a Bundle transaction can run
 many operations atomically.
 Calls: records, reader, writer, ``hub.ops.compartment``, the search engine (conditional
-references).  Called by: the REST router, bulk ingest, the CLI.
+references), ``consent.context`` (every write is authorized before it is made),
+``hub.crypto`` (the keyring and the policy of what is sealed at rest).
+Called by: the REST router, bulk ingest, the CLI.
 """
 
 from __future__ import annotations
