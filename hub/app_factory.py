@@ -5,6 +5,8 @@ Calls: settings, engine, key configuration (hub.crypto), registry, store, router
 
 from __future__ import annotations
 
+import socket
+
 import sqlalchemy as sa
 
 from hub.audit.trail import AuditTrail
@@ -17,6 +19,14 @@ from hub.search.registry import get_registry
 from hub.settings import Settings, get_settings
 from hub.store import Store
 
+LOCAL_BASE_URL = "http://127.0.0.1:8000/fhir"
+
+
+def audit_identity(settings: Settings) -> str:
+    """How AuditEvents name this hub (source.site, observer, network address): BASE_URL, else
+    a URN of the host name: no request's Host header becomes the hub's identity."""
+    return settings.base_url.rstrip("/") if settings.base_url else f"urn:hub:{socket.gethostname()}"
+
 
 def build_router(settings: Settings | None = None, engine: sa.Engine | None = None) -> FhirRouter:
     settings = settings or get_settings()
@@ -24,11 +34,15 @@ def build_router(settings: Settings | None = None, engine: sa.Engine | None = No
     # The master key and encrypt_at_rest of this database, for every store/ingest path.
     configure_keys(settings, engine)
     registry = get_registry()
+    # References under BASE_URL are this hub's (compartment rules); without it only relative
+    # ones are, whatever host a request came in by, so `hub reindex` resolves them the same.
     store = Store(engine, registry, settings.base_url)
-    base_url = settings.base_url.rstrip("/")
+    # Requests from the web adapter carry their own base (BASE_URL or where they reached us);
+    # this one is for the rest (the CLI, tests driving the router).
+    base_url = (settings.base_url or LOCAL_BASE_URL).rstrip("/")
     gate = Gate(
         store,
-        AuditTrail(store, base_url),
+        AuditTrail(store, audit_identity(settings)),
         policy=settings.consent_policy,
         break_glass_minutes=settings.break_glass_minutes,
     )

@@ -53,7 +53,8 @@ def serve(
     """Serve the FHIR API at http://HOST:PORT/fhir."""
     import uvicorn
 
-    console.print(f"FHIR base: http://{host}:{port}/fhir  (database: {_safe_url()})")
+    base = get_settings().base_url or f"http://{host}:{port}/fhir"  # unset: links follow each request
+    console.print(f"FHIR base: {base}  (database: {_safe_url()})")
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 and
     # rewrite the client address; the hub decides whom to believe (TRUSTED_PROXIES).
     uvicorn.run(
@@ -535,6 +536,7 @@ def _system_command(command: str, detail: str | None, engine: sa.Engine | None =
     """Run a command that touches citizens' data inside the system access ``cli-<command>``
     and write its AuditEvent (one per command; outcome 200, or 500 when it failed)."""
     from consent.context import system_access
+    from hub.app_factory import audit_identity
     from hub.audit.events import AccessEvent
     from hub.audit.trail import AuditTrail
     from hub.db.engine import create_engine
@@ -551,7 +553,7 @@ def _system_command(command: str, detail: str | None, engine: sa.Engine | None =
             status = 200
         finally:
             try:
-                trail = AuditTrail(Store(audit_engine, get_registry()), settings.base_url.rstrip("/"))
+                trail = AuditTrail(Store(audit_engine, get_registry()), audit_identity(settings))
                 trail.record(
                     [
                         AccessEvent(

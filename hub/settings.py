@@ -23,7 +23,10 @@ class Settings(BaseSettings):
 
     database_url: str = f"sqlite:///{DEFAULT_SQLITE}"
     redis_url: str | None = None
-    base_url: str = "http://127.0.0.1:8000/fhir"
+    # The public FHIR base ("https://hub.example.vn/fhir"). Unset: each request's own base
+    # (its scheme, Host and the /fhir mount; X-Forwarded-Proto/Host/Prefix or Forwarded
+    # only from TRUSTED_PROXIES), so links point wherever the hub is served.
+    base_url: str | None = None
     # Paging: what a search returns when _count is absent, and the most it may ask for.
     default_page_size: int = 20
     max_page_size: int = 1000
@@ -42,7 +45,8 @@ class Settings(BaseSettings):
     auth_required: bool = True
     # The hub's own token issuer (users in `hub_user`, `/auth/token`, `hub token`). Its
     # ES256 key is created at first use; tokens from other issuers are verified against
-    # the keys in auth_jwks_file (a JWKS document).
+    # the keys in auth_jwks_file (a JWKS document). Both are identifiers, not links: SMART
+    # discovery advertises the token and JWKS endpoints at the request's base.
     auth_issuer: str = "http://127.0.0.1:8000/auth"
     auth_audience: str = "http://127.0.0.1:8000/fhir"
     auth_signing_key_file: Path = KEY_DIR / "token-signing-es256.pem"
@@ -64,8 +68,9 @@ class Settings(BaseSettings):
     rate_limit_login: str = "20/minute"
     # Redis key prefix of the rate-limit counters, so hubs (or test runs) can share a Redis.
     rate_limit_key_prefix: str = "hub-ratelimit"
-    # Reverse proxies (addresses or CIDR networks) whose X-Forwarded-For is believed when
-    # limiting per client IP. Empty: the TCP peer is the client. Env: TRUSTED_PROXIES='["10.0.0.0/8"]'.
+    # Reverse proxies (addresses or CIDR networks) whose X-Forwarded-For (client IP of the
+    # rate limits) and X-Forwarded-Proto/Host/Prefix or Forwarded (base URL) are believed.
+    # Empty: the TCP peer is the client. Env: TRUSTED_PROXIES='["10.0.0.0/8"]'.
     trusted_proxies: list[str] = []
 
     # --- abuse limits (docs/access.md, "Limits") -------------------------------------------

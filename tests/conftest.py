@@ -161,7 +161,10 @@ class LiveServer:
         _ensure_user(self.engine, ADMIN_USER, Role.ADMIN)  # ADMIN_TOKEN's account
         self.admin_token = ADMIN_TOKEN
         self.auth = dict(ADMIN_AUTH)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        # proxy_headers off, as `hub serve` runs it: the hub alone decides whom to believe.
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", proxy_headers=False
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

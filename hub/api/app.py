@@ -7,7 +7,8 @@ connection lost: 503 ``transient`` with Retry-After; request past its time limit
 nested too deep, and running each FHIR request under a ``hub.db.engine.RequestGuard``
 (time limit per transaction; its statements cancelled when the client disconnects).
 All FHIR semantics live in ``hub.rest``.
-Calls: the router, the store, settings, ``hub.api.limits``, ``hub.api.ratelimit``.
+Calls: the router, the store, settings, ``hub.api.limits``, ``hub.api.ratelimit``,
+``hub.api.proxies`` (each request's base URL, set on its ``FhirRequest``).
 Called by: ``hub serve``, uvicorn, tests.
 """
 
@@ -28,6 +29,7 @@ from hub import __version__
 from hub.api.access_routes import mount_access_routes
 from hub.api.auth_routes import NO_TOKEN, Bearer, mount_auth_routes, unauthorized
 from hub.api.limits import BodyLimitMiddleware, too_deep
+from hub.api.proxies import PublicBase, TrustedProxies
 from hub.api.ratelimit import add_rate_limits
 from hub.app_factory import build_router
 from hub.auth.tokens import AuthError, TokenService
@@ -97,7 +99,9 @@ async def _watching_disconnect(request: Request, guard: RequestGuard) -> None:
             return
 
 
-async def _fhir_request(request: Request, path: str, settings: Settings) -> FhirRequest | Response:
+async def _fhir_request(
+    request: Request, path: str, settings: Settings, public_base: PublicBase
+) -> FhirRequest | Response:
     query = parse_qsl(request.url.query, keep_blank_values=True)
     body = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -125,7 +129,9 @@ async def _fhir_request(request: Request, path: str, settings: Settings) -> Fhir
     if formats and not any("json" in f for f in formats):
         return _outcome_response(406, "not-supported", "_format must be json")
     headers = {k.lower(): v for k, v in request.headers.items()}
-    return FhirRequest(request.method, path, query, headers, body or None)
+    fhir_request = FhirRequest(request.method, path, query, headers, body or None)
+    fhir_request.base_url = public_base.of(request.scope)
+    return fhir_request
 
 
 def create_app(settings: Settings | None = None, engine: sa.Engine | None = None) -> FastAPI:
@@ -134,6 +140,8 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     engine = router.ctx.store.engine
     purge_expired_at_start(router.ctx)  # $export jobs past their retention, and their files
     tokens = TokenService(settings, engine)
+    # Links follow BASE_URL, else where each request reached us (proxies as for rate limits).
+    public_base = PublicBase(settings.base_url, TrustedProxies(settings.trusted_proxies))
     bearer = Bearer(settings, tokens)
     app = FastAPI(title="Vietnam e-health integration hub", version=__version__, redirect_slashes=False)
     app.state.router = router
@@ -171,7 +179,7 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
         if settings.auth_required and not request.headers.get("authorization") and not _is_public(path):
             # Refused before the body is read: an anonymous caller gets nothing but the 401.
             return _to_http(unauthorized(AuthError(NO_TOKEN, None)))
-        fhir_request = await _fhir_request(request, path, settings)
+        fhir_request = await _fhir_request(request, path, settings, public_base)
         if isinstance(fhir_request, Response):
             return fhir_request
         fhir_request.client_address = request.client.host if request.client else None
@@ -185,7 +193,7 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
         app.add_api_route(f"/fhir{path}", endpoint, methods=methods, name=name, response_class=Response)
 
     # First: /fhir/.well-known/smart-configuration would otherwise match /fhir/{type}/{id}.
-    mount_auth_routes(app, settings, engine, tokens)
+    mount_auth_routes(app, settings, engine, tokens, public_base)
     mount_access_routes(app, router, bearer)
     route("/metadata", ["GET"], "capabilities")
     route("", ["POST"], "transaction_or_batch")

@@ -4,7 +4,8 @@ Owns: ``POST /auth/token`` (grant types ``password`` and ``client_credentials``,
 RFC 6749 section 5.2 JSON), ``GET /auth/jwks.json``, ``GET /.well-known/smart-configuration``
 (also below ``/fhir``), and turning an ``Authorization: Bearer`` header into a Principal or
 a 401 answer (RFC 6750).
-Calls: the token service, users, settings.  Called by: ``hub.api.app.create_app``.
+Calls: the token service, users, settings, ``hub.api.proxies`` (discovery's base URL).
+Called by: ``hub.api.app.create_app``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from hub.api.proxies import PublicBase, TrustedProxies
 from hub.auth import users
 from hub.auth.principal import Principal, system_principal
 from hub.auth.tokens import AuthError, TokenService, auth_url
@@ -88,12 +90,14 @@ def challenge(error: AuthError) -> str:
     return f'Bearer realm="hub", error="{error.error}", error_description="{description}"'
 
 
-def smart_configuration(settings: Settings) -> dict[str, Any]:
-    """SMART App Launch v2 discovery (what this hub does; no authorize endpoint yet)."""
+def smart_configuration(settings: Settings, base_url: str) -> dict[str, Any]:
+    """SMART App Launch v2 discovery (what this hub does; no authorize endpoint yet). The
+    endpoints are below ``base_url`` (where the client connected, or BASE_URL); ``issuer``
+    is the ``iss`` the hub's tokens carry (AUTH_ISSUER), an identifier rather than a link."""
     return {
         "issuer": settings.auth_issuer,
-        "jwks_uri": auth_url(settings.base_url, "jwks.json"),
-        "token_endpoint": auth_url(settings.base_url, "token"),
+        "jwks_uri": auth_url(base_url, "jwks.json"),
+        "token_endpoint": auth_url(base_url, "token"),
         "grant_types_supported": ["client_credentials", "password"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "scopes_supported": [
@@ -112,11 +116,18 @@ def smart_configuration(settings: Settings) -> dict[str, Any]:
     }
 
 
-def mount_auth_routes(app: FastAPI, settings: Settings, engine: sa.Engine, tokens: TokenService) -> None:
+def mount_auth_routes(
+    app: FastAPI,
+    settings: Settings,
+    engine: sa.Engine,
+    tokens: TokenService,
+    public_base: PublicBase | None = None,
+) -> None:
     """Add the OAuth routes; call before any catch-all /fhir route so they win."""
-    discovery = orjson.dumps(smart_configuration(settings))
+    bases = public_base or PublicBase(settings.base_url, TrustedProxies(settings.trusted_proxies))
 
-    async def well_known() -> Response:
+    async def well_known(request: Request) -> Response:
+        discovery = orjson.dumps(smart_configuration(settings, bases.of(request.scope)))
         return Response(discovery, media_type="application/json")
 
     app.add_api_route("/.well-known/smart-configuration", well_known, methods=["GET"], name="smart_config")

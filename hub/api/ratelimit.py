@@ -8,7 +8,8 @@ otherwise), the 429 answer and the RateLimit-* / Retry-After headers. Memory cou
 are per process: run ``hub serve --workers N`` (or several hosts) with Redis, or each
 process grants the full allowance.
 Calls: the ``limits`` library (storages and the sliding-window-counter strategy), settings,
-``hub.api.auth_routes`` (``parse_token_form``, ``login_identity``).
+``hub.api.proxies`` (whose X-Forwarded-For is believed), ``hub.api.auth_routes``
+(``parse_token_form``, ``login_identity``).
 Called by: ``hub.api.app.create_app``, which installs :class:`RateLimitMiddleware` inside
 ``hub.api.limits.BodyLimitMiddleware`` (so the login form it reads is size-limited).
 
@@ -38,6 +39,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub.api.auth_routes import TokenFormError, login_identity, parse_token_form
+from hub.api.proxies import TrustedProxies
 from hub.errors import FhirError, Issue
 from hub.rest.messages import FHIR_JSON
 from hub.settings import Settings, get_settings
@@ -53,8 +55,6 @@ _REDIS_TIMEOUT_SECONDS = 0.5
 # After a Redis failure, requests pass unlimited for this long before Redis is tried again,
 # so an outage costs one failed call per interval rather than one per request.
 _REDIS_RETRY_SECONDS = 5.0
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,7 @@ class Limiter:
         self.per_ip = limits.parse(settings.rate_limit_per_ip)
         self.per_token = limits.parse(settings.rate_limit_per_token)
         self.login = limits.parse(settings.rate_limit_login)
-        self.trusted_proxies: tuple[Network, ...] = tuple(
-            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
-        )
+        self.proxies = TrustedProxies(settings.trusted_proxies)
         self.storage: MemoryStorage | RedisStorage
         if settings.redis_url:
             url = settings.redis_url
@@ -140,37 +138,14 @@ class Limiter:
 
     def client_ip(self, scope: Scope) -> str:
         """The address limited as "the client": the peer, or what trusted proxies report."""
-        peer = (scope.get("client") or ("unknown", 0))[0]
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return str(peer)
-        if self._trusted(address):
-            # X-Forwarded-For lists client, proxy1, proxy2...; each proxy appends the peer it
-            # saw. Walk from the right past our own proxies: the first hop they did not
-            # vouch for is the client. Entries left of it are the client's to forge.
-            hops = [
-                part.strip()
-                for name, value in scope["headers"]
-                if name == b"x-forwarded-for"
-                for part in value.decode("latin-1").split(",")
-            ]
-            for hop in reversed(hops):
-                try:
-                    hop_address = ipaddress.ip_address(hop)
-                except ValueError:
-                    break  # garbage from a trusted proxy: stop at the last hop we could read
-                address = hop_address
-                if not self._trusted(address):
-                    break
+        address = self.proxies.client_address(scope)
+        if isinstance(address, str):
+            return address
         if address.version == 6:
             # One IPv6 subscriber usually holds a whole /64; per-address limits would be
             # one new address away from void.
             return str(ipaddress.ip_network(f"{address}/64", strict=False))
         return str(address)
-
-    def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(address in network for network in self.trusted_proxies)
 
 
 def _digest(value: str) -> str:

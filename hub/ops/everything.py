@@ -41,6 +41,7 @@ from hub.db.schema import idx_reference, resource
 from hub.errors import bad_request, not_found
 from hub.ops import compartment
 from hub.rest import bundles
+from hub.rest.interactions import link_base
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.rest.operations import operation
 from hub.search.dates import DateFormatError, date_range, from_micros
@@ -176,8 +177,9 @@ def _everything(
         total, matches = _page(conn, conditions, count, offset)
     kept = [(k, v) for k, v in request.query if k in ("_type", "_since")]
     has_more = count > 0 and offset + count < total
-    links = bundles.paging_links(ctx.base_url, path, kept, offset, count, has_more)
-    return FhirResponse(200, bundles.searchset(ctx.base_url, matches, total, links))
+    base = link_base(ctx, request)
+    links = bundles.paging_links(base, path, kept, offset, count, has_more)
+    return FhirResponse(200, bundles.searchset(base, matches, total, links))
 
 
 def _page(

@@ -67,6 +67,7 @@ from hub.db.schema import export_job, idx_reference, resource
 from hub.errors import FhirError, Issue, bad_request, gone, not_found, operation_outcome
 from hub.ops import compartment
 from hub.ops.everything import AUDIT_TRAIL_TYPES, since_param, types_param
+from hub.rest.interactions import link_base
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.rest.operations import operation
 from hub.search import engine as search_engine
@@ -111,6 +112,9 @@ class ExportSpec:
     # Who asked and why (``requester_of``): the job re-decides their Access when it runs, in
     # this process or another, so it never sees more than their searches would.
     requester: dict[str, Any] | None = None
+    # The FHIR base the kick-off was sent to (BASE_URL, else where the client connected): the
+    # file URLs of the manifest point there. None (jobs stored before it): the configured base.
+    base_url: str | None = None
 
 
 # --- kick-off ------------------------------------------------------------------------------
@@ -174,6 +178,7 @@ def _kick_off(
         owner=request.principal.subject if request.principal else None,
         retention_hours=ctx.export_retention_hours,
         requester=requester_of(access_context.required()),
+        base_url=link_base(ctx, request),
     )
     query = f"?{urlencode(request.query)}" if request.query else ""
     with ctx.store.write() as conn:
@@ -183,7 +188,7 @@ def _kick_off(
             export_job.insert().values(
                 id=job_id,
                 status="accepted",
-                request_url=f"{ctx.base_url}/{request.path.strip('/')}{query}",
+                request_url=f"{spec.base_url}/{request.path.strip('/')}{query}",
                 parameters=asdict(spec),
                 created=now(),
             )
@@ -193,7 +198,7 @@ def _kick_off(
     _EXECUTOR.submit(_run_as_requester, ctx, job_id)
     outcome = operation_outcome([Issue("informational", f"Export job {job_id} accepted", "information")])
     return FhirResponse(
-        202, orjson.dumps(outcome), {"Content-Location": f"{ctx.base_url}/$export-status/{job_id}"}
+        202, orjson.dumps(outcome), {"Content-Location": f"{spec.base_url}/$export-status/{job_id}"}
     )
 
 
@@ -389,7 +394,7 @@ def _write_files(ctx: Context, job_id: str, spec: ExportSpec, directory: Path) -
                 return None
             if not written:
                 path.unlink(missing_ok=True)  # the manifest lists no empty files
-            url = f"{ctx.base_url}/$export-file/{job_id}/{path.name}"
+            url = f"{spec.base_url or ctx.base_url}/$export-file/{job_id}/{path.name}"
             outputs.append({"type": res_type, "url": url, "count": written})
             _set_progress(store, job_id, outputs)
     return outputs

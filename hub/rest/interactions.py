@@ -38,6 +38,8 @@ from hub.store import Store, StoredResource
 class Context:
     store: Store
     registry: Registry
+    # The base of links when a request carries none (the CLI, tests driving the router):
+    # BASE_URL, else the local default. Requests from the web adapter carry their own.
     base_url: str
     default_count: int = 20
     max_count: int = 1000
@@ -49,18 +51,25 @@ class Context:
     disclosed: Callable[[Access, str], None] | None = None
 
 
-def _resource_headers(ctx: Context, stored: StoredResource) -> dict[str, str]:
+def link_base(ctx: Context, request: FhirRequest) -> str:
+    """The FHIR base of the links a response writes: the request's (BASE_URL, else where
+    the client connected; set by the web adapter), else the router's configured one."""
+    return (request.base_url or ctx.base_url).rstrip("/")
+
+
+def _resource_headers(ctx: Context, request: FhirRequest, stored: StoredResource) -> dict[str, str]:
+    base = link_base(ctx, request)
     return {
         "ETag": stored.etag,
         "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
-        "Location": f"{ctx.base_url}/{stored.res_type}/{stored.res_id}/_history/{stored.version}",
+        "Location": f"{base}/{stored.res_type}/{stored.res_id}/_history/{stored.version}",
     }
 
 
 def respond_with(
     ctx: Context, request: FhirRequest, stored: StoredResource, status: int, message: str
 ) -> FhirResponse:
-    headers = _resource_headers(ctx, stored)
+    headers = _resource_headers(ctx, request, stored)
     preference = request.prefer("return")
     if preference == "minimal":
         return FhirResponse(status, None, headers)
@@ -83,7 +92,7 @@ def _body_for(request: FhirRequest, res_type: str) -> dict[str, Any]:
 
 def read(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str, res_id: str) -> FhirResponse:
     stored = ctx.store.get(conn, res_type, res_id)
-    headers = _resource_headers(ctx, stored)
+    headers = _resource_headers(ctx, request, stored)
     del headers["Location"]
     if request.header("if-none-match") == stored.etag:
         return FhirResponse(304, None, headers)
@@ -96,7 +105,7 @@ def vread(
     if not (vid.isascii() and vid.isdigit() and len(vid) <= 18):  # see search.query._non_negative
         raise bad_request(f"Version id must be a number, not {vid!r}")
     stored = ctx.store.get_version(conn, res_type, res_id, int(vid))
-    headers = _resource_headers(ctx, stored)
+    headers = _resource_headers(ctx, request, stored)
     del headers["Location"]
     return FhirResponse(200, stored.content, headers)
 
@@ -133,9 +142,9 @@ def history(
     )
     path = "/".join(p for p in (res_type, res_id, "_history") if p)
     links = bundles.paging_links(
-        ctx.base_url, path, request.query, offset, count, offset + len(versions) < total
+        link_base(ctx, request), path, request.query, offset, count, offset + len(versions) < total
     )
-    return FhirResponse(200, bundles.history(ctx.base_url, versions, total, links))
+    return FhirResponse(200, bundles.history(link_base(ctx, request), versions, total, links))
 
 
 def search(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str) -> FhirResponse:
@@ -144,18 +153,18 @@ def search(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: st
         ctx.registry,
         res_type,
         request.query,
-        base_url=ctx.base_url,
+        base_url=link_base(ctx, request),
         lenient=lenient,
         default_count=ctx.default_count,
         max_count=ctx.max_count,
     )
     result = search_engine.execute(conn, ctx.registry, query)
     links = bundles.paging_links(
-        ctx.base_url, res_type, query.used, query.offset, query.count, result.has_more
+        link_base(ctx, request), res_type, query.used, query.offset, query.count, result.has_more
     )
     outcome = operation_outcome(query.ignored) if query.ignored else None
     body = bundles.searchset(
-        ctx.base_url,
+        link_base(ctx, request),
         [(m.res_type, m.res_id, m.content) for m in result.matches],
         result.total,
         links,
@@ -174,7 +183,7 @@ def create(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: st
     if condition:
         pairs = _query_pairs(condition)
         lock_condition(conn, res_type, pairs)
-        existing = search_engine.find_ids(conn, ctx.registry, res_type, pairs, ctx.base_url)
+        existing = search_engine.find_ids(conn, ctx.registry, res_type, pairs, link_base(ctx, request))
         if len(existing) > 1:
             raise precondition_failed(f"If-None-Exist '{condition}' matches more than one {res_type}")
         if existing:
@@ -209,7 +218,7 @@ def conditional_update(
 ) -> FhirResponse:
     body = _body_for(request, res_type)
     lock_condition(conn, res_type, request.query)
-    matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, ctx.base_url)
+    matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, link_base(ctx, request))
     if len(matches) > 1:
         raise precondition_failed(f"The conditional update matches more than one {res_type}")
     if matches:
@@ -248,7 +257,7 @@ def conditional_delete(
     ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: str
 ) -> FhirResponse:
     lock_condition(conn, res_type, request.query)
-    matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, ctx.base_url)
+    matches = search_engine.find_ids(conn, ctx.registry, res_type, request.query, link_base(ctx, request))
     if len(matches) > 1:
         raise precondition_failed(f"The conditional delete matches more than one {res_type}")
     if matches:

@@ -34,6 +34,9 @@ class FhirRequest:
     # Who asks (set by the web adapter from the bearer token); None = not authenticated.
     principal: Principal | None = None
     client_address: str | None = None
+    # The FHIR base of this request's links (BASE_URL, else where the client connected), set
+    # by the web adapter; None (a request from the CLI or a test): the router's configured base.
+    base_url: str | None = None
     # Set by the access gate when this request opened break-glass access: (ids, reason).
     break_glass: tuple[list[int], str] | None = None
 

@@ -42,7 +42,7 @@ class FhirRouter:
     def __init__(self, ctx: ix.Context, gate: Gate) -> None:
         self.ctx = ctx
         self.gate = gate
-        self._capability: bytes | None = None
+        self._capability: dict[str, bytes] = {}  # by base URL (a few: BASE_URL or hosts served)
 
     def handle(self, request: FhirRequest) -> FhirResponse:
         """Answer one request in its own database transaction; errors become OperationOutcome.
@@ -55,7 +55,7 @@ class FhirRouter:
         afterwards in a transaction of their own, and their answer leaves only once that
         audit is written."""
         if request.path.strip("/") == "metadata":
-            return FhirResponse(200, self.capability())
+            return FhirResponse(200, self.capability(request.base_url))
         if request.principal is None:
             return error_response(unauthorized())
         access: Access | None = None
@@ -141,10 +141,15 @@ class FhirRouter:
             access.require(res_type, chosen.permission)
         return lambda: chosen.handler(self, request, res_type, res_id, extra)
 
-    def capability(self) -> bytes:
-        if self._capability is None:
-            self._capability = orjson.dumps(capability_statement(self.ctx.registry, self.ctx.base_url))
-        return self._capability
+    def capability(self, base_url: str | None = None) -> bytes:
+        """The CapabilityStatement served at ``base_url`` (default: the configured base)."""
+        base = (base_url or self.ctx.base_url).rstrip("/")
+        found = self._capability.get(base)
+        if found is None:
+            if len(self._capability) >= 16:  # Host headers are the client's: bound the cache
+                self._capability.clear()
+            found = self._capability[base] = orjson.dumps(capability_statement(self.ctx.registry, base))
+        return found
 
     def route(self, request: FhirRequest, access: Access) -> Handler:
         """The handler of a request, once the access layer allows the interaction."""

@@ -150,6 +150,7 @@ def _entry_request(entry: Entry, parent: FhirRequest) -> FhirRequest:
         principal=parent.principal,
         client_address=parent.client_address,
         assigned_id=entry.assigned,
+        base_url=parent.base_url,
     )
 
 
