@@ -7,8 +7,13 @@ hub-admin account ``test-admin``. ``ADMIN_AUTH`` is that account's Authorization
 valid on every test server; the ``http`` fixture sends it. ``make_token`` mints tokens for
 other roles, ``client_for`` opens clients that send them.
 
-CI runs the suite once per backend (see .ci/run). When HUB_TEST_DATABASE_URL names a
-PostgreSQL database that is not reachable, the run fails rather than skips.
+CI runs the suite once per backend, both at once (``make test``, see .ci/run): every
+database a run makes is named after HUB_TEST_DATABASE_URL's (PostgreSQL) or lives in the
+run's temporary directory (SQLite), so the two runs never meet. When HUB_TEST_DATABASE_URL
+names a PostgreSQL database that is not reachable, the run fails rather than skips.
+
+Data sets: ``synthea_300`` imports the 300-patient Synthea set once per run; tests read it
+or take writable copies (``copy(label)``), never load it again.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import hashlib
 import os
 import shutil
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,7 @@ from hub.auth.principal import Role
 from hub.auth.tokens import TokenService
 from hub.db.engine import create_engine, normalize_url
 from hub.db.migrate import downgrade, upgrade
+from hub.ingest.pipeline import Importer, ImportReport
 from hub.rest import FhirRouter
 from hub.settings import Settings
 
@@ -116,6 +125,50 @@ def fresh_database_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
         return url
 
     return make
+
+
+SYNTHEA_300 = SHARED / "data/synthea/bundles_r4_300_patients_gz"
+
+
+def _copy_database(url: str, label: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A writable copy of the database at ``url``: PostgreSQL ``CREATE DATABASE … TEMPLATE``
+    (nobody may be connected to the original), SQLite the backup API."""
+    if PG_URL:
+        source = sa.engine.make_url(url)
+        name = f"{sa.engine.make_url(normalize_url(PG_URL)).database}_{label}"
+        admin = sa.create_engine(source.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{source.database}" STRATEGY FILE_COPY'))
+        admin.dispose()
+        return source.set(database=name).render_as_string(hide_password=False)
+    target = tmp_path_factory.mktemp(label) / "hub.sqlite3"
+    source_file = sa.engine.make_url(url).database or ""
+    with closing(sqlite3.connect(source_file)) as src, closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+    return f"sqlite:///{target}"
+
+
+@dataclass(frozen=True)
+class LoadedSet:
+    """A data set imported once per run into its own database."""
+
+    url: str  # read it, never write it (nor serve it: a server writes audit events)
+    report: ImportReport
+    copy: Callable[[str], str]  # copy(label): the URL of a new writable copy
+
+
+@pytest.fixture(scope="session")
+def synthea_300(fresh_database_url, tmp_path_factory: pytest.TempPathFactory) -> LoadedSet:  # type: ignore[no-untyped-def]
+    """The 300-patient Synthea set, imported once per run (the slowest fixture: every test
+    that needs it shares this one load; tests/test_import.py checks the load itself)."""
+    assert SYNTHEA_300.exists(), f"test data missing: {SYNTHEA_300} (../shared must sit beside the repo)"
+    url = fresh_database_url("synthea300")
+    router = build_router(Settings(database_url=url))
+    with system_access("test-import"):
+        report = Importer(router, workers=2).run([SYNTHEA_300])
+    router.ctx.store.engine.dispose()
+    return LoadedSet(url, report, lambda label: _copy_database(url, label, tmp_path_factory))
 
 
 @pytest.fixture(scope="session")

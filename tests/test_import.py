@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, SYNTHEA_300, LoadedSet
 
 from consent.context import system_access
 from hub.app_factory import build_router
 from hub.db.engine import create_engine
-from hub.ingest.pipeline import Importer
+from hub.ingest.pipeline import Importer, ImportReport
 from hub.settings import Settings
 
 SMALL = SHARED / "data/synthea/bundles_r4_small"
-LARGE = SHARED / "data/synthea/bundles_r4_300_patients_gz"
 NDJSON = SHARED / "data/synthea/bulk_ndjson_10_patients"
 
 
@@ -48,7 +47,7 @@ def _stored_counts(url: str) -> Counter[str]:
     return Counter({t: n for t, n in rows})
 
 
-def _import(url: str, paths: list[Path], workers: int = 2) -> object:
+def _import(url: str, paths: list[Path], workers: int = 2) -> ImportReport:
     router = build_router(Settings(database_url=url))
     with system_access("test-import"):
         report = Importer(router, workers=workers).run(paths)
@@ -94,12 +93,14 @@ def test_reimport_creates_new_resources_without_collisions(fresh_database_url) -
 
 
 @pytest.mark.slow
-def test_300_patient_set_loads_completely(fresh_database_url) -> None:  # type: ignore[no-untyped-def]
-    _require(LARGE)
-    url = fresh_database_url("large")
-    report = _import(url, [LARGE])
-    assert report.errors == []
-    assert _stored_counts(url) == _bundle_counts(LARGE)
+def test_300_patient_set_loads_completely(synthea_300: LoadedSet) -> None:
+    """The run's one load of the large set (conftest's ``synthea_300``, shared with the
+    differential search test): nothing rejected, every resource stored."""
+    assert synthea_300.report.errors == []
+    assert synthea_300.report.rejected == 0
+    expected = _bundle_counts(SYNTHEA_300)
+    assert _stored_counts(synthea_300.url) == expected
+    assert sum(synthea_300.report.created.values()) == sum(expected.values())
 
 
 def test_ndjson_import_keeps_ids_and_reimport_updates(fresh_database_url) -> None:  # type: ignore[no-untyped-def]

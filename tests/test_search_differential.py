@@ -1,7 +1,7 @@
 """Differential search test: the hub's answers against hand-written Python filters.
 
-The 300-patient Synthea set is loaded once for the module into a fresh database (the backend
-under test) and served by a real uvicorn server. Each case sends one search over HTTP, follows
+The 300-patient Synthea set, loaded once per run by conftest's ``synthea_300`` (the backend
+under test), is copied for this module and served by a real uvicorn server. Each case sends one search over HTTP, follows
 the ``next`` links, and compares what came back with what a plain Python filter over the raw
 Bundles selects. The oracle never calls hub code: folding, date ranges, prefixes and reference
 resolution are re-implemented here from the FHIR R4 search specification (search.html).
@@ -25,16 +25,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ADMIN_AUTH, SHARED, LiveServer
-
-from consent.context import system_access
-from hub.app_factory import build_router
-from hub.ingest.pipeline import Importer
-from hub.settings import Settings
+from conftest import ADMIN_AUTH, SYNTHEA_300, LiveServer, LoadedSet
 
 pytestmark = pytest.mark.slow
 
-DATA = SHARED / "data/synthea/bundles_r4_300_patients_gz"
+DATA = SYNTHEA_300
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 Resource = dict[str, Any]
@@ -246,15 +241,9 @@ def search_all(base: str, res_type: str, params: list[tuple[str, str]]) -> Found
 
 
 @pytest.fixture(scope="module")
-def data(fresh_database_url) -> Iterator[Data]:  # type: ignore[no-untyped-def]
-    assert DATA.exists(), f"test data missing: {DATA}"
-    url = fresh_database_url("differential")
-    router = build_router(Settings(database_url=url))
-    with system_access("test-import"):
-        report = Importer(router, workers=2).run([DATA])
-    router.ctx.store.engine.dispose()
-    assert report.errors == []
-    with LiveServer(url) as server:
+def data(synthea_300: LoadedSet) -> Iterator[Data]:
+    assert synthea_300.report.errors == []
+    with LiveServer(synthea_300.copy("differential")) as server:
         raw = load_raw(server.base)
         patients = search_all(server.base, "Patient", [("_count", "1000")]).matches
         raw.updated = {p["id"]: p["meta"]["lastUpdated"] for p in patients}
