@@ -24,8 +24,10 @@ from hub.errors import FhirError, Issue
 
 HEADER = "x-break-glass-reason"
 VERDICTS = ("justified", "not-justified")
-# Patient-pointing search parameters a break-glass search may name its patient with.
-_PATIENT_PARAMS = ("patient", "subject", "subject:Patient", "beneficiary", "_id")
+# Search parameters whose value names the patient a request is about (a break-glass search
+# names its patient with one of them, bare or with ``:Patient``; ``_id`` on Patient too). The
+# one list: the gate's "me" parameters (``hub.rest.gate``) are these and the person ones.
+PATIENT_PARAMS = frozenset({"patient", "subject", "beneficiary"})
 _MAX_ID = 64  # no FHIR id is longer
 
 
@@ -33,27 +35,31 @@ def _bad(message: str) -> FhirError:
     return FhirError(400, [Issue("invalid", message)])
 
 
-def patients_of_request(conn: sa.Connection, path: str, query: list[tuple[str, str]]) -> list[str]:
+def patients_of_request(
+    conn: sa.Connection, res_type: str | None, res_id: str | None, query: list[tuple[str, str]]
+) -> list[str]:
     """The patient a request is about: ``Patient/{id}...``, ``?patient=``/``?subject=``, or
-    the compartment of ``Type/{id}``; at most one. Break-glass opens access to that one
-    record only: a request naming several patients is refused (400), so one request can
+    the compartment of ``Type/{id}``; at most one. ``res_type`` and ``res_id`` are those
+    of the request's parsed target (``hub.rest.target``). Break-glass opens access to that
+    one record only: a request naming several patients is refused (400), so one request can
     never open many records."""
-    parts = [p for p in path.strip("/").split("/") if p]
     found: list[str] = []
-    if len(parts) >= 2 and parts[0] == "Patient" and not parts[1].startswith(("$", "_")):
-        found.append(parts[1])
+    if res_type == "Patient" and res_id is not None:
+        found.append(res_id)
     for key, value in query:
-        if key in _PATIENT_PARAMS and (key != "_id" or parts[:1] == ["Patient"]):
+        name, _, modifier = key.partition(":")
+        names_patient = name in PATIENT_PARAMS and modifier in ("", "Patient")
+        if names_patient or (key == "_id" and res_type == "Patient"):
             for item in value.split(","):
                 ref = item.strip().rstrip("/")
                 if ref and (ref.startswith("Patient/") or "/" not in ref):
                     found.append(ref.split("/")[-1])
     found = [p for p in found if len(p) <= _MAX_ID]  # no FHIR id is longer: no such patient
-    if not found and len(parts) >= 2 and not parts[1].startswith(("$", "_")):
+    if not found and res_type is not None and res_id is not None:
         rows = conn.execute(
             sa.select(compartment.c.patient_id)
             .join(resource, resource.c.pid == compartment.c.pid)
-            .where(resource.c.res_type == parts[0], resource.c.res_id == parts[1][:_MAX_ID])
+            .where(resource.c.res_type == res_type, resource.c.res_id == res_id[:_MAX_ID])
             .distinct()
         ).all()
         found = [r[0] for r in rows if r[0]]  # "": a resource of no resolvable patient

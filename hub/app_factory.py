@@ -1,6 +1,7 @@
 """Wiring: settings -> engine -> store -> router. One place builds the object graph.
 
-Calls: settings, engine, key configuration (hub.crypto), registry, store, router.  Called by: the CLI, the API, tests, bench.
+Calls: settings, engine, key configuration (hub.crypto), registry, store, router, and the
+operations it registers (``hub.ops``).  Called by: the CLI, the API, tests, bench.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import sqlalchemy as sa
 from hub.audit.trail import AuditTrail
 from hub.crypto.keys import configure as configure_keys
 from hub.db.engine import create_engine
+from hub.ops import everything, export
 from hub.rest import FhirRouter
 from hub.rest.gate import Gate
 from hub.rest.interactions import Context
+from hub.rest.operations import Operations
 from hub.search.registry import get_registry
 from hub.settings import Settings, get_settings
 from hub.store import Store
@@ -57,4 +60,24 @@ def build_router(settings: Settings | None = None, engine: sa.Engine | None = No
         max_bundle_entries=settings.max_bundle_entries,
         disclosed=gate.disclosed,
     )
-    return FhirRouter(context, gate)
+    return FhirRouter(context, gate, operations())
+
+
+def operations() -> Operations:
+    """The FHIR operations the hub answers, registered here and nowhere else."""
+    return (
+        Operations()
+        .register("everything", "instance", everything.patient_everything, "Patient", methods=("GET",))
+        .register("everything", "type", everything.all_patients_everything, "Patient", methods=("GET",))
+        .register("export", "system", export.export_system)
+        .register("export", "type", export.export_patients, "Patient")
+        .register("export", "instance", export.export_group, "Group")
+        .register(
+            "export-status",
+            "system",
+            export.export_status,
+            methods=("GET", "DELETE"),
+            permission=None,  # only the job's owner: checked by the handler
+            arguments=("job_id",),
+        )
+    )

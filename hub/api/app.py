@@ -38,6 +38,7 @@ from hub.errors import FhirError, Issue
 from hub.ops.export import NDJSON, export_file_path, purge_expired_at_start
 from hub.rest import FhirRequest, FhirResponse
 from hub.rest.messages import FHIR_JSON
+from hub.rest.target import routes as target_routes
 from hub.settings import Settings, get_settings
 
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "text/json")
@@ -185,26 +186,34 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
         fhir_request.client_address = request.client.host if request.client else None
         return _to_http(await guarded_call(request, fhir_request))
 
-    def route(path: str, methods: list[str], name: str) -> None:
+    def route(
+        template: str, methods: list[str], name: str, summary: str = "", in_schema: bool = True
+    ) -> None:
+        """One route below /fhir; every route answers through the router (``dispatch``)."""
+
         async def endpoint(request: Request) -> Response:
             return await dispatch(request, request.url.path.removeprefix("/fhir").strip("/"))
 
         endpoint.__name__ = name
-        app.add_api_route(f"/fhir{path}", endpoint, methods=methods, name=name, response_class=Response)
+        app.add_api_route(
+            f"/fhir{template}",
+            endpoint,
+            methods=methods,
+            name=name,
+            operation_id=name,
+            summary=summary or None,
+            response_class=Response,
+            include_in_schema=in_schema,
+        )
 
     # First: /fhir/.well-known/smart-configuration would otherwise match /fhir/{type}/{id}.
     mount_auth_routes(app, settings, engine, tokens, public_base)
     mount_access_routes(app, router, bearer)
-    route("/metadata", ["GET"], "capabilities")
-    route("", ["POST"], "transaction_or_batch")
-    route("/", ["POST"], "transaction_or_batch_slash")
-    route("/_history", ["GET"], "history_system")
-    route("/{resource_type}", ["GET", "POST", "PUT", "DELETE"], "type_level")
-    route("/{resource_type}/_search", ["POST"], "search_post")
-    route("/{resource_type}/_history", ["GET"], "history_type")
-    route("/{resource_type}/{resource_id}", ["GET", "PUT", "DELETE"], "instance")
-    route("/{resource_type}/{resource_id}/_history", ["GET"], "history_instance")
-    route("/{resource_type}/{resource_id}/_history/{version_id}", ["GET"], "vread")
+    # The FHIR routes, generated from the URL grammar (hub.rest.target) and the registered
+    # operations: one route, hence one OpenAPI operationId, per method and path.
+    for spec in [*target_routes(), *(r for op in router.operations for r in op.routes())]:
+        route(spec.template, [spec.method], spec.operation_id, spec.summary)
+    route("/", ["POST"], "transaction_or_batch_slash", in_schema=False)  # [base]/ as [base]
 
     # Bulk Data files are streamed from disk, which a FhirResponse (bytes) cannot do.
     @app.get("/fhir/$export-file/{job_id}/{file_name}", include_in_schema=False)
@@ -221,9 +230,10 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
             return Response(error.outcome_bytes(), error.status, media_type=FHIR_JSON)
         return FileResponse(path, media_type=NDJSON)
 
-    # Operations ($everything, $export, its status) and anything else: the router
-    # decides, so unknown paths and methods get an OperationOutcome too.
-    route("/{path:path}", ["GET", "POST", "PUT", "DELETE", "PATCH"], "operations_and_fallback")
+    # Anything else (unknown paths, operations and methods): the router decides, so they get
+    # an OperationOutcome too.
+    for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+        route("/{path:path}", [method], f"fallback_{method.lower()}", "any other path: the router answers")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -8,8 +8,8 @@ Calls: the store, the schema.  Called by: the access layer (router and web adapt
 from __future__ import annotations
 
 # Resource types nobody may update or delete through the REST API, administrators
-# included: the router refuses PUT, PATCH and DELETE on them. AuditEvents are written by
-# the hub only, and an edit would break the hash chain anyway.
+# included: the access decision (``consent.decision``) refuses writes of them. AuditEvents
+# are written by the hub only, and an edit would break the hash chain anyway.
 APPEND_ONLY_TYPES: frozenset[str] = frozenset({"AuditEvent"})
 
 __all__ = ["APPEND_ONLY_TYPES"]

@@ -1,6 +1,6 @@
-"""FHIR operations. Importing ``everything`` and ``export`` registers them with
-``hub.rest.operations`` (the router does); ``compartment`` has no side effects, so the
-write path can use it without importing the REST layer.
+"""FHIR operations. Importing a module registers nothing: ``hub.app_factory`` registers
+the handlers of ``everything`` and ``export`` with the router's ``hub.rest.operations.Operations``;
+``compartment`` can be used by the write path without the REST layer.
 
 - ``compartment``: the Patient compartment (shared by the operations below; registers nothing)
 - ``everything``: ``Patient/{id}/$everything``, ``Patient/$everything``

@@ -5,7 +5,7 @@ and the shared resources those reference), its parameters (``_type``, ``_since``
 ``_count``/``_offset``), and the two operation handlers. Also the ``_type``/``_since``
 parsers that ``$export`` shares.
 Calls: ``hub.ops.compartment``, the schema, ``hub.rest.bundles``.  Called by: the router
-(registered with ``hub.rest.operations``), ``hub.ops.export`` (parameter parsing).
+(registered by ``hub.app_factory``), ``hub.ops.export`` (parameter parsing).
 
 The member set is one SQL statement, so paging is plain offset paging over one stable
 order (the patients first, then by type and pid) and each resource is on exactly one page:
@@ -43,7 +43,6 @@ from hub.ops import compartment
 from hub.rest import bundles
 from hub.rest.interactions import link_base
 from hub.rest.messages import FhirRequest, FhirResponse
-from hub.rest.operations import operation
 from hub.search.dates import DateFormatError, date_range, from_micros
 from hub.validation import is_resource_type
 
@@ -219,7 +218,6 @@ def _bytes(content: str | bytes) -> bytes:
     return content if isinstance(content, bytes) else content.encode()
 
 
-@operation("everything", "instance", "Patient", methods=("GET",))
 def patient_everything(
     router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
 ) -> FhirResponse:
@@ -228,7 +226,6 @@ def patient_everything(
     return _everything(router, request, [res_id], f"Patient/{res_id}/$everything", must_exist=res_id)
 
 
-@operation("everything", "type", "Patient", methods=("GET",))
 def all_patients_everything(
     router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
 ) -> FhirResponse:

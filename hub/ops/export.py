@@ -7,7 +7,8 @@ one NDJSON file per resource type under ``{export_dir}/{job}/``, the completion 
 and resolving a file of a completed job for download.
 Calls: the schema, ``hub.ops.compartment``, the search engine (``_typeFilter``), the
 ``_type``/``_since`` parsers of ``hub.ops.everything``.
-Called by: the router (``$export``, ``$export-status``) and the FastAPI route that streams
+Called by: the router (``$export``, ``$export-status``, registered by ``hub.app_factory``)
+and the FastAPI route that streams
 ``$export-file/{job}/{Type}.ndjson`` (``hub.api.app``, via ``export_file_path``; the app
 also runs ``purge_expired_at_start``).
 
@@ -69,7 +70,6 @@ from hub.ops import compartment
 from hub.ops.everything import AUDIT_TRAIL_TYPES, since_param, types_param
 from hub.rest.interactions import link_base
 from hub.rest.messages import FhirRequest, FhirResponse
-from hub.rest.operations import operation
 from hub.search import engine as search_engine
 from hub.search.query import RESULT_PARAMS
 from hub.store.records import as_utc, instant, now
@@ -120,21 +120,18 @@ class ExportSpec:
 # --- kick-off ------------------------------------------------------------------------------
 
 
-@operation("export", "system")
 def export_system(
     router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
 ) -> FhirResponse:
     return _kick_off(router, request, "system", None, extra)
 
 
-@operation("export", "type", "Patient")
 def export_patients(
     router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
 ) -> FhirResponse:
     return _kick_off(router, request, "patient", None, extra)
 
 
-@operation("export", "instance", "Group")
 def export_group(
     router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
 ) -> FhirResponse:
@@ -637,7 +634,6 @@ def _expired_error(job_id: str) -> FhirError:
 # --- status, cancel, files -----------------------------------------------------------------
 
 
-@operation("export-status", "system", methods=("GET", "DELETE"), permission=None)
 def export_status(
     router: FhirRouter, request: FhirRequest, res_type: str | None, res_id: str | None, extra: list[str]
 ) -> FhirResponse:

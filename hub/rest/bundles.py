@@ -1,12 +1,14 @@
 """Building response Bundles from stored JSON without parsing it again.
 
-Owns: searchset and history Bundle assembly, and paging links.
-Calls: orjson.  Called by: the interactions.
+Owns: the assembly of every Bundle the hub answers with (searchset, history, and the
+transaction-/batch-response of ``hub.rest.transaction``), and paging links.
+Calls: orjson.  Called by: the interactions, ``$everything``, Bundle processing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlencode
 
 import orjson
@@ -38,7 +40,8 @@ def _head(bundle_type: str, total: int | None, links: list[dict[str, str]]) -> b
     head: dict[str, object] = {"resourceType": "Bundle", "type": bundle_type}
     if total is not None:
         head["total"] = total
-    head["link"] = links
+    if links:  # FHIR JSON forbids empty arrays
+        head["link"] = links
     return orjson.dumps(head)[:-1]
 
 
@@ -50,6 +53,11 @@ def _entries(entries: list[bytes]) -> bytes:
 def _search_entry(base: str, res_type: str, res_id: str, content: bytes, mode: bytes) -> bytes:
     url = orjson.dumps(f"{base}/{res_type}/{res_id}")
     return b'{"fullUrl":' + url + b',"resource":' + content + b',"search":{"mode":"' + mode + b'"}}'
+
+
+def response(bundle_type: str, entries: Sequence[dict[str, Any]]) -> bytes:
+    """A ``transaction-response`` or ``batch-response`` Bundle of the given entries."""
+    return _head(bundle_type, None, []) + _entries([orjson.dumps(entry) for entry in entries])
 
 
 def searchset(

@@ -2,18 +2,20 @@
 
 Owns: stating only what works. Per type: the interactions the router implements and the
 search parameters that have an index (plus ``_id`` and ``_lastUpdated``).
-Calls: the registry, ``hub.auth.tokens`` (the token URL).  Called by: the router (``GET /metadata``).
+Calls: the registry, ``hub.auth.tokens`` (the token URL), the router's registered operations.
+Called by: the router (``GET /metadata``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
 from hub import __version__
 from hub.auth.tokens import auth_url
-from hub.rest.operations import all_operations
+from hub.rest.operations import Operation
 from hub.search.registry import FHIR_DATA_DIR, Registry
 
 TEMPLATE = FHIR_DATA_DIR / "capability-statement.json"
@@ -58,8 +60,13 @@ def _security(base_url: str) -> dict[str, Any]:
     }
 
 
-def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
-    statement = orjson.loads(TEMPLATE.read_bytes())
+def capability_statement(
+    registry: Registry, base_url: str, registered_operations: Iterable[Operation] = ()
+) -> dict[str, Any]:
+    """The CapabilityStatement served at ``base_url``: the registry's types and parameters,
+    and the router's registered operations."""
+    registered = list(registered_operations)
+    statement: dict[str, Any] = orjson.loads(TEMPLATE.read_bytes())
     statement["software"]["version"] = __version__
     statement["implementation"]["url"] = base_url
     rest = statement["rest"][0]
@@ -75,7 +82,7 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
         references = sorted(p.code for p in registry.indexed_params(res_type) if p.type == "reference")
         operations = [
             {"name": op.name, "definition": op.definition}
-            for op in all_operations()
+            for op in registered
             if op.level in ("type", "instance") and op.resource_type in (res_type, None) and op.definition
         ]
         resources.append(
@@ -103,7 +110,7 @@ def capability_statement(registry: Registry, base_url: str) -> dict[str, Any]:
     rest["security"] = _security(base_url)
     system_operations = [
         {"name": op.name, "definition": op.definition}
-        for op in all_operations()
+        for op in registered
         if op.level == "system" and op.definition
     ]
     if system_operations:

@@ -53,7 +53,10 @@ class Gate:
                 # Opening needs a write; the patients are looked up unfiltered on purpose:
                 # break-glass is exactly access to what the clinician could not see.
                 with self.store.write() as write_conn:
-                    patients = breakglass.patients_of_request(write_conn, request.path, request.query)
+                    target = request.target
+                    patients = breakglass.patients_of_request(
+                        write_conn, target.resource_type, target.resource_id, request.query
+                    )
                     ids = breakglass.open_access(
                         write_conn, request.principal, patients, reason, self.break_glass_minutes
                     )
@@ -97,7 +100,7 @@ class Gate:
         interaction: str,
         status: int,
     ) -> list[AccessEvent]:
-        parts = [p for p in request.path.strip("/").split("/") if p]
+        target = request.target
         touched = list(dict.fromkeys(access.touched)) if access is not None else []
         by_patient, shared = self._described(conn, touched)
         opened = request.break_glass
@@ -110,10 +113,10 @@ class Gate:
                 principal=request.principal,  # type: ignore[arg-type]
                 interaction=interaction,
                 action=_ACTIONS.get(interaction, "R"),
-                resource_type=parts[0] if parts and not parts[0].startswith(("$", "_")) else None,
-                resource_id=parts[1] if len(parts) >= 2 and not parts[1].startswith(("$", "_")) else None,
+                resource_type=target.resource_type,
+                resource_id=target.resource_id,
                 query=_recorded_query(request),
-                operation=next((p for p in parts if p.startswith("$")), None),
+                operation=f"${target.operation}" if target.operation else None,
                 patients=patients,
                 entities=entities,
                 outcome_status=status,
@@ -220,9 +223,8 @@ def _resolve_me(request: FhirRequest) -> None:
     ]
 
 
-_ME_PARAMS = frozenset(
-    {"patient", "subject", "agent", "beneficiary", "performer", "requester", "actor", "who"}
-)
+# Reference parameters "me" may stand in: the patient ones and those naming a person acting.
+_ME_PARAMS = breakglass.PATIENT_PARAMS | {"agent", "performer", "requester", "actor", "who"}
 
 
 def _chunks(items: list[int]) -> Iterable[list[int]]:

@@ -1,7 +1,8 @@
 """The request and response of one FHIR interaction.
 
 Owns: header parsing that every interaction shares (Prefer, If-Match, ETags).
-Calls: nothing.  Called by: the router, the interactions, the web adapter.
+Calls: ``hub.rest.target`` (parsing the request's target).
+Called by: the router, the interactions, the web adapter.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 import orjson
 
 from hub.auth.principal import Principal
-from hub.errors import bad_request
+from hub.errors import FhirError, bad_request
+from hub.rest.target import Target, parse
 
 FHIR_JSON = "application/fhir+json"
 _ETAG_RE = re.compile(r'^(?:W/)?"?(\d+)"?$')
@@ -39,6 +41,24 @@ class FhirRequest:
     base_url: str | None = None
     # Set by the access gate when this request opened break-glass access: (ids, reason).
     break_glass: tuple[list[int], str] | None = None
+    # The parsed method and path (``target``), computed once.
+    _target: tuple[str, str, Target] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def target(self) -> Target:
+        """What the request asks for, parsed once from its method and path (and, for
+        ``POST [base]``, its Bundle's type)."""
+        if self._target is not None and self._target[:2] == (self.method, self.path):
+            return self._target[2]
+        bundle_type = None
+        if self.method == "POST" and not self.path.strip("/"):
+            try:
+                bundle_type = self.json_body().get("type")
+            except FhirError:
+                bundle_type = None
+        target = parse(self.method, self.path, bundle_type if isinstance(bundle_type, str) else None)
+        self._target = (self.method, self.path, target)
+        return target
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

@@ -1,8 +1,10 @@
 """Routing a FHIR request to its interaction, inside a database transaction.
 
-Owns: the URL grammar below the FHIR base and which interaction answers which method.
-Also where a write's AuditEvent joins the write's transaction (``audit_write``).
-Calls: interactions, transaction processing, the capability statement, the gate (audit).
+Owns: which interaction answers a request's parsed target (``FhirRequest.target``, parsed
+once by the URL grammar in ``hub.rest.target``), the SMART permission check of reads and
+searches, and where a write's AuditEvent joins the write's transaction (``audit_write``).
+Calls: interactions, the operations registered with it (``hub.rest.operations``),
+transaction processing, the capability statement, the gate (admission, audit).
 Called by: the web adapter (``hub.api``) and Bundle processing (per entry).
 """
 
@@ -15,17 +17,15 @@ from typing import TYPE_CHECKING
 import orjson
 import sqlalchemy as sa
 
-import hub.ops.everything  # noqa: F401  (registers the operation)
-import hub.ops.export  # noqa: F401  (registers the operations)
 from consent.context import current as current_access
 from consent.context import serving
 from consent.decision import PERMISSION, Access, unauthorized
 from hub.errors import FhirError, not_allowed, not_found
 from hub.rest import interactions as ix
-from hub.rest import operations
 from hub.rest.capability import capability_statement
 from hub.rest.gate import audit_failure
 from hub.rest.messages import FhirRequest, FhirResponse
+from hub.rest.operations import Operations
 from hub.validation import is_resource_type
 
 if TYPE_CHECKING:
@@ -39,9 +39,10 @@ AUDITED_WITH_WRITE = frozenset({"create", "update", "patch", "delete", "transact
 
 
 class FhirRouter:
-    def __init__(self, ctx: ix.Context, gate: Gate) -> None:
+    def __init__(self, ctx: ix.Context, gate: Gate, operations: Operations | None = None) -> None:
         self.ctx = ctx
         self.gate = gate
+        self.operations = operations if operations is not None else Operations()
         self._capability: dict[str, bytes] = {}  # by base URL (a few: BASE_URL or hosts served)
 
     def handle(self, request: FhirRequest) -> FhirResponse:
@@ -54,12 +55,13 @@ class FhirRouter:
         nothing is stored and the answer is a 500. Reads and failed requests are audited
         afterwards in a transaction of their own, and their answer leaves only once that
         audit is written."""
-        if request.path.strip("/") == "metadata":
+        target = request.target
+        if target.metadata:
             return FhirResponse(200, self.capability(request.base_url))
         if request.principal is None:
             return error_response(unauthorized())
         access: Access | None = None
-        interaction = interaction_of(request)
+        interaction = target.interaction
         audited = False
         try:
             access = self.gate.admit(request)
@@ -85,7 +87,7 @@ class FhirRouter:
         operation = self._operation(request)
         if operation is not None:
             return operation()
-        if request.path.strip("/") == "" and request.method == "POST":
+        if request.target.bundle:
             from hub.rest.transaction import process_bundle
 
             return process_bundle(self, request)  # a transaction calls audit_write itself
@@ -118,17 +120,19 @@ class FhirRouter:
 
     def _operation(self, request: FhirRequest) -> Callable[[], FhirResponse] | None:
         """The handler for a ``$operation`` path, or None when the path names none."""
-        parts = [p for p in request.path.strip("/").split("/") if p]
-        position = next((i for i, p in enumerate(parts) if p.startswith("$")), None)
-        if position is None or position > 2:
+        target = request.target
+        name = target.operation
+        if name is None or target.form is None:
             return None
-        name, extra = parts[position][1:], parts[position + 1 :]
-        res_type = parts[0] if position >= 1 else None
-        res_id = parts[1] if position == 2 else None
-        level = ("system", "type", "instance")[position]
+        level, res_type, res_id, extra = (
+            target.level,
+            target.resource_type,
+            target.resource_id,
+            target.arguments,
+        )
         if res_type is not None and not is_resource_type(res_type):
             raise not_found(f"Unknown resource type '{res_type}'")
-        candidates = operations.find(name, level, res_type)
+        candidates = self.operations.find(name, level, res_type)
         if not candidates:
             raise not_found(
                 f"Operation ${name} is not supported at {level} level{' for ' + res_type if res_type else ''}"
@@ -139,7 +143,7 @@ class FhirRouter:
         access = current_access()
         if access is not None and chosen.permission is not None:
             access.require(res_type, chosen.permission)
-        return lambda: chosen.handler(self, request, res_type, res_id, extra)
+        return lambda: chosen.handler(self, request, res_type, res_id, list(extra))
 
     def capability(self, base_url: str | None = None) -> bytes:
         """The CapabilityStatement served at ``base_url`` (default: the configured base)."""
@@ -148,91 +152,54 @@ class FhirRouter:
         if found is None:
             if len(self._capability) >= 16:  # Host headers are the client's: bound the cache
                 self._capability.clear()
-            found = self._capability[base] = orjson.dumps(capability_statement(self.ctx.registry, base))
+            found = self._capability[base] = orjson.dumps(
+                capability_statement(self.ctx.registry, base, self.operations)
+            )
         return found
 
     def route(self, request: FhirRequest, access: Access) -> Handler:
         """The handler of a request, once the access layer allows the interaction."""
         handler = self._route(request)
-        permission = PERMISSION.get(interaction_of(request))
+        target = request.target
+        permission = PERMISSION.get(target.interaction)
         if permission is not None and permission in "rs":  # writes are checked by the store
-            parts = [p for p in request.path.strip("/").split("/") if p]
-            access.require(parts[0] if parts and parts[0] != "_history" else None, permission)
+            access.require(target.resource_type, permission)
         return handler
 
     def _route(self, request: FhirRequest) -> Handler:
-        ctx, method = self.ctx, request.method
-        parts = [p for p in request.path.strip("/").split("/") if p]
-        if not parts:
-            raise not_allowed(f"{method} is not supported at the server base")
-        if parts == ["_history"] and method == "GET":
-            return lambda conn: ix.history(ctx, conn, request, None, None)
-        res_type = parts[0]
-        if not is_resource_type(res_type):
-            raise not_found(f"Unknown resource type '{res_type}'")
-        rest = parts[1:]
-        if not rest:
-            handlers: dict[str, Handler] = {
-                "GET": lambda conn: ix.search(ctx, conn, request, res_type),
-                "POST": lambda conn: ix.create(ctx, conn, request, res_type),
-                "PUT": lambda conn: ix.conditional_update(ctx, conn, request, res_type),
-                "DELETE": lambda conn: ix.conditional_delete(ctx, conn, request, res_type),
-            }
-        elif rest == ["_search"]:
-            handlers = {"POST": lambda conn: ix.search(ctx, conn, request, res_type)}
-        elif rest == ["_history"]:
-            handlers = {"GET": lambda conn: ix.history(ctx, conn, request, res_type, None)}
-        elif len(rest) == 1:
-            res_id = rest[0]
-            handlers = {
-                "GET": lambda conn: ix.read(ctx, conn, request, res_type, res_id),
-                "PUT": lambda conn: ix.update(ctx, conn, request, res_type, res_id),
-                "DELETE": lambda conn: ix.delete(ctx, conn, request, res_type, res_id),
-            }
-        elif len(rest) == 2 and rest[1] == "_history":
-            handlers = {"GET": lambda conn: ix.history(ctx, conn, request, res_type, rest[0])}
-        elif len(rest) == 3 and rest[1] == "_history":
-            handlers = {"GET": lambda conn: ix.vread(ctx, conn, request, res_type, rest[0], rest[2])}
-        else:
+        ctx, target = self.ctx, request.target
+        if not target.path:  # POST [base] is answered before routing
+            raise not_allowed(f"{request.method} is not supported at the server base")
+        if target.form is None:
             raise not_found(f"No FHIR interaction at '{request.path}'")
-        if method == "HEAD" and "GET" in handlers:
-            return handlers["GET"]
-        if method not in handlers:
-            raise not_allowed(f"{method} is not allowed on '{request.path}'")
-        return handlers[method]
-
-
-def interaction_of(request: FhirRequest) -> str:
-    """The FHIR restful-interaction code of a request (AuditEvent.subtype, SMART permission)."""
-    parts = [p for p in request.path.strip("/").split("/") if p]
-    method = "GET" if request.method == "HEAD" else request.method
-    if any(p.startswith("$") for p in parts[:3]):
-        return "operation"
-    if not parts:
-        if method != "POST":
-            return "search-system"
-        try:
-            kind = request.json_body().get("type")
-        except FhirError:
-            kind = None
-        return "batch" if kind == "batch" else "transaction"
-    if parts == ["_history"]:
-        return "history-system"
-    if parts == ["_search"]:
-        return "search-system"
-    if len(parts) == 1:
-        return {"GET": "search-type", "POST": "create", "PUT": "update", "DELETE": "delete"}.get(
-            method, "operation"
-        )
-    if parts[1] == "_search":
-        return "search-type"
-    if parts[1] == "_history":
-        return "history-type"
-    if len(parts) == 2:
-        return {"GET": "read", "PUT": "update", "DELETE": "delete", "PATCH": "patch"}.get(method, "operation")
-    if len(parts) == 3:
-        return "history-instance"
-    return "vread"
+        if target.operation is not None or target.metadata:  # answered before routing
+            raise not_allowed(f"{request.method} is not supported at '{request.path}'")
+        if target.resource_type is not None and not is_resource_type(target.resource_type):
+            raise not_found(f"Unknown resource type '{target.resource_type}'")
+        if not target.served:
+            raise not_allowed(f"{request.method} is not allowed on '{request.path}'")
+        # The grammar's forms name a type at type level and a type and id at instance level.
+        res_type, res_id, version = target.resource_type or "", target.resource_id or "", target.version or ""
+        match target.interaction:
+            case "search-type":
+                return lambda conn: ix.search(ctx, conn, request, res_type)
+            case "create":
+                return lambda conn: ix.create(ctx, conn, request, res_type)
+            case "update" if target.level == "type":
+                return lambda conn: ix.conditional_update(ctx, conn, request, res_type)
+            case "update":
+                return lambda conn: ix.update(ctx, conn, request, res_type, res_id)
+            case "delete" if target.level == "type":
+                return lambda conn: ix.conditional_delete(ctx, conn, request, res_type)
+            case "delete":
+                return lambda conn: ix.delete(ctx, conn, request, res_type, res_id)
+            case "read":
+                return lambda conn: ix.read(ctx, conn, request, res_type, res_id)
+            case "history-system" | "history-type" | "history-instance":
+                return lambda conn: ix.history(ctx, conn, request, target.resource_type, target.resource_id)
+            case "vread":
+                return lambda conn: ix.vread(ctx, conn, request, res_type, res_id, version)
+        raise not_found(f"No FHIR interaction at '{request.path}'")
 
 
 # AuditEvent.agent elements that identify a session rather than a person: the IP address

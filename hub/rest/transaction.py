@@ -10,7 +10,8 @@ Also the entry limit (``MAX_BUNDLE_ENTRIES``: 413 before any entry is read) and 
 runs (``_batch``): the batch's Access for every entry, one write transaction with a SAVEPOINT
 per entry, runs of plain creates bulk-inserted, the entries' AuditEvents grouped and appended
 to the chain at once (docs/access.md §5, §6).
-Calls: the router (per entry), the search engine, the store's id lookups, the gate's
+Calls: the router (per entry), the URL grammar (``hub.rest.target``, per entry), the search
+engine, the store's id lookups, ``hub.rest.bundles`` (the response Bundle), the gate's
 AuditEvent builder and the audit trail (batches).
 Called by: the router for ``POST [base]`` with a Bundle.
 """
@@ -27,8 +28,11 @@ import sqlalchemy as sa
 
 from consent import context as access_context
 from hub.errors import FhirError, Issue, bad_request, precondition_failed
+from hub.rest import bundles
 from hub.rest.interactions import condition_key, lock_conditions, respond_with
 from hub.rest.messages import FhirRequest, FhirResponse
+from hub.rest.target import Target
+from hub.rest.target import parse as parse_target
 from hub.search import engine as search_engine
 from hub.store import aliases as fullurl_aliases
 from hub.store import reader
@@ -62,6 +66,16 @@ class Entry:
     @property
     def query(self) -> list[tuple[str, str]]:
         return parse_qsl(urlsplit(self.url).query, keep_blank_values=True)
+
+    @property
+    def target(self) -> Target:
+        """The entry's method and url parsed by the URL grammar (its url may change: a
+        conditional PUT is planned to ``Type/id``)."""
+        return parse_target(self.method, self.path)
+
+    @property
+    def resource_type(self) -> str:
+        return self.target.resource_type or ""
 
 
 def process_bundle(router: FhirRouter, request: FhirRequest) -> FhirResponse:
@@ -174,7 +188,7 @@ def _response_entry(router: FhirRouter, response: FhirResponse, include_resource
 
 
 def _bundle_response(kind: str, entries: list[dict[str, Any]]) -> FhirResponse:
-    return FhirResponse(200, orjson.dumps({"resourceType": "Bundle", "type": kind, "entry": entries}))
+    return FhirResponse(200, bundles.response(kind, entries))
 
 
 # --- batch -------------------------------------------------------------------------------
@@ -216,7 +230,7 @@ _BREAK_GLASS_HEADER = "x-break-glass-reason"  # consent.breakglass.HEADER
 
 
 def _is_operation(entry: Entry) -> bool:
-    return any(part.startswith("$") for part in entry.path.split("/")[:3])
+    return entry.target.operation is not None
 
 
 def _batch_run(
@@ -306,11 +320,11 @@ def _batch_entry(
 ) -> tuple[FhirRequest, Access, str, FhirResponse]:
     """One entry in its own SAVEPOINT, as a request of its own; failures become its answer."""
     from hub.rest.gate import _resolve_me
-    from hub.rest.router import error_response, interaction_of
+    from hub.rest.router import error_response
 
     entry_request = _entry_request(entry, request)
     entry_access = _entry_access(access)
-    interaction = interaction_of(entry_request)
+    interaction = entry_request.target.interaction
     with access_context.serving(entry_access):
         try:
             _resolve_me(entry_request)
@@ -462,7 +476,7 @@ def _create_all(
     bodies = []
     for entry in posts:
         assert entry.resource is not None
-        res_type = entry.path.split("/")[0]
+        res_type = entry.resource_type
         if entry.resource.get("resourceType") != res_type or "/" in entry.path:
             raise bad_request(
                 f"Bundle.entry[{entry.index}]: POST {entry.url} with a {entry.resource.get('resourceType')}"
@@ -506,7 +520,7 @@ def _plan_targets(
     wanted = {uuid_of(e.full_url): e for e in entries if e.method == "POST" and uuid_of(e.full_url)}
     taken = reader.resolve_bare_ids(conn, [u for u in wanted if u]) if wanted and choose_ids else {}
     for entry in entries:
-        res_type = entry.path.split("/")[0]
+        res_type = entry.resource_type
         if entry.method == "POST":
             condition = entry.request.get("ifNoneExist")
             if condition:
@@ -551,7 +565,7 @@ def _condition_keys(entries: list[Entry]) -> list[int]:
     conditional references, so they are all taken before the first search."""
     keys = []
     for entry in entries:
-        res_type = entry.path.split("/")[0]
+        res_type = entry.resource_type
         condition = entry.request.get("ifNoneExist")
         if entry.method == "POST" and condition:
             keys.append(condition_key(res_type, parse_qsl(condition.lstrip("?"), keep_blank_values=True)))
