@@ -19,7 +19,7 @@ meet it in a row (reload) or restart.
 now wants sealed (data written while encryption was off). Index rows are not touched:
 run ``hub reindex`` afterwards when plaintext rows were sealed, so their identifiers are
 indexed as keyed hashes too.
-Calls: ``hub.crypto.keys``/``envelope``/``policy``, SQLAlchemy.  Called by: the CLI, tests.
+Calls: ``hub.crypto.keys``/``envelope``/``policy``, ``hub.instants``, SQLAlchemy.  Called by: the CLI, tests.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from hub.crypto import keys
 from hub.crypto.envelope import open_content, seal
 from hub.crypto.policy import needs_sealing
 from hub.db.schema import data_key, resource, resource_history
+from hub.instants import instant
 from hub.settings import Settings
-from hub.store.records import instant
 
 BATCH = 500
 

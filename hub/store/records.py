@@ -2,7 +2,7 @@
 
 Owns: setting ``id`` and ``meta.versionId``/``meta.lastUpdated`` and serializing once,
 and deciding whether the version is stored encrypted.
-Calls: orjson, validation, index extraction, ``hub.crypto`` (policy).
+Calls: orjson, validation, index extraction, ``hub.crypto`` (policy), ``hub.instants``.
 Called by: the store and bulk ingest workers.
 """
 
@@ -16,6 +16,7 @@ import orjson
 
 from hub.crypto.keys import current as current_keyring
 from hub.crypto.policy import needs_sealing
+from hub.instants import instant as instant  # re-exported: the store's callers use it
 from hub.search.index import IndexRows, extract_index_rows
 from hub.search.registry import Registry
 from hub.validation import validate_resource
@@ -25,12 +26,6 @@ def now() -> datetime:
     """Current time truncated to milliseconds, the precision of meta.lastUpdated."""
     moment = datetime.now(UTC)
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-
-
-def instant(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def as_utc(moment: datetime) -> datetime:
