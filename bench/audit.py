@@ -39,9 +39,11 @@ from hub.audit.trail import AuditTrail  # noqa: E402
 from hub.audit.verify import verify_chain  # noqa: E402
 from hub.auth.principal import Principal, Role  # noqa: E402
 from hub.auth.scopes import ScopeSet  # noqa: E402
+from hub.crypto.keys import configure as configure_keys  # noqa: E402
 from hub.db.engine import create_engine, is_sqlite, normalize_url  # noqa: E402
 from hub.db.migrate import upgrade  # noqa: E402
 from hub.search.registry import get_registry  # noqa: E402
+from hub.settings import Settings  # noqa: E402
 from hub.store import Store  # noqa: E402
 from hub.store.records import finalize, now  # noqa: E402
 
@@ -114,7 +116,8 @@ def bench(url: str, events: int) -> None:
     upgrade(url)
     engine = create_engine(url)
     registry = get_registry()
-    trail = AuditTrail(Store(engine, registry), BASE)
+    keyring = configure_keys(Settings(database_url=url), engine)  # as the app factory does
+    trail = AuditTrail(Store(engine, registry, keyring=keyring), BASE)
     print(f"{'sqlite' if is_sqlite(url) else 'postgresql'}: {sa.engine.make_url(normalize_url(url))!r}")
 
     builds = 2000

@@ -34,12 +34,12 @@ def audit_identity(settings: Settings) -> str:
 def build_router(settings: Settings | None = None, engine: sa.Engine | None = None) -> FhirRouter:
     settings = settings or get_settings()
     engine = engine or create_engine(settings.database_url, echo=settings.sql_echo)
-    # The master key and encrypt_at_rest of this database, for every store/ingest path.
-    configure_keys(settings, engine)
+    # The database's keyring (master key, encrypt_at_rest), built once here and held by the store.
+    keyring = configure_keys(settings, engine)
     registry = get_registry()
     # References under BASE_URL are this hub's (compartment rules); without it only relative
     # ones are, whatever host a request came in by, so `hub reindex` resolves them the same.
-    store = Store(engine, registry, settings.base_url)
+    store = Store(engine, registry, settings.base_url, keyring)
     # Requests from the web adapter carry their own base (BASE_URL or where they reached us);
     # this one is for the rest (the CLI, tests driving the router).
     base_url = (settings.base_url or LOCAL_BASE_URL).rstrip("/")

@@ -162,9 +162,8 @@ def audit_verify(
     the database (--expect-head) shows that.
     """
     from hub.audit.verify import verify_chain
-    from hub.db.engine import create_engine
 
-    engine = create_engine(get_settings().database_url)
+    engine = _engine()
     try:
         report = verify_chain(engine, expect_head)
     finally:
@@ -191,9 +190,8 @@ def audit_verify(
 def audit_head() -> None:
     """Print the chain head (hex) to keep outside the database, for --expect-head."""
     from hub.audit.verify import head
-    from hub.db.engine import create_engine
 
-    engine = create_engine(get_settings().database_url)
+    engine = _engine()
     try:
         _, value = head(engine)
     finally:
@@ -214,10 +212,15 @@ DEMO_USERS: tuple[tuple[str, str, str | None, tuple[str, ...]], ...] = (
 )
 
 
-def _engine():  # type: ignore[no-untyped-def]
+def _engine() -> sa.Engine:
+    """The configured database, with its keyring (hub.crypto) built from the same settings."""
+    from hub.crypto.keys import configure
     from hub.db.engine import create_engine
 
-    return create_engine(get_settings().database_url)
+    settings = get_settings()
+    engine = create_engine(settings.database_url)
+    configure(settings, engine)
+    return engine
 
 
 def _read_password(password: str | None, password_stdin: bool, username: str) -> str:
@@ -413,10 +416,9 @@ def _demo_users(engine) -> None:  # type: ignore[no-untyped-def]
 def keys_status() -> None:
     """List the data keys, which is active, and the master key wrapping them."""
     from hub.crypto.admin import status
-    from hub.db.engine import create_engine
 
     settings = get_settings()
-    engine = create_engine(settings.database_url)
+    engine = _engine()
     try:
         report = status(engine, settings)
     finally:
@@ -451,13 +453,11 @@ def keys_rotate(
     """New master key: re-wrap every data key under it, and start a fresh data key for new writes."""
     from hub.crypto.admin import reencrypt as run_reencrypt
     from hub.crypto.admin import rotate
-    from hub.crypto.keys import KeyConfigError, configure
-    from hub.db.engine import create_engine
+    from hub.crypto.keys import KeyConfigError
 
     settings = get_settings()
-    engine = create_engine(settings.database_url)
+    engine = _engine()
     try:
-        configure(settings, engine)
         try:
             done = rotate(engine, settings, new_master_key_file)
         except KeyConfigError as error:
@@ -539,13 +539,12 @@ def _system_command(command: str, detail: str | None, engine: sa.Engine | None =
     from hub.app_factory import audit_identity
     from hub.audit.events import AccessEvent
     from hub.audit.trail import AuditTrail
-    from hub.db.engine import create_engine
     from hub.search.registry import get_registry
     from hub.store import Store
 
     settings = get_settings()
     own = engine is None
-    audit_engine = create_engine(settings.database_url) if engine is None else engine
+    audit_engine = _engine() if engine is None else engine
     status = 500
     with system_access(f"cli-{command}") as access:
         try:

@@ -181,6 +181,7 @@ def audit_url(fresh_database_url) -> str:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def audit_engine(audit_url: str) -> Iterator[sa.Engine]:
     engine = create_engine(audit_url)
+    keys.configure(Settings(database_url=audit_url), engine)  # its keyring, as the app factory makes it
     yield engine
     engine.dispose()
 

@@ -9,16 +9,22 @@ decryption. One ``hmac-`` row holds the key of the search index's keyed hashes (
 ``hub.crypto.blind``); rotation re-wraps it but never replaces it, or every hashed index
 value would have to be recomputed.
 
-A ``Keyring`` is what one database's unwrapped keys look like in a process (one per
-engine, loaded once, reloaded when a row names a kid it has not seen: another process
-rotated). The master key itself is not kept after unwrapping. Code that has no database
-connection in hand (index extraction, search predicates, ``open_content``) finds the
-keyring of the transaction it runs in through a context variable set by ``Store.read``
-and ``Store.write`` (``bound``); ingest worker processes get only what they need (the
-index key and whether to encrypt, ``worker_state``/``install_worker``), never a DEK or the
-master key, because sealing happens in the writer of the main process.
-Calls: cryptography (AES-GCM), SQLAlchemy (``data_key``), settings.
-Called by: ``hub.crypto.envelope``/``blind``/``admin``, the store, ingest, the app factory.
+A ``Keyring`` is what one database's unwrapped keys look like in a process (loaded once,
+reloaded when a row names a kid it has not seen: another process rotated). It is part of
+the object graph built at start-up: ``configure(settings, engine)``, called by the app
+factory and the CLI with their settings, makes it, and the ``Store`` holds it; nothing here
+reads the environment. ``configure`` also registers it for its database so code holding
+only an engine (``bound``, ``keyring_for``) finds it; a database nobody configured has no
+keyring (``KeyConfigError``), never another database's nor one built from the environment.
+The master key itself is not kept after unwrapping. Code that has no database connection
+in hand (index extraction, search predicates, ``open_content``) finds the keyring of the
+transaction it runs in through a context variable set by ``Store.read`` and ``Store.write``
+(``using``/``bound``), and only that one; ingest worker processes get only what they need
+(the index key and whether to encrypt, ``worker_state``/``install_worker``), never a DEK or
+the master key, because sealing happens in the writer of the main process.
+Calls: cryptography (AES-GCM), SQLAlchemy (``data_key``), settings (as passed in).
+Called by: ``hub.crypto.envelope``/``blind``/``admin``, the store, ingest, the app factory,
+the CLI.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hub.db.schema import data_key
 from hub.errors import FhirError, Issue
-from hub.settings import Settings, get_settings
+from hub.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +334,6 @@ _rings_by_url: dict[str, Keyring] = {}
 _rings_by_engine: weakref.WeakKeyDictionary[sa.Engine, Keyring] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
 _current: ContextVar[Keyring | None] = ContextVar("hub_keyring", default=None)
-_default: Keyring | None = None  # outside any transaction: the configured database or a worker's keys
 
 
 def _url(engine: sa.Engine) -> str:
@@ -336,9 +341,10 @@ def _url(engine: sa.Engine) -> str:
 
 
 def configure(settings: Settings, engine: sa.Engine) -> Keyring:
-    """Name the settings (master key, encrypt_at_rest) of a database; it becomes the
-    process default. Keys load on first use, so this works before migrations ran."""
-    global _default
+    """The keyring of a database with these settings (master key, encrypt_at_rest), for the
+    object graph built at start-up (the app factory hands it to the Store). Registered for
+    the engine and its URL, for ``bound``. Keys load on first use, so this works before
+    migrations ran."""
     url = _url(engine)
     with _registry_lock:
         ring = _rings_by_url.get(url)
@@ -347,21 +353,24 @@ def configure(settings: Settings, engine: sa.Engine) -> Keyring:
             _rings_by_url[url] = ring
             _settings_by_url[url] = settings
         _rings_by_engine[engine] = ring
-        _default = ring
     return ring
 
 
 def keyring_for(engine: sa.Engine) -> Keyring:
-    """The keyring of a database (settings from ``configure``, else ``get_settings()``), loaded."""
+    """The keyring ``configure`` made for this database (this engine or another one on the
+    same URL), loaded. None configured: ``KeyConfigError``, rather than keys guessed from
+    the environment."""
     ring = _rings_by_engine.get(engine)
     if ring is None:
         url = _url(engine)
         with _registry_lock:
             ring = _rings_by_url.get(url)
             if ring is None:
-                settings = _settings_by_url.get(url) or get_settings()
-                ring = Keyring(engine, settings, encrypt=settings.encrypt_at_rest)
-                _rings_by_url[url] = ring
+                where = engine.url.render_as_string(hide_password=True)
+                raise KeyConfigError(
+                    f"no keyring is configured for {where} (the app factory or the CLI builds it "
+                    "with hub.crypto.keys.configure)"
+                )
             _rings_by_engine[engine] = ring
     return ring.ensure_loaded()
 
@@ -394,26 +403,15 @@ def using(ring: Keyring) -> Iterator[Keyring]:
 
 
 def current() -> Keyring | None:
-    """The keyring of the transaction being run, else the process default."""
-    ring = _current.get()
-    if ring is None:
-        ring = _default
-        if ring is not None:
-            ring.ensure_loaded()
-    return ring
+    """The keyring bound to the code being run (``Store.read``/``write``, ``using``, a
+    worker's); None outside any: no process-wide default stands in for it."""
+    return _current.get()
 
 
 def cipher_for(kid: str) -> AESGCM | None:
-    """The DEK of a kid: the current database's first, then any this process knows."""
+    """The DEK of a kid in the current database's keyring (never another database's)."""
     ring = current()
-    if ring is not None:
-        found = ring.cipher(kid)
-        if found is not None:
-            return found
-    for other in list(_rings_by_url.values()):
-        if other is not ring and other.knows(kid):
-            return other.cipher(kid)
-    return None
+    return ring.cipher(kid) if ring is not None else None
 
 
 def worker_state(engine: sa.Engine) -> tuple[bool, bytes | None]:
@@ -423,8 +421,8 @@ def worker_state(engine: sa.Engine) -> tuple[bool, bytes | None]:
 
 
 def install_worker(encrypt: bool, index_key: bytes | None) -> None:
-    """ProcessPoolExecutor initializer: keys for index extraction and the encrypt flag only."""
-    global _default
+    """ProcessPoolExecutor initializer: keys for index extraction and the encrypt flag only
+    (bound for the worker's thread, which runs every task it is given)."""
     # A forked worker inherits the parent's unwrapped data keys: drop them, it needs none.
     with _registry_lock:
         _rings_by_url.clear()
@@ -432,5 +430,4 @@ def install_worker(encrypt: bool, index_key: bytes | None) -> None:
         _settings_by_url.clear()
     ring = Keyring.empty()
     ring.encrypt, ring.index_key = encrypt, index_key
-    _default = ring
     _current.set(ring)

@@ -63,7 +63,7 @@ import sqlalchemy as sa
 
 from consent import context as access_context
 from hub.crypto.envelope import open_content
-from hub.crypto.keys import bound as bound_keys
+from hub.crypto.keys import using as using_keys
 from hub.db.schema import export_job, idx_reference, resource
 from hub.errors import FhirError, Issue, bad_request, gone, not_found, operation_outcome
 from hub.ops import compartment
@@ -245,7 +245,8 @@ def _type_filters(ctx: Context, values: list[str], types: list[str], lenient: bo
             if lenient:
                 continue
             raise bad_request(f"_typeFilter names {res_type}, which _type does not include")
-        parsed = _parse_filter(ctx, res_type, query)
+        with using_keys(ctx.store.keys()):  # predicates of blinded parameters hash with its keys
+            parsed = _parse_filter(ctx, res_type, query)
         if any(name.partition(":")[0] in RESULT_PARAMS for name, _ in parsed.used):
             raise bad_request(f"_typeFilter '{raw}' may only hold search criteria")
         filters.setdefault(res_type, []).append(query)
@@ -381,7 +382,7 @@ def _write_files(ctx: Context, job_id: str, spec: ExportSpec, directory: Path) -
     store = ctx.store
     outputs: list[dict[str, Any]] = []
     # The job runs on its own thread: bind the database's keys for _typeFilter predicates.
-    with _snapshot(store) as conn, bound_keys(store.engine):
+    with _snapshot(store) as conn, using_keys(store.keys()):
         for res_type in spec.types:
             if _cancelled(store, job_id):
                 return None

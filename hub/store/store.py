@@ -29,8 +29,9 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from consent import context as access
-from hub.crypto.keys import bound as bound_keys
+from hub.crypto.keys import Keyring, keyring_for
 from hub.crypto.keys import current as current_keyring
+from hub.crypto.keys import using as using_keys
 from hub.crypto.policy import needs_sealing
 from hub.errors import FhirError, Issue, conflict, gone, not_found, precondition_failed, unprocessable
 from hub.ops import compartment
@@ -45,19 +46,32 @@ def new_id() -> str:
 
 
 class Store:
-    def __init__(self, engine: sa.Engine, registry: Registry, base_url: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        registry: Registry,
+        base_url: str | None = None,
+        keyring: Keyring | None = None,
+    ) -> None:
         self.engine = engine
         self.registry = registry
+        # The database's keys (hub.crypto.keys.configure, by the app factory or the CLI);
+        # None: the keyring configured for this engine's database, looked up at first use.
+        self.keyring = keyring
         # This hub's FHIR base: absolute references under it are local (compartment rules).
         self.base_url = base_url.rstrip("/") if base_url else None
 
     # Both bind the database's keys (hub.crypto) for the code run inside: index extraction,
     # search predicates and decryption find them there. Bound before connecting: loading the
     # keys the first time may write, which must not queue behind our own transaction.
+    def keys(self) -> Keyring:
+        """The database's keyring, loaded."""
+        return (self.keyring or keyring_for(self.engine)).ensure_loaded()
+
     @contextmanager
     def write(self) -> Iterator[sa.Connection]:
         with (
-            bound_keys(self.engine),
+            using_keys(self.keys()),
             self.engine.connect().execution_options(write=True) as conn,
             conn.begin(),
         ):
@@ -65,7 +79,7 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[sa.Connection]:
-        with bound_keys(self.engine), self.engine.connect() as conn, conn.begin():
+        with using_keys(self.keys()), self.engine.connect() as conn, conn.begin():
             yield conn
 
     # --- reads --------------------------------------------------------------------------
