@@ -1,6 +1,7 @@
 """Schemathesis over the served OpenAPI, against a real uvicorn server (issue 4).
 
-Three runs over every operation of ``/openapi.json``:
+Three runs over every operation of ``/openapi.json`` (the anonymous one on PostgreSQL only,
+see ``ANONYMOUS``):
 
 * without a token: no 5xx; no 2xx except on the public documents (CapabilityStatement,
   SMART discovery, JWKS); every ``/fhir`` data path answers 401 with an OperationOutcome
@@ -43,7 +44,7 @@ import orjson
 import pytest
 import requests
 import schemathesis
-from conftest import LiveServer, make_token
+from conftest import LiveServer, backend, make_token
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -548,7 +549,17 @@ HYPOTHESIS = settings(
 )
 
 
-@pytest.mark.parametrize("who", ["anonymous", "admin", "clinician"])
+# Each run where it finds something: without a token every data path answers 401 before the
+# database is touched, so the anonymous run (the token endpoint, the public documents, the
+# 401s) runs on PostgreSQL, the production setup, only; admin and clinician reach the store
+# and the access filter, where the backends differ (NUL, column sizes): both backends.
+ANONYMOUS = pytest.param(
+    "anonymous",
+    marks=pytest.mark.skipif(backend() == "sqlite", reason="the anonymous run stops before the database"),
+)
+
+
+@pytest.mark.parametrize("who", [ANONYMOUS, "admin", "clinician"])
 def test_schemathesis(who: str, server: LiveServer, api_schema: schemathesis.BaseSchema) -> None:
     if who == "anonymous":
         token, check = None, check_anonymous
