@@ -4,7 +4,9 @@ Owns: the member set of ``$everything`` (the patients, every resource in their c
 and the shared resources those reference), its parameters (``_type``, ``_since``,
 ``_count``/``_offset``), and the two operation handlers. Also the ``_type``/``_since``
 parsers that ``$export`` shares.
-Calls: ``hub.ops.compartment``, the schema, ``hub.rest.bundles``.  Called by: the router
+Calls: ``hub.ops.compartment``, the schema, ``hub.rest.bundles``, ``consent.context`` (the
+rows the request may see; what was returned is reported), ``hub.crypto.envelope`` (opening
+sealed content).  Called by: the router
 (registered by ``hub.app_factory``), ``hub.ops.export`` (parameter parsing).
 
 The member set is one SQL statement, so paging is plain offset paging over one stable
