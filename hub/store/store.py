@@ -19,7 +19,7 @@ Called by: the REST router, bulk ingest, the CLI.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -137,7 +137,7 @@ class Store:
         return self.create_many(conn, [(resource, res_id)])[0]
 
     def create_many(
-        self, conn: sa.Connection, resources: list[tuple[dict[str, Any], str | None]]
+        self, conn: sa.Connection, resources: Sequence[tuple[dict[str, Any], str | None]]
     ) -> list[StoredResource]:
         """Create several resources with one bulk insert (a transaction's POST entries)."""
         moment = now()
