@@ -92,6 +92,37 @@ def test_links_point_at_the_port_served(unset: LiveServer) -> None:
         assert {"url": "token", "valueUri": f"{_root(unset)}/auth/token"} in security
 
 
+def test_absolute_references_under_the_request_base_match(unset: LiveServer) -> None:
+    """Search criteria may name a reference under the base the client uses, in a search and
+    in a transaction's ifNoneExist alike."""
+    code = uuid.uuid4().hex[:12]
+    with unset.admin_client() as client:
+        patient = client.post("/Patient", json=_patient("Referenced")).headers["Location"].split("/")[-3]
+        observation = {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "urn:test", "code": code}]},
+            "subject": {"reference": f"Patient/{patient}"},
+        }
+        client.post("/Observation", json=observation).raise_for_status()
+        criteria = f"subject={unset.base}/Patient/{patient}&code=urn:test|{code}"
+        assert client.get(f"/Observation?{criteria}").json()["total"] == 1
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {
+                    "resource": observation,
+                    "request": {"method": "POST", "url": "Observation", "ifNoneExist": criteria},
+                }
+            ],
+        }
+        done = client.post("", json=bundle)
+        assert done.status_code == 200, done.text
+        assert done.json()["entry"][0]["response"]["status"].startswith("200")  # found, not created
+        assert client.get("/Observation", params={"code": f"urn:test|{code}"}).json()["total"] == 1
+
+
 def test_smart_configuration_endpoints_are_reachable(unset: LiveServer) -> None:
     for path in ("/.well-known/smart-configuration", "/fhir/.well-known/smart-configuration"):
         config = httpx.get(f"{_root(unset)}{path}").json()

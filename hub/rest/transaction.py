@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from consent import context as access_context
 from hub.errors import FhirError, Issue, bad_request, precondition_failed
 from hub.rest import bundles
-from hub.rest.interactions import condition_key, lock_conditions, respond_with
+from hub.rest.interactions import condition_key, link_base, lock_conditions, respond_with
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.rest.target import Target
 from hub.rest.target import parse as parse_target
@@ -434,7 +434,7 @@ def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry])
             for current in (e for e in ordered if e.method == "DELETE"):
                 responses[current.index] = router.handle_in(conn, _entry_request(current, request))
             current = None
-            targets, new_aliases = _plan_targets(router, conn, entries)
+            targets, new_aliases = _plan_targets(router, conn, entries, link_base(router.ctx, request))
             for entry in entries:
                 current = entry
                 if entry.resource is not None:
@@ -504,14 +504,15 @@ def _reject_duplicates(entries: list[Entry]) -> None:
 class _Targets:
     by_full_url: dict[str, str]  # fullUrl -> "Type/id"
     assigned: dict[int, str]  # POST entry index -> the id it will get
+    base_url: str  # the request's base: criteria may name references under it absolutely
 
 
 def _plan_targets(
-    router: FhirRouter, conn: sa.Connection, entries: list[Entry]
+    router: FhirRouter, conn: sa.Connection, entries: list[Entry], base_url: str
 ) -> tuple[_Targets, list[dict[str, str]]]:
     """Decide every entry's target id before any reference is rewritten."""
     ctx = router.ctx
-    targets = _Targets({}, {})
+    targets = _Targets({}, {}, base_url)
     aliases: list[dict[str, str]] = []
     lock_conditions(conn, _condition_keys(entries))
     # Only a caller that sees every row may keep its own ids (else "taken" would tell it
@@ -524,9 +525,7 @@ def _plan_targets(
         if entry.method == "POST":
             condition = entry.request.get("ifNoneExist")
             if condition:
-                found = search_engine.find_ids(
-                    conn, ctx.registry, res_type, parse_qsl(condition), ctx.base_url
-                )
+                found = search_engine.find_ids(conn, ctx.registry, res_type, parse_qsl(condition), base_url)
                 if len(found) > 1:
                     raise precondition_failed(
                         f"Bundle.entry[{entry.index}]: ifNoneExist matches several {res_type}"
@@ -544,7 +543,7 @@ def _plan_targets(
                     aliases.append({"full_url": entry.full_url, "res_type": res_type, "res_id": chosen})
         elif entry.method == "PUT":
             if "?" in entry.url:
-                found = search_engine.find_ids(conn, ctx.registry, res_type, entry.query, ctx.base_url)
+                found = search_engine.find_ids(conn, ctx.registry, res_type, entry.query, base_url)
                 if len(found) > 1:
                     raise precondition_failed(
                         f"Bundle.entry[{entry.index}]: conditional update matches several"
@@ -618,7 +617,9 @@ class _Resolver:
     def _conditional(self, reference: str) -> str:
         res_type, _, query = reference.partition("?")
         ctx = self.router.ctx
-        found = search_engine.find_ids(self.conn, ctx.registry, res_type, parse_qsl(query), ctx.base_url)
+        found = search_engine.find_ids(
+            self.conn, ctx.registry, res_type, parse_qsl(query), self.targets.base_url
+        )
         if len(found) != 1:
             raise precondition_failed(
                 f"Conditional reference '{reference}' matches {'no' if not found else 'more than one'} resource"
