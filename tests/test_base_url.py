@@ -155,6 +155,24 @@ def test_export_urls_point_at_the_port_served(unset: LiveServer) -> None:
         assert client.get(manifest["output"][0]["url"]).status_code == 200
         client.delete(status_url)
 
+        # _typeFilter criteria may name references under the base too (checked by the job).
+        patient = client.post("/Patient", json=_patient("Filtered")).headers["Location"].split("/")[-3]
+        observation = {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"text": "filtered"},
+            "subject": {"reference": f"Patient/{patient}"},
+        }
+        client.post("/Observation", json=observation).raise_for_status()
+        params = {"_type": "Observation", "_typeFilter": f"Observation?subject={base}/Patient/{patient}"}
+        kick_off = client.get("/$export", params=params, headers={"Prefer": "respond-async"})
+        assert kick_off.status_code == 202, kick_off.text
+        while (status := client.get(kick_off.headers["Content-Location"])).status_code == 202:
+            assert time.monotonic() < deadline + 30, "the export did not finish"
+            time.sleep(0.05)
+        assert [o["count"] for o in status.json()["output"]] == [1]
+        client.delete(kick_off.headers["Content-Location"])
+
 
 def test_forwarded_headers_of_an_untrusted_peer_are_ignored(unset: LiveServer) -> None:
     with unset.admin_client(headers=FORGED) as client:

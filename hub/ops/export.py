@@ -161,7 +161,8 @@ def _kick_off(
         raise bad_request(f"_outputFormat must be one of {', '.join(sorted(_OUTPUT_FORMATS))}")
     since = since_param(values.get("_since", []))
     types = _export_types(ctx.registry, level, types_param(values.get("_type", [])), lenient)
-    type_filters = _type_filters(ctx, values.get("_typeFilter", []), types, lenient)
+    base_url = link_base(ctx, request)
+    type_filters = _type_filters(ctx, values.get("_typeFilter", []), types, lenient, base_url)
 
     job_id = uuid.uuid4().hex
     directory = _export_dir(ctx) / job_id
@@ -175,7 +176,7 @@ def _kick_off(
         owner=request.principal.subject if request.principal else None,
         retention_hours=ctx.export_retention_hours,
         requester=requester_of(access_context.required()),
-        base_url=link_base(ctx, request),
+        base_url=base_url,
     )
     query = f"?{urlencode(request.query)}" if request.query else ""
     with ctx.store.write() as conn:
@@ -234,7 +235,9 @@ def _export_types(registry: Registry, level: str, requested: list[str] | None, l
     return [t for t in requested if t in allowed]
 
 
-def _type_filters(ctx: Context, values: list[str], types: list[str], lenient: bool) -> dict[str, list[str]]:
+def _type_filters(
+    ctx: Context, values: list[str], types: list[str], lenient: bool, base_url: str
+) -> dict[str, list[str]]:
     """``_typeFilter`` values (``Type?query``) by type, each checked by parsing it now."""
     filters: dict[str, list[str]] = {}
     for raw in (v for value in values for v in _split_filters(value)):
@@ -246,7 +249,7 @@ def _type_filters(ctx: Context, values: list[str], types: list[str], lenient: bo
                 continue
             raise bad_request(f"_typeFilter names {res_type}, which _type does not include")
         with using_keys(ctx.store.keys()):  # predicates of blinded parameters hash with its keys
-            parsed = _parse_filter(ctx, res_type, query)
+            parsed = _parse_filter(ctx, res_type, query, base_url)
         if any(name.partition(":")[0] in RESULT_PARAMS for name, _ in parsed.used):
             raise bad_request(f"_typeFilter '{raw}' may only hold search criteria")
         filters.setdefault(res_type, []).append(query)
@@ -265,9 +268,10 @@ def _split_filters(value: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def _parse_filter(ctx: Context, res_type: str, query: str) -> search_engine.SearchQuery:
+def _parse_filter(ctx: Context, res_type: str, query: str, base_url: str) -> search_engine.SearchQuery:
+    """A ``_typeFilter`` query; references under ``base_url`` (the kick-off's) are local."""
     return search_engine.parse(
-        ctx.registry, res_type, parse_qsl(query, keep_blank_values=True), base_url=ctx.base_url
+        ctx.registry, res_type, parse_qsl(query, keep_blank_values=True), base_url=base_url
     )
 
 
@@ -436,7 +440,9 @@ def _conditions(ctx: Context, spec: ExportSpec, res_type: str) -> list[sa.Column
         conditions.append(resource.c.last_updated >= since)
     filters = spec.type_filters.get(res_type)
     if filters:
-        conditions.append(sa.or_(*(sa.and_(*_parse_filter(ctx, res_type, q).conditions) for q in filters)))
+        base_url = spec.base_url or ctx.base_url
+        parsed = [_parse_filter(ctx, res_type, q, base_url) for q in filters]
+        conditions.append(sa.or_(*(sa.and_(*p.conditions) for p in parsed)))
     if spec.level == "patient":
         members = compartment.member_pids(ctx.registry, compartment.all_patient_ids(), (res_type,))
         conditions.append(resource.c.pid.in_(members))
