@@ -414,9 +414,9 @@ def cipher_for(kid: str) -> AESGCM | None:
     return ring.cipher(kid) if ring is not None else None
 
 
-def worker_state(engine: sa.Engine) -> tuple[bool, bytes | None]:
-    """What an ingest worker process needs: whether to encrypt, and the index key."""
-    ring = keyring_for(engine)
+def worker_state(ring: Keyring) -> tuple[bool, bytes | None]:
+    """What an ingest worker process needs of a keyring: whether to encrypt, the index key."""
+    ring.ensure_loaded()
     return ring.encrypt, ring.index_key
 
 

@@ -32,8 +32,8 @@ from consent import context as access_context
 from consent import labels
 from consent.derive import compartment_rows
 from hub.auth.principal import Principal
-from hub.crypto.keys import bound as bound_keys
 from hub.crypto.keys import install_worker as install_worker_keys
+from hub.crypto.keys import using as using_keys
 from hub.crypto.keys import worker_state as worker_key_state
 from hub.errors import FhirError
 from hub.ingest.prepare import UNRESOLVED, Prepared, prepare, prepare_without_payload
@@ -104,7 +104,7 @@ class Importer:
         if self.workers <= 1:
             for unit in work:
                 # finalize reads the index key and encrypt flag of the database written to
-                with bound_keys(self.store.engine):
+                with using_keys(self.store.keys()):
                     prepared = prepare(unit)
                 yield prepared
             return
@@ -125,7 +125,7 @@ class Importer:
             self.workers,
             mp_context=context,
             initializer=install_worker_keys,
-            initargs=worker_key_state(self.store.engine),
+            initargs=worker_key_state(self.store.keys()),
         ) as pool:
             for unit in work:
                 window.append((unit, pool.submit(prepare_without_payload, unit)))
