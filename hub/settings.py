@@ -2,7 +2,12 @@
 
 Owns: every setting the hub reads, from the environment (prefix-free names such as
 ``DATABASE_URL``) or a ``hub.env`` file in the working directory.
-Calls: nothing.  Called by: the CLI, the app factory, the store.
+Read once at start-up (``get_settings``, by the CLI and the app's entry points) and passed
+down as an object: the app factory, the web adapter, tokens, the keyring (``hub.crypto``).
+``BASE_URL`` is optional: unset, each request's links follow where it was served.
+Calls: nothing.  Called by: the CLI, the app factory, the web adapter (``hub.api``), tokens,
+the keyring, search limits (``hub.search.query``: still ``get_settings()`` when a caller
+passes none).
 """
 
 from __future__ import annotations
