@@ -54,6 +54,7 @@ from conftest import REPO, LiveServer, backend, make_token
 from hub.app_factory import build_router
 from hub.auth.principal import Principal, Role, system_principal
 from hub.auth.scopes import ScopeSet
+from hub.crypto import keys
 from hub.crypto.envelope import open_content
 from hub.db.engine import create_engine
 from hub.db.schema import audit_chain, break_glass
@@ -885,6 +886,9 @@ class Answer:
         return orjson.loads(self.raw) if self.raw else None
 
 
+ROUTER_BASE = "http://hub.test/fhir"
+
+
 class RouterHub:
     """Requests straight into the FHIR router, with the principal set."""
 
@@ -893,7 +897,12 @@ class RouterHub:
         self.export_dir = export_dir
         self.routers = {
             policy: build_router(
-                Settings(database_url=url, export_dir=export_dir, consent_policy=policy), self.engine
+                # A configured BASE_URL: absolute references under it are the hub's own
+                # (without one only relative references are, docs/access.md).
+                Settings(
+                    database_url=url, export_dir=export_dir, consent_policy=policy, base_url=ROUTER_BASE
+                ),
+                self.engine,
             )
             for policy in ("moh", "consent-only")
         }
@@ -1089,12 +1098,15 @@ class Matrix:
                 .where(audit_chain.c.seq > self.audit_seq)
                 .order_by(audit_chain.c.seq)
             ).all()
-        for seq, res_id, content in rows:
-            self.audit_seq = seq
-            # PostgreSQL hands the JSON back parsed, SQLite as text; sealed at rest (issue 8).
-            raw = content.encode() if isinstance(content, str) else content
-            raw = raw if isinstance(raw, bytes) else orjson.dumps(raw)
-            self.world.record(orjson.loads(open_content(raw, "AuditEvent", res_id)))
+        # Sealed at rest (issue 8): opened with this database's own keyring, bound explicitly
+        # (no process-wide keyring stands in for it).
+        with keys.bound(self.hub.engine):
+            for seq, res_id, content in rows:
+                self.audit_seq = seq
+                # PostgreSQL hands the JSON back parsed, SQLite as text.
+                raw = content.encode() if isinstance(content, str) else content
+                raw = raw if isinstance(raw, bytes) else orjson.dumps(raw)
+                self.world.record(orjson.loads(open_content(raw, "AuditEvent", res_id)))
 
     def call(
         self, who: Who | None, method: str, path: str, query: Iterable[tuple[str, str]] = (), **kw: Any
