@@ -462,6 +462,7 @@ class World:
                 if rp.key == who.fhir_user
                 and rp.body is not None
                 and rp.body.get("active", True) is not False
+                and _in_period(rp.body.get("period"))  # an ended RelatedPerson represents no one (D17)
             }
         return set()
 
@@ -887,6 +888,15 @@ class Answer:
 
 
 ROUTER_BASE = "http://hub.test/fhir"
+
+
+def _in_period(period: Any) -> bool:
+    """Whether today lies within a RelatedPerson.period (dates or dateTimes; open ends)."""
+    if not isinstance(period, dict):
+        return True
+    today = datetime.now(UTC).date().isoformat()
+    start, end = str(period.get("start", ""))[:10], str(period.get("end", ""))[:10]
+    return (not start or start <= today) and (not end or today <= end)
 
 
 class RouterHub:
