@@ -238,6 +238,16 @@ def test_a_hub_admin_lifts_a_deny_only_with_a_recorded_reason(world: World) -> N
     (alert,) = [a for a in world.alerts(world.me) if a["consent"] == key]
     assert alert["reason"] == reason and "removes deny" in alert["detail"]
     assert world.clinician("b").get(f"Observation/hb-{world.uid}").status_code == 200
+    # The reason is in the audit trail too, on the AuditEvent of the update.
+    events = world.admin.get("AuditEvent", params={"entity": key, "action": "U"}).json().get("entry", [])
+    details = [
+        d
+        for e in events
+        for entity in e["resource"].get("entity", [])
+        for d in entity.get("detail", [])
+        if d.get("type") == "access-reason"
+    ]
+    assert [d["valueString"] for d in details] == [reason]
 
 
 def test_a_proxy_loses_access_when_the_relationship_period_ends(world: World) -> None:

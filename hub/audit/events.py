@@ -88,6 +88,7 @@ class AccessEvent:
     purpose: str = "TREAT"  # v3 ActReason code
     break_glass_reason: str | None = None
     break_glass_id: int | None = None
+    access_reason: str | None = None  # X-Access-Reason: why a privileged change was made
     client_address: str | None = None
     recorded: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -221,6 +222,8 @@ def _data_entity(event: AccessEvent, total_entities: int) -> dict[str, Any]:
         details.append({"type": "break-glass-reason", "valueString": event.break_glass_reason})
     if event.break_glass_id is not None:
         details.append({"type": "break-glass-id", "valueString": str(event.break_glass_id)})
+    if event.access_reason is not None:
+        details.append({"type": "access-reason", "valueString": event.access_reason})
     if details:
         entity["detail"] = details
     return entity

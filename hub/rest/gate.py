@@ -123,6 +123,7 @@ class Gate:
                 purpose="ETREAT" if used_break_glass else (access.purpose if access else "UNKNOWN"),
                 break_glass_reason=reason,
                 break_glass_id=opened[0][0] if opened and opened[0] else None,
+                access_reason=access.reason if access is not None else None,
                 client_address=request.client_address,
             )
 
