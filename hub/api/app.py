@@ -7,7 +7,8 @@ connection lost: 503 ``transient`` with Retry-After; request past its time limit
 nested too deep, and running each FHIR request under a ``hub.db.engine.RequestGuard``
 (time limit per transaction; its statements cancelled when the client disconnects).
 All FHIR semantics live in ``hub.rest``.
-Calls: the router, the store, settings, ``hub.api.limits``, ``hub.api.ratelimit``,
+Calls: the router, the store, the audit trail (its group commit writer runs with the app),
+settings, ``hub.api.limits``, ``hub.api.ratelimit``,
 ``hub.api.proxies`` (each request's base URL, set on its ``FhirRequest``).
 Called by: ``hub serve``, uvicorn, tests.
 """
@@ -15,6 +16,8 @@ Called by: ``hub serve``, uvicorn, tests.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import parse_qsl
 
 import anyio
@@ -144,7 +147,25 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     # Links follow BASE_URL, else where each request reached us (proxies as for rate limits).
     public_base = PublicBase(settings.base_url, TrustedProxies(settings.trusted_proxies))
     bearer = Bearer(settings, tokens)
-    app = FastAPI(title="Vietnam e-health integration hub", version=__version__, redirect_slashes=False)
+    trail = router.gate.trail
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # One audit writer per process for as long as it serves (group commit, hub.audit.trail).
+        if trail is not None:
+            trail.start_group_commit(settings.request_timeout_seconds)
+        try:
+            yield
+        finally:
+            if trail is not None:
+                await run_in_threadpool(trail.stop_group_commit)  # writes what is queued
+
+    app = FastAPI(
+        title="Vietnam e-health integration hub",
+        version=__version__,
+        redirect_slashes=False,
+        lifespan=lifespan,
+    )
     app.state.router = router
     app.state.engine = engine
     app.state.settings = settings

@@ -78,9 +78,15 @@ class Gate:
         was looked at; one AuditEvent when it touched no patient's data (or failed)."""
         if self.trail is None or request.principal is None:
             return
-        with self.store.read() as conn:
-            events = self._events(conn, request, access, interaction, status)
-        self.trail.record(events)
+        touched = _touched(access)
+        if touched:
+            with self.store.read() as conn:
+                described = self._described(conn, touched)
+        else:  # nothing to look up: no transaction (failures, metadata, empty searches)
+            described = ({}, [])
+        # Through the group commit writer while the app runs (hub.audit.trail): this returns
+        # once the AuditEvents are committed, so the answer still leaves after its record.
+        self.trail.record(self._events_described(request, access, interaction, status, described))
 
     def audit_in(
         self, conn: sa.Connection, request: FhirRequest, access: Access | None, interaction: str, status: int
@@ -100,9 +106,22 @@ class Gate:
         interaction: str,
         status: int,
     ) -> list[AccessEvent]:
+        """The AccessEvents of a request, its touched resources looked up through ``conn``."""
+        described = self._described(conn, _touched(access))
+        return self._events_described(request, access, interaction, status, described)
+
+    def _events_described(
+        self,
+        request: FhirRequest,
+        access: Access | None,
+        interaction: str,
+        status: int,
+        described: tuple[dict[str, list[str]], list[str]],
+    ) -> list[AccessEvent]:
+        """The AccessEvents of a request, given its touched resources as ``_described``
+        grouped them."""
         target = request.target
-        touched = list(dict.fromkeys(access.touched)) if access is not None else []
-        by_patient, shared = self._described(conn, touched)
+        by_patient, shared = described
         opened = request.break_glass
         bg_patients = set(access.break_glass_patients) if access is not None else set()
 
@@ -136,7 +155,7 @@ class Gate:
         if self.trail is None:
             return
         with self.store.read() as conn:
-            by_patient, shared = self._described(conn, list(dict.fromkeys(access.touched)))
+            by_patient, shared = self._described(conn, _touched(access))
         groups: list[tuple[str | None, list[str]]] = [*sorted(by_patient.items())] or [(None, shared)]
         self.trail.record(
             [
@@ -226,6 +245,11 @@ def _resolve_me(request: FhirRequest) -> None:
 
 # Reference parameters "me" may stand in: the patient ones and those naming a person acting.
 _ME_PARAMS = breakglass.PATIENT_PARAMS | {"agent", "performer", "requester", "actor", "who"}
+
+
+def _touched(access: Access | None) -> list[int]:
+    """The pids the request's answer disclosed or changed, once each, in order."""
+    return list(dict.fromkeys(access.touched)) if access is not None else []
 
 
 def _chunks(items: list[int]) -> Iterable[list[int]]:
