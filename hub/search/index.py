@@ -3,10 +3,10 @@
 Owns: how each FHIR element kind becomes rows of the ``idx_*`` tables. Rows are plain
 tuples in table column order without the leading ``pid`` (assigned at write time), so
 they pickle cheaply across ingest worker processes and feed COPY directly.
-Calls: registry, hashing, normalize, dates, ``hub.crypto.blind``, ``consent.derive`` (the
-``compartment`` and ``access_grant`` rows; compartment references only the database can
-resolve come out as ``compartment_pending`` rows, resolved before writing by
-``hub.ops.compartment.resolve``).
+Calls: registry, hashing, normalize, dates, words (the word rows of name parameters),
+``hub.crypto.blind``, ``consent.derive`` (the ``compartment`` and ``access_grant`` rows;
+compartment references only the database can resolve come out as ``compartment_pending``
+rows, resolved before writing by ``hub.ops.compartment.resolve``).
 Called by: the store (every write), bulk ingest, ``hub reindex``.
 """
 
@@ -21,6 +21,7 @@ from hub.search.dates import DateFormatError, date_range
 from hub.search.hashing import hash64
 from hub.search.normalize import fold
 from hub.search.registry import Registry, SearchParam
+from hub.search.words import searched_by_word, word_rows
 
 IndexRows = dict[str, list[tuple[Any, ...]]]
 
@@ -139,9 +140,13 @@ def rows_for(param: SearchParam, resource: dict[str, Any], out: IndexRows) -> No
                 rows.append((identity, hash64(rtype, code, tid or url), ttype, tid, url))
     elif kind == "string":
         rows = out.setdefault("string", [])
+        by_word = searched_by_word(rtype, code)
         for value in values:
             for text in _strings(value):
-                rows.append((identity, hash64(rtype, code, text), fold(text), text))
+                folded = fold(text)
+                rows.append((identity, hash64(rtype, code, text), folded, text))
+                if by_word:  # the words a multi-word name search looks for (hub.search.words)
+                    rows.extend(word_rows(rtype, code, folded))
     elif kind == "date":
         rows = out.setdefault("date", [])
         for value in values:

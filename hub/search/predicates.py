@@ -5,7 +5,8 @@ pids, as a ``PidSet``: a SELECT of pids from one ``idx_*`` table (one index rang
 thanks to the leading hash column) and whether the match is negated (``:not``, ``:missing``).
 The engine applies it to whichever alias of ``resource`` it is filtering, which is what
 makes chaining and ``_has`` possible.
-Calls: SQLAlchemy, hashing, normalize, dates, ``hub.crypto.blind``.
+Calls: SQLAlchemy, hashing, normalize, words (multi-word name search), dates,
+``hub.crypto.blind``.
 Called by: ``hub.search.engine``.
 """
 
@@ -35,6 +36,7 @@ from hub.search.dates import DateFormatError, date_range, from_micros
 from hub.search.hashing import hash64
 from hub.search.normalize import fold
 from hub.search.registry import SearchParam
+from hub.search.words import searched_by_word, word_identity, words
 
 Condition = sa.ColumnElement[bool]
 
@@ -154,13 +156,46 @@ def string(param: SearchParam, value: str, modifier: str | None) -> PidSet:
             idx_string.c.value_exact == value,
         )
     folded = fold(value)
-    escaped = folded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    pattern = f"%{escaped}%" if modifier == "contains" else f"{escaped}%"
+    if not modifier and searched_by_word(param.resource_type, param.code):
+        query_words = words(folded)
+        if len(query_words) > 1:  # one word keeps the plain starts-with of a whole part
+            return _every_word(param, query_words)
+    pattern = f"%{_like_escaped(folded)}%" if modifier == "contains" else f"{_like_escaped(folded)}%"
     return _pids_in(
         idx_string,
         idx_string.c.hash_identity == param.hash_identity,
         idx_string.c.value_norm.like(pattern, escape="\\"),
     )
+
+
+def _like_escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _word_prefix(param: SearchParam, word: str) -> sa.CompoundSelect[Any]:
+    """Pids with a word of the parameter starting with ``word``: a part's first word is the
+    start of the part's own row, any other word has a word row (hub.search.words). Each
+    half is one range scan of the (hash_identity, value_norm, pid) index."""
+    pattern = f"{_like_escaped(word)}%"
+    return sa.union_all(
+        *(
+            sa.select(idx_string.c.pid)
+            .where(idx_string.c.hash_identity == identity, idx_string.c.value_norm.like(pattern, escape="\\"))
+            .correlate(None)
+            for identity in (param.hash_identity, word_identity(param.resource_type, param.code))
+        )
+    )
+
+
+def _every_word(param: SearchParam, query_words: list[str]) -> PidSet:
+    """Name search by words ("nguyen thi hoa", "Hoa Nguyễn", "ng th ho"): every word of the
+    query starts some word of the parameter's values, in any order. The longest word, likely
+    the rarest, drives; each other word filters its pids through an ``IN`` semi-join, whose
+    order PostgreSQL's planner may change."""
+    ordered = sorted(query_words, key=len, reverse=True)
+    driving = _word_prefix(param, ordered[0]).subquery()
+    others = [driving.c.pid.in_(_word_prefix(param, word)) for word in ordered[1:]]
+    return PidSet(sa.select(driving.c.pid).where(*others).correlate(None))
 
 
 def date(param: SearchParam, value: str, modifier: str | None) -> PidSet:

@@ -1,12 +1,14 @@
 """Rebuilding the search indexes from stored resources (``hub reindex``).
 
 Owns: re-extracting index rows for current versions after the registry changes (a new
-parameter, a fixed extractor, a changed hashing scheme), and rebuilding compartment
-membership: ``compartment`` from each current version (a deleted resource keeps the rows of
-its last version) and ``history_compartment`` from the content of every archived version
-(a deletion marker in history keeps the rows of the version it deleted). It works in
-batches, each in its own transaction, so a large store is reindexed without holding one
-long lock.
+parameter, a fixed extractor, a changed hashing scheme, a new kind of row such as the word
+rows of multi-word name search in ``hub.search.words``, which a database written before
+issue 10 lacks: ``hub reindex --type Patient``, then ``Practitioner`` and ``RelatedPerson``),
+and rebuilding compartment membership: ``compartment`` from each current version (a deleted
+resource keeps the rows of its last version) and ``history_compartment`` from the content
+of every archived version (a deletion marker in history keeps the rows of the version it
+deleted). It works in batches, each in its own transaction, so a large store is reindexed
+without holding one long lock.
 It runs only inside an explicit system access (``consent.context.system_access``).
 Calls: index extraction, the writer, ``hub.crypto`` (decryption), ``consent.derive`` and
 ``hub.ops.compartment`` (membership), consent.context.  Called by: the CLI, tests.
