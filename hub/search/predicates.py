@@ -172,30 +172,33 @@ def _like_escaped(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _word_prefix(param: SearchParam, word: str) -> sa.CompoundSelect[Any]:
-    """Pids with a word of the parameter starting with ``word``: a part's first word is the
-    start of the part's own row, any other word has a word row (hub.search.words). Each
-    half is one range scan of the (hash_identity, value_norm, pid) index."""
-    pattern = f"{_like_escaped(word)}%"
-    return sa.union_all(
-        *(
-            sa.select(idx_string.c.pid)
-            .where(idx_string.c.hash_identity == identity, idx_string.c.value_norm.like(pattern, escape="\\"))
-            .correlate(None)
-            for identity in (param.hash_identity, word_identity(param.resource_type, param.code))
-        )
-    )
-
-
 def _every_word(param: SearchParam, query_words: list[str]) -> PidSet:
     """Name search by words ("nguyen thi hoa", "Hoa Nguyễn", "ng th ho"): every word of the
-    query starts some word of the parameter's values, in any order. The longest word, likely
-    the rarest, drives; each other word filters its pids through an ``IN`` semi-join, whose
-    order PostgreSQL's planner may change."""
-    ordered = sorted(query_words, key=len, reverse=True)
-    driving = _word_prefix(param, ordered[0]).subquery()
-    others = [driving.c.pid.in_(_word_prefix(param, word)) for word in ordered[1:]]
-    return PidSet(sa.select(driving.c.pid).where(*others).correlate(None))
+    query starts some word of the parameter's values, in any order. Per query word, two
+    range scans of the (hash_identity, value_norm, pid) index: a part's first word is the
+    start of the part's own row, any other word has a word row (hub.search.words). The pids
+    found are grouped and kept when every word found them. This costs the sum of the words'
+    matches, whatever the planner thinks of them; ``IN`` semi-joins instead let PostgreSQL
+    pick, under the page's ``ORDER BY pid LIMIT``, a nested loop over the pids of common
+    words ("nguyen", "thi"), quadratic: 0.1 to 0.5 s at 5,000 patients on a busy machine."""
+    identities = (param.hash_identity, word_identity(param.resource_type, param.code))
+    found = sa.union_all(
+        *(
+            # The word's number inline: it is ours, never the client's.
+            sa.select(idx_string.c.pid, sa.literal_column(str(number)).label("word"))
+            .where(
+                idx_string.c.hash_identity == identity,
+                idx_string.c.value_norm.like(f"{_like_escaped(word)}%", escape="\\"),
+            )
+            .correlate(None)
+            for number, word in enumerate(query_words)
+            for identity in identities
+        )
+    ).subquery()
+    # DISTINCT, then count(*): count(DISTINCT) would force PostgreSQL to sort, not hash.
+    pairs = sa.select(found.c.pid, found.c.word).distinct().subquery()
+    every = sa.func.count() == len(query_words)
+    return PidSet(sa.select(pairs.c.pid).group_by(pairs.c.pid).having(every).correlate(None))
 
 
 def date(param: SearchParam, value: str, modifier: str | None) -> PidSet:
