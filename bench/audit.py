@@ -9,13 +9,23 @@ PostgreSQL ``<database>_bench_audit``, dropped and re-created) it times:
 - ``single``: ``AuditTrail.record([event])``, one transaction per event (the per-request
   cost), sequentially and from 4 threads (appends serialize on the chain head);
 - ``batch N``: ``record`` of N events per transaction;
-- ``verify``: ``verify_chain`` over everything written.
+- ``verify``: ``verify_chain`` over everything written;
+- ``per request, direct vs group commit``: each of 1, 4 and 16 threads calls
+  ``record([event])`` once per simulated request, as ``Gate.audit`` does for a read:
+  first with every call in a transaction of its own (before issue 10), then through the
+  group commit writer (``AuditTrail.start_group_commit``, as the app runs it), alternating
+  at each concurrency so both see the same machine load. Printed: events/s, each call's
+  wait p50/p95 (what a read's answer waits for its AuditEvent to be durable) and, for
+  group commit, the transactions written and mean events per transaction.
 
-Events are a patient read and a search touching 20 Observations, alternately.
+Events are a patient read and a search touching 20 Observations, alternately. The
+conditions (backend, CPUs, load average at the start of each backend's run) are printed
+first: on a shared machine compare figures of one run only.
 
     .venv/bin/python bench/audit.py                       # SQLite and PostgreSQL
     .venv/bin/python bench/audit.py sqlite:///tmp/a.db    # this database: migrated, then appended to
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/hub .venv/bin/python bench/audit.py --events 2000
+    .venv/bin/python bench/audit.py --per-request         # only direct vs group commit
 """
 
 from __future__ import annotations
@@ -112,13 +122,18 @@ def timed(label: str, count: int, run: Callable[[], object]) -> float:
     return seconds
 
 
-def bench(url: str, events: int) -> None:
+def bench(url: str, events: int, per_request_only: bool = False) -> None:
     upgrade(url)
     engine = create_engine(url)
     registry = get_registry()
     keyring = configure_keys(Settings(database_url=url), engine)  # as the app factory does
     trail = AuditTrail(Store(engine, registry, keyring=keyring), BASE)
     print(f"{'sqlite' if is_sqlite(url) else 'postgresql'}: {sa.engine.make_url(normalize_url(url))!r}")
+    print(f"  conditions: {os.cpu_count()} CPUs, load average {_load()} at start, no HTTP (trail only)")
+
+    if per_request_only:
+        compare_per_request(trail, engine, events)
+        return
 
     builds = 2000
     timed("build (no validation)", builds, lambda: [trail.build([event(i)]) for i in range(builds)])
@@ -175,18 +190,77 @@ def bench(url: str, events: int) -> None:
         total = conn.execute(sa.text("SELECT count(*) FROM audit_chain")).scalar_one()
     timed("verify_chain", total, verify)
     assert report is not None and report.ok, report and report.problems[:5]
+
+    compare_per_request(trail, engine, events)
+
+
+CONCURRENCY = (1, 4, 16)
+
+
+def compare_per_request(trail: AuditTrail, engine: sa.Engine, events: int) -> None:
+    print(f"  per request, direct vs group commit ({events} events each, load {_load()} now):")
+    for concurrency in CONCURRENCY:
+        for group in (False, True):
+            per_request(trail, events, concurrency, group)
+    with engine.connect() as conn:
+        total = conn.execute(sa.text("SELECT count(*) FROM audit_chain")).scalar_one()
+    report = verify_chain(engine)
+    assert report.ok and report.head_seq == total, report.problems[:5]
+    print(f"  chain verified after the run: {total} entries, no gaps (load {_load()} at the end)")
     engine.dispose()
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def per_request(trail: AuditTrail, events: int, concurrency: int, group: bool) -> None:
+    """``events`` single-request appends spread over ``concurrency`` threads."""
+    writer = trail.start_group_commit() if group else None
+    per_thread = max(1, events // concurrency)
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def work(offset: int) -> None:
+        mine = []
+        for i in range(per_thread):
+            started = time.perf_counter()
+            trail.record([event(offset + i)])
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    workers = [threading.Thread(target=work, args=(n * per_thread,)) for n in range(concurrency)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    seconds = time.perf_counter() - started
+    trail.stop_group_commit()
+    q = statistics.quantiles(latencies, n=100)
+    count = per_thread * concurrency
+    line = (
+        f"    {'group ' if group else 'direct'} {concurrency:>2} threads {rate(count, seconds)}"
+        f"   wait p50 {q[49] * 1000:6.2f} ms, p95 {q[94] * 1000:6.2f} ms"
+    )
+    if writer is not None:
+        line += f"   {writer.batches} transactions, {count / max(1, writer.batches):.1f} events each"
+    print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("url", nargs="?", default=os.environ.get("DATABASE_URL"), help="one database to use")
     parser.add_argument("--events", type=int, default=1000, help="events per measurement")
+    parser.add_argument(
+        "--per-request", action="store_true", help="only the per-request comparison (direct vs group commit)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         backends = [None] if args.url else ["sqlite", "postgresql"]
         for backend in backends:
-            bench(scratch_url(args.url, backend or "", Path(workdir)), args.events)
+            bench(scratch_url(args.url, backend or "", Path(workdir)), args.events, args.per_request)
             print()
 
 

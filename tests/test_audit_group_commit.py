@@ -36,7 +36,9 @@ READS_EACH = 4
 
 @pytest.fixture(scope="module")
 def server(fresh_database_url) -> Iterator[LiveServer]:  # type: ignore[no-untyped-def]
-    with LiveServer(fresh_database_url("audit_group")) as live:
+    # A time limit far above how long a test holds the chain lock: the writer's batch must
+    # wait for the lock, not time out (the limit bounds each batch as it bounds a request).
+    with LiveServer(fresh_database_url("audit_group"), request_timeout_seconds=600) as live:
         yield live
 
 

@@ -1,7 +1,8 @@
 """The audit trail: one AuditEvent per access, chained by hashes so tampering shows.
 
 Owns: what an access event records (``events``), writing AuditEvents with their hash chain
-(``trail``), and checking the chain (``verify``, ``hub audit verify``).
+(``trail``), many requests' AuditEvents in one transaction (``group_commit``), and checking
+the chain (``verify``, ``hub audit verify``).
 Calls: the store, the schema.  Called by: the access layer (router and web adapter), the CLI.
 """
 

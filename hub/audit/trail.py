@@ -155,9 +155,10 @@ class AuditTrail:
         _append(conn, [prepared])
         return prepared.ids
 
-    def start_group_commit(self, time_limit_seconds: float | None = None) -> None:
-        """Start this process's writer thread (idempotent); ``record`` then goes through it.
-        ``time_limit_seconds`` bounds each batch's transaction as a request's is bounded."""
+    def start_group_commit(self, time_limit_seconds: float | None = None) -> GroupCommit[Prepared]:
+        """Start this process's writer thread (idempotent) and return it; ``record`` then
+        goes through it. ``time_limit_seconds`` bounds each batch's transaction as a
+        request's is bounded."""
         if self._group is None:
             self._group = GroupCommit(
                 self._commit,
@@ -166,6 +167,7 @@ class AuditTrail:
                 time_limit_seconds=time_limit_seconds,
                 name="audit-group-commit",
             )
+        return self._group
 
     def stop_group_commit(self) -> None:
         """Write what is queued and stop the writer; ``record`` writes directly again."""
