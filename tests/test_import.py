@@ -17,8 +17,11 @@ from conftest import REPO, SHARED, SYNTHEA_300, LoadedSet
 from consent.context import system_access
 from hub.app_factory import build_router
 from hub.db.engine import create_engine
+from hub.db.schema import INDEX_TABLES
 from hub.ingest.pipeline import Importer, ImportReport
+from hub.ingest.prepare import UNRESOLVED
 from hub.settings import Settings
+from hub.store.reindex import reindex
 
 SMALL = SHARED / "data/synthea/bundles_r4_small"
 NDJSON = SHARED / "data/synthea/bulk_ndjson_10_patients"
@@ -90,6 +93,74 @@ def test_reimport_creates_new_resources_without_collisions(fresh_database_url) -
         aliases = conn.execute(sa.text("SELECT count(*) FROM fullurl_alias")).scalar_one()
     engine.dispose()
     assert aliases == sum(per_bundle.values())
+
+
+def _derived_rows(url: str) -> dict[str, Counter[tuple[object, ...]]]:
+    """Every index and access row, the pid replaced by the resource's type and id."""
+    engine = create_engine(url)
+    found: dict[str, Counter[tuple[object, ...]]] = {}
+    with engine.connect() as conn:
+        names = dict(conn.execute(sa.text("SELECT pid, res_type || '/' || res_id FROM resource")).all())
+        for kind, table in INDEX_TABLES.items():
+            rows = conn.execute(sa.select(table)).all()
+            found[kind] = Counter((names[row[0]], *row[1:]) for row in rows)
+    engine.dispose()
+    return found
+
+
+def _care_team_bundle(practitioner_url: str) -> bytes:
+    """A Patient and their active CareTeam whose member is a Practitioner of an earlier bundle."""
+    patient, team = (
+        "urn:uuid:7d0c2f6e-0d4e-4c53-9d43-2b8f0e6f5a01",
+        "urn:uuid:7d0c2f6e-0d4e-4c53-9d43-2b8f0e6f5a02",
+    )
+    entries = [
+        (patient, {"resourceType": "Patient", "name": [{"family": "Trần"}]}),
+        (
+            team,
+            {
+                "resourceType": "CareTeam",
+                "status": "active",
+                "subject": {"reference": patient},
+                "participant": [{"member": {"reference": practitioner_url}}],
+            },
+        ),
+    ]
+    return json.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {"fullUrl": url, "resource": body, "request": {"method": "POST", "url": body["resourceType"]}}
+                for url, body in entries
+            ],
+        }
+    ).encode()
+
+
+def test_import_derives_the_rows_reindex_derives(fresh_database_url, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The importer patches cross-bundle references and renumbers ids after its workers
+    indexed the resources, and re-derives access rows only where that can change them: the
+    rows it stores are those ``hub reindex`` derives from the stored content. Loaded twice,
+    so the second copy of every resource (Patients and CareTeams included) gets a new id."""
+    files = sorted(SYNTHEA_300.glob("*.json.gz"))
+    chosen = [p for p in files if p.name.startswith(("hospital", "practitioner"))]
+    chosen += [p for p in files if not p.name.startswith(("hospital", "practitioner"))][:1]
+    practitioners = next(p for p in chosen if p.name.startswith("practitioner"))
+    first = json.loads(gzip.decompress(practitioners.read_bytes()))["entry"][0]["fullUrl"]
+    (tmp_path / "team.json").write_bytes(_care_team_bundle(first))
+    chosen.append(tmp_path / "team.json")
+    url = fresh_database_url("derived")
+    for _ in range(2):
+        assert _import(url, chosen).errors == []
+    imported = _derived_rows(url)
+    router = build_router(Settings(database_url=url))
+    with system_access("test-reindex"):
+        reindex(router.ctx.store)
+    router.ctx.store.engine.dispose()
+    assert imported == _derived_rows(url)
+    grantees = {row[2] for row in imported["access_grant"]}
+    assert grantees and not any(g.startswith(UNRESOLVED) for g in grantees)
 
 
 @pytest.mark.slow

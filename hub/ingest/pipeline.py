@@ -7,8 +7,9 @@ own-base references resolved against the database at write time), and the import
 A unit is all or nothing: a Bundle is one transaction; an NDJSON chunk keeps its good lines.
 Calls: sources, prepare, the store's writer, the REST router for units that need full
 transaction semantics, consent.context (it runs only inside an explicit system access, whose
-principal it also uses for the units it sends through the router), consent.derive and labels
-(compartment rows), hub.crypto.keys (the keyring, handed to the worker processes).
+principal it also uses for the units it sends through the router), consent.derive (access
+rows again where renumbering or patching changed ids they name), hub.crypto.keys (the
+keyring, handed to the worker processes).
 Called by: the CLI, the demo loader, the ingest benchmark.
 """
 
@@ -29,8 +30,7 @@ import orjson
 import sqlalchemy as sa
 
 from consent import context as access_context
-from consent import labels
-from consent.derive import compartment_rows
+from consent.derive import access_rows
 from hub.auth.principal import Principal
 from hub.crypto.keys import install_worker as install_worker_keys
 from hub.crypto.keys import using as using_keys
@@ -160,7 +160,7 @@ class Importer:
             return
         resources = prepared.resources
         if targets:
-            resources = [_patch_unresolved(r, targets) for r in resources]
+            resources = [_patch_unresolved(self.store.registry, r, targets) for r in resources]
         if taken:
             # POST always creates: a uuid already in use (Synthea repeats the hospital's
             # organizations in every patient bundle) gets a fresh id, as the REST path does.
@@ -276,6 +276,7 @@ def _renumber(registry: Registry, items: list[NewResource], new_ids: dict[str, s
     """Give resources fresh ids and repoint the bundle's references to them."""
     by_type = {(it.res_type, it.res_id) for it in items if it.res_id in new_ids}
     replacements = [(f'"{t}/{i}"'.encode(), f'"{t}/{new_ids[i]}"'.encode()) for t, i in by_type]
+    renumbered_types = {t for t, _ in by_type}
     renumbered = []
     for item in items:
         content, rows = item.content, item.index_rows
@@ -288,8 +289,8 @@ def _renumber(registry: Registry, items: list[NewResource], new_ids: dict[str, s
                 content = content.replace(old, new)
             rows = dict(rows)
             rows["reference"] = [_repoint(registry, row, new_ids) for row in rows.get("reference", [])]
-        if content is not item.content:
-            rows = _rederive(item.res_type, new_ids.get(item.res_id, item.res_id), content, rows)
+        if content is not item.content and _derived_rows_change(item.res_type, renumbered_types):
+            rows = _rederive(registry, item.res_type, new_ids.get(item.res_id, item.res_id), content, rows)
         renumbered.append(
             replace(item, res_id=new_ids.get(item.res_id, item.res_id), content=content, index_rows=rows)
         )
@@ -306,27 +307,55 @@ def _repoint(registry: Registry, row: tuple[Any, ...], new_ids: dict[str, str]) 
     return (hash_identity, hash64(param.resource_type, param.code, new_id), target_type, new_id, url)
 
 
-def _patch_unresolved(item: NewResource, targets: dict[str, str]) -> NewResource:
+def _patch_unresolved(registry: Registry, item: NewResource, targets: dict[str, str]) -> NewResource:
     """Swap the placeholder type of cross-bundle references for the real one."""
     if UNRESOLVED.encode() not in item.content:
         return item
     content = item.content
+    patched_types = set()
     for res_id, res_type in targets.items():
-        content = content.replace(f'"{UNRESOLVED}/{res_id}"'.encode(), f'"{res_type}/{res_id}"'.encode())
+        placeholder = f'"{UNRESOLVED}/{res_id}"'.encode()
+        if placeholder in content:
+            content = content.replace(placeholder, f'"{res_type}/{res_id}"'.encode())
+            patched_types.add(res_type)
     rows = dict(item.index_rows)
     if "reference" in rows:
         rows["reference"] = [
             (row[0], row[1], targets.get(row[3], row[2]), row[3], row[4]) if row[2] == UNRESOLVED else row
             for row in rows["reference"]
         ]
-    rows = _rederive(item.res_type, item.res_id, content, rows)
+    if _derived_rows_change(item.res_type, patched_types):
+        rows = _rederive(registry, item.res_type, item.res_id, content, rows)
     return replace(item, content=content, index_rows=rows)
 
 
-def _rederive(res_type: str, res_id: str, content: bytes, rows: dict[str, Any]) -> dict[str, Any]:
-    """Compartment rows again, from content whose ids or references changed after the
-    worker indexed it (the patient a resource belongs to may have a new id now)."""
-    rows = {k: v for k, v in rows.items() if k not in ("compartment", compartment.PENDING)}
+# Types whose access rows (consent.derive) name resources by their ids, beyond the Patient
+# references every compartment type follows: a Patient's own row and policy grants, a
+# Binary's securityContext, a stored Bundle's entries, the grants of Consent, CareTeam and
+# RelatedPerson (grantees such as ``Practitioner/id``, ``CareTeam/id``).
+_ACCESS_ROWS_NAME_IDS = frozenset({"Patient", "Binary", "Bundle", "Consent", "CareTeam", "RelatedPerson"})
+
+
+def _derived_rows_change(res_type: str, changed_types: set[str]) -> bool:
+    """Whether a resource's access rows can change when references to resources of
+    ``changed_types`` (or its own id) got other ids or types after the worker indexed it.
+
+    Compartment membership of every other type follows only references to Patients (a
+    reference to ``Organization/a`` and one to ``Organization/b`` or ``Unresolved/b`` both
+    name no patient), so re-deriving is needed only when a Patient's id changed or the
+    type itself names ids in its rows. Skipping it saves a parse and a derivation for
+    nearly every resource of a Synthea bundle (each repeats its hospital's Organization)."""
+    return res_type in _ACCESS_ROWS_NAME_IDS or "Patient" in changed_types
+
+
+def _rederive(
+    registry: Registry, res_type: str, res_id: str, content: bytes, rows: dict[str, Any]
+) -> dict[str, Any]:
+    """Access rows (compartment, pending compartment references, grants) again, from content
+    whose ids or references changed after the worker indexed it (the patient a resource
+    belongs to, a grant's grantee or patient, may have a new id now)."""
+    derived = ("compartment", compartment.PENDING, "access_grant")
+    rows = {k: v for k, v in rows.items() if k not in derived}
     parsed = orjson.loads(content)
-    rows.update(compartment_rows(res_type, res_id, parsed, labels.labels_of(parsed)))
+    rows.update(access_rows(registry, res_type, res_id, parsed, rows))
     return rows

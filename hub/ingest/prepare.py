@@ -4,13 +4,15 @@ Owns: turning one unit into validated, indexed ``NewResource`` records without t
 the database. Bundles of plain POSTs are prepared here in full; anything that needs the
 database to decide (conditional entries, PUT, DELETE) is sent back for the main process
 to run as an ordinary transaction.
-Calls: records (finalize = validate + index), references.  Called by: the pipeline.
+Calls: records (finalize = validate + index), validation (resources with placeholder
+references, validated as received), references.  Called by: the pipeline.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -20,6 +22,7 @@ from hub.ingest.sources import Unit
 from hub.search.registry import get_registry
 from hub.store.records import NewResource, finalize, now
 from hub.store.references import URN_UUID, rewrite, uuid_of
+from hub.validation import validate_resource
 
 # Placeholder type for urn:uuid references to resources of earlier bundles; the main process
 # swaps in the real type (or falls back to a full transaction when it cannot).
@@ -82,6 +85,8 @@ def _prepare_bundle(unit: Unit, result: Prepared) -> None:
         if entry.get("fullUrl"):
             mapping[entry["fullUrl"]] = f"{entry['resource']['resourceType']}/{res_id}"
 
+    placeholders: set[str] = set()  # ids behind UNRESOLVED references of the current entry
+
     def resolve(reference: str) -> str | None:
         mapped = mapping.get(reference)
         if mapped is not None:
@@ -91,6 +96,7 @@ def _prepare_bundle(unit: Unit, result: Prepared) -> None:
             if bare is None:
                 return None
             result.unresolved.add(bare)
+            placeholders.add(bare)
             return f"{UNRESOLVED}/{bare}"
         if "?" in reference and "/" not in reference.split("?", 1)[0]:
             result.needs_transaction = True  # a conditional reference needs a search
@@ -100,17 +106,50 @@ def _prepare_bundle(unit: Unit, result: Prepared) -> None:
     registry = get_registry()
     for index, (entry, res_id) in enumerate(zip(entries, ids, strict=True)):
         resource = entry["resource"]
+        placeholders.clear()
         rewrite(resource, resolve)
         if result.needs_transaction:
             result.resources.clear()
             return
         try:
-            result.resources.append(finalize(registry, resource, res_id, 1, moment))
+            if placeholders:
+                result.resources.append(_finalize_with_placeholders(resource, res_id, moment, placeholders))
+            else:
+                result.resources.append(finalize(registry, resource, res_id, 1, moment))
         except FhirError as error:
             result.errors.append(f"{unit.source}: Bundle.entry[{index}]: {error}")
     if result.errors:  # a transaction is all or nothing
         result.rejected = len(entries)
         result.resources.clear()
+
+
+def _as_received(content: bytes, placeholders: set[str]) -> bytes:
+    """The content with its placeholder references back in the ``urn:uuid:`` form they came in."""
+    for bare in placeholders:
+        content = content.replace(f'"{UNRESOLVED}/{bare}"'.encode(), f'"{URN_UUID}{bare}"'.encode())
+    return content
+
+
+def _finalize_with_placeholders(
+    resource: dict[str, Any], res_id: str, moment: datetime, placeholders: set[str]
+) -> NewResource:
+    """``finalize`` for a resource with placeholder references, validating them as received.
+
+    The placeholder type is no resource type, so a validator that checks reference syntax
+    (``Type/id`` of a known type) would refuse it; the ``urn:uuid:`` reference it stands for
+    is valid, and so is the ``Type/id`` the main process puts in its place. Index rows are
+    extracted from the placeholder form (the main process patches them), so validation
+    runs on a byte copy afterwards; if invalid content breaks extraction first, validation
+    is what reports it."""
+    try:
+        item = finalize(get_registry(), resource, res_id, 1, moment, validate=False)
+    except FhirError:
+        raise
+    except Exception:
+        validate_resource(_as_received(orjson.dumps(resource), placeholders), resource["resourceType"])
+        raise
+    validate_resource(_as_received(item.content, placeholders), item.res_type)
+    return item
 
 
 def _prepare_ndjson(unit: Unit, result: Prepared) -> None:

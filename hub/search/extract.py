@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
 from typing import Any
 
 Extractor = Callable[[dict[str, Any]], list[Any]]
@@ -116,18 +117,31 @@ def parts_for_type(expression: str, resource_type: str) -> list[str]:
     return members
 
 
+@lru_cache(maxsize=4096)
+def _choice_keys(keys: tuple[str, ...]) -> dict[str, str]:
+    """name -> the first key (in order) that is ``name`` followed by a choice type suffix,
+    for an object with these keys (``effectiveDateTime``: ``effective`` and ``effectiveDate``).
+
+    Objects of one kind share their key sets, so this is computed once per shape instead of
+    scanning every key for each element a search parameter asks for and does not find."""
+    found: dict[str, str] = {}
+    for key in keys:
+        for i in range(1, len(key)):
+            if key[i].isupper() and key[i:] in _CHOICE_SUFFIXES:
+                found.setdefault(key[:i], key)
+    return found
+
+
 def _children(node: Any, name: str) -> Iterator[Any]:
     if not isinstance(node, dict):
         return
     value = node.get(name)
     if value is None:
         # A choice element ("Observation.effective") appears as effectiveDateTime etc.
-        for key, candidate in node.items():
-            if key.startswith(name) and key[len(name) :] in _CHOICE_SUFFIXES:
-                value = candidate
-                break
-        else:
+        key = _choice_keys(tuple(node)).get(name)
+        if key is None:
             return
+        value = node[key]
     if isinstance(value, list):
         yield from value
     else:

@@ -12,6 +12,7 @@ Called by: the store (every write), bulk ingest, ``hub reindex``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -221,9 +222,21 @@ def _composite_rows(param: SearchParam, elements: list[Any], rows: list[tuple[An
                     rows.append((identity, hash64(rtype, code, form, *suffix), low, high, text))
 
 
+# The indexed parameters of each type, per registry: asked for once per resource written.
+_INDEXED: weakref.WeakKeyDictionary[Registry, dict[str, list[SearchParam]]] = weakref.WeakKeyDictionary()
+
+
+def _indexed_params(registry: Registry, resource_type: str) -> list[SearchParam]:
+    by_type = _INDEXED.setdefault(registry, {})
+    params = by_type.get(resource_type)
+    if params is None:
+        params = by_type[resource_type] = registry.indexed_params(resource_type)
+    return params
+
+
 def extract_index_rows(registry: Registry, resource_type: str, resource: dict[str, Any]) -> IndexRows:
     rows: IndexRows = {}
-    for param in registry.indexed_params(resource_type):
+    for param in _indexed_params(registry, resource_type):
         rows_for(param, resource, rows)
     unique = {kind: list(dict.fromkeys(found)) for kind, found in rows.items() if found}
     unique.update(access_rows(registry, resource_type, resource.get("id", ""), resource, unique))
