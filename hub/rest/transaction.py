@@ -435,10 +435,11 @@ def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry])
                 responses[current.index] = router.handle_in(conn, _entry_request(current, request))
             current = None
             targets, new_aliases = _plan_targets(router, conn, entries, link_base(router.ctx, request))
+            resolver = _Resolver(router, conn, targets)  # one for the Bundle: it remembers lookups
             for entry in entries:
                 current = entry
                 if entry.resource is not None:
-                    rewrite(entry.resource, _Resolver(router, conn, targets))
+                    rewrite(entry.resource, resolver)
             bulk = [e for e in ordered if e.method == "POST" and e.index in targets.assigned]
             try:
                 responses.update(_create_all(router, conn, request, bulk, targets))
@@ -591,16 +592,23 @@ class _Resolver:
 
     def __init__(self, router: FhirRouter, conn: sa.Connection, targets: _Targets) -> None:
         self.router, self.conn, self.targets = router, conn, targets
+        # Answers the database gave, per reference: every reference is rewritten before the
+        # first entry is written, so they cannot change meanwhile, and a Synthea bundle names
+        # its hospital's Practitioner and Organization of an earlier bundle hundreds of times.
+        self._looked_up: dict[str, str] = {}
 
     def __call__(self, reference: str) -> str | None:
-        mapped = self.targets.by_full_url.get(reference)
+        mapped = self.targets.by_full_url.get(reference) or self._looked_up.get(reference)
         if mapped is not None:
             return mapped
         if reference.startswith(URN_UUID):
-            return self._earlier_transaction(reference)
-        if "?" in reference and "/" not in reference.split("?", 1)[0]:
-            return self._conditional(reference)
-        return None
+            mapped = self._earlier_transaction(reference)
+        elif "?" in reference and "/" not in reference.split("?", 1)[0]:
+            mapped = self._conditional(reference)
+        else:
+            return None
+        self._looked_up[reference] = mapped
+        return mapped
 
     def _earlier_transaction(self, reference: str) -> str:
         # Hidden is unknown: what the caller cannot see resolves as if it did not exist.
