@@ -122,7 +122,9 @@ def database(url: str) -> str | None:
 
 
 def check_rows(url: str, expected: int, strict: bool = True) -> int:
-    sql = "SELECT count(*) FROM resource"
+    # The hub audits itself into the same table (the import command, each transaction): those
+    # AuditEvents are not the input's resources (Synthea has no AuditEvent).
+    sql = "SELECT count(*) FROM resource WHERE res_type <> 'AuditEvent'"
     if url.startswith("sqlite"):
         with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
             rows = conn.execute(sql).fetchone()[0]
@@ -213,6 +215,10 @@ def machine_busy_s() -> float:
     """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq) since boot."""
     fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def self_cpu_s() -> float:
@@ -317,7 +323,14 @@ def run_http(backend: str, files: list[Path], expected: int, concurrency: int, t
     latencies = sorted(latency for _, latency, _ in outcomes[len(first) :])
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
     stored = check_rows(url, expected, strict=not failed)
-    note = f"{len(failed)} bundles failed" if failed else ""
+    workers = cmd[-1]
+    note = (
+        f"{concurrency} clients, {workers} server worker(s), auth off (AUTH_REQUIRED=false: an"
+        " unrestricted anonymous principal), audit on (an AuditEvent per transaction),"
+        f" encryption at rest {os.environ.get('ENCRYPT_AT_REST', 'on (default)')}"
+    )
+    if failed:
+        note += f"; {len(failed)} bundles failed"
     return Result(
         backend, "http", stored, seconds, peak, max_proc, cpu, (statistics.median(latencies), p95), note
     )
@@ -469,8 +482,10 @@ def report(results: list[Result], raw: dict[str, float] | None) -> None:
             ratios = f"{r.rate / limit:.1%}  (/ COPY with JSON: {r.rate / with_json:.1%})"
             print(f"  PostgreSQL {r.mode:<6} / raw COPY = {ratios}")
             if r.mode == "import":
-                met = r.rate >= 3000 and r.rate >= 0.25 * limit
-                print(f"  goal (>= 3,000/s and >= 25% of raw COPY): {'met' if met else 'NOT met'}")
+                met = r.rate >= 5000 and r.rate >= 0.25 * limit
+                print(f"  goal (>= 5,000/s and >= 25% of raw COPY): {'met' if met else 'NOT met'}")
+            else:
+                print(f"  goal (>= 3,000/s over HTTP): {'met' if r.rate >= 3000 else 'NOT met'}")
 
 
 @contextlib.contextmanager
@@ -489,11 +504,12 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--modes", default="import,http")
     parser.add_argument("--workers", type=int, default=None, help="hub import --workers (default: per core)")
-    parser.add_argument("--http-concurrency", type=int, default=2)
+    parser.add_argument("--http-concurrency", type=int, default=4, help="clients posting bundles at once")
     parser.add_argument("--profile", nargs="?", type=int, const=50, metavar="PATIENTS")
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
-    backends, modes = args.backends.split(","), args.modes.split(",")
+    backends = args.backends.split(",")
+    modes = ["http" if m == "serve" else m for m in args.modes.split(",")]  # serve: the HTTP way in
 
     files = choose_files(args.data, args.patients)
     expected = count_entries(files)
@@ -503,6 +519,7 @@ def main() -> None:
         ["git", "describe", "--always", "--dirty"], cwd=tree, capture_output=True, text=True
     )
     print(f"{len(files)} files ({args.patients} patients), {expected:,} resources")
+    print(f"load average at start: {_load()}")
     print(f"hub from {tree} ({head.stdout.strip() or 'not a git checkout'})")
     print(
         f"{os.cpu_count()} cores; two concurrent processes each run at {parallel_speed():.0%} of solo speed"
@@ -512,7 +529,7 @@ def main() -> None:
         tmp = Path(folder)
         for backend in backends:
             for mode in modes:
-                print(f"-- {backend} / {mode} ...", flush=True)
+                print(f"-- {backend} / {mode} (load average {_load()}) ...", flush=True)
                 if mode == "import":
                     results.append(run_import(backend, files, expected, args.workers, tmp))
                 else:
