@@ -90,6 +90,11 @@ def _sources() -> tuple[list[Path], list[Path]]:
     return shared, patients
 
 
+def shared_sources() -> list[Path]:
+    """The hospital's Organizations and Practitioners bundles, hospital first (load them first)."""
+    return sorted(_sources()[0], key=lambda p: not p.name.startswith("hospital"))
+
+
 @lru_cache(maxsize=8)
 def _template(index: int, mix: str) -> tuple[bytes, frozenset[bytes]]:
     """The source bundle (filtered to the mix) and the uuids of its own, non-shared entries."""

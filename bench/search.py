@@ -218,8 +218,11 @@ def analyzing(url: str | None, notes: list[str], every: float = 30.0) -> Iterato
 
 
 @contextmanager
-def serve(url: str, workers: int, quiet: bool, log: Path) -> Iterator[str]:
-    """``hub serve`` (or the same app under uvicorn without access logs); yields the FHIR base."""
+def serve(
+    url: str, workers: int, quiet: bool, log: Path, settings: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``hub serve`` (or the same app under uvicorn without access logs); yields the FHIR base.
+    ``settings`` override the environment last (bench/peer.py: ``AUTH_REQUIRED=true``)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
@@ -230,7 +233,7 @@ def serve(url: str, workers: int, quiet: bool, log: Path) -> Iterator[str]:
     command += ["--workers", str(workers), "--host", "127.0.0.1", "--port", str(port)]
     with log.open("ab") as out:
         # The load comes from one IP, far past the per-IP limit; the bench measures search.
-        env = {**os.environ, "DATABASE_URL": url, "BASE_URL": base, **UNLIMITED}
+        env = {**os.environ, "DATABASE_URL": url, "BASE_URL": base, **UNLIMITED, **(settings or {})}
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             deadline = time.monotonic() + 60
