@@ -68,7 +68,9 @@ class FhirRequest:
             return self.parsed_body
         if not self.body:
             raise bad_request("The request has no body")
-        if _NUL_ESCAPE.search(self.body):  # FHIR strings may not hold it, nor PostgreSQL text/jsonb
+        # FHIR strings may not hold it, nor PostgreSQL text/jsonb. The substring test first: it
+        # runs at memchr speed, the regex (an escaped backslash is no escape) at ~10 ns a byte.
+        if b"\\u0000" in self.body and _NUL_ESCAPE.search(self.body):
             raise bad_request("The body contains a NUL character (\\u0000)")
         try:
             document = orjson.loads(self.body)
