@@ -71,14 +71,16 @@ def test_demo_loads_once_and_serve_answers(fresh_database_url) -> None:  # type:
         )
         assert by_cccd.json()["entry"][0]["resource"]["name"][0]["family"] == "Trần"
         observations = httpx.get(
-            f"{base}/Observation", params={"patient": "vn-demo-patient-2"}, headers=auth
+            f"{base}/Observation", params={"patient": "vn-demo-patient-2", "_total": "accurate"}, headers=auth
         ).json()
         assert observations["total"] == 3
         # The clinician of the commune station treats patient 2 (managing organization), but
         # the PHQ-9 score is mental-health data: it needs the patient's explicit consent.
         as_doctor = {"Authorization": f"Bearer {doctor['access_token']}"}
         seen = httpx.get(
-            f"{base}/Observation", params={"patient": "vn-demo-patient-2"}, headers=as_doctor
+            f"{base}/Observation",
+            params={"patient": "vn-demo-patient-2", "_total": "accurate"},
+            headers=as_doctor,
         ).json()
         assert seen["total"] == 2
         assert "vn-demo-phq9-2" not in {e["resource"]["id"] for e in seen["entry"]}

@@ -98,7 +98,12 @@ def test_cli_import_runs_as_a_named_system_access_and_is_audited(fresh_database_
     with LiveServer(url) as server, server.client(None) as client:
         client.headers.update(ADMIN_AUTH)
         events = client.get("/AuditEvent", params={"_count": "200"}).json().get("entry", [])
-        assert client.get("/Patient", params={"identifier": f"{CCCD}|{value}"}).json()["total"] == 1
+        assert (
+            client.get("/Patient", params={"identifier": f"{CCCD}|{value}", "_total": "accurate"}).json()[
+                "total"
+            ]
+            == 1
+        )
     commands = [
         e["resource"]
         for e in events

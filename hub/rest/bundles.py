@@ -1,7 +1,8 @@
 """Building response Bundles from stored JSON without parsing it again.
 
 Owns: the assembly of every Bundle the hub answers with (searchset, history, and the
-transaction-/batch-response of ``hub.rest.transaction``), and paging links.
+transaction-/batch-response of ``hub.rest.transaction``), and paging links (by offset for
+history and ``$everything``, by keyset cursor for searches).
 Calls: orjson.  Called by: the interactions, ``$everything``, Bundle processing.
 """
 
@@ -33,6 +34,32 @@ def paging_links(
         )
     if has_more:
         links.append({"relation": "next", "url": page_link(base, path, params, offset + count, count)})
+    return links
+
+
+def search_links(
+    base: str,
+    path: str,
+    params: Sequence[tuple[str, str]],
+    count: int,
+    offset: int,
+    next_cursor: str | None,
+) -> list[dict[str, str]]:
+    """A searchset's links: ``self`` as asked, ``next`` by keyset cursor. A cursor cannot
+    be walked backwards, so ``previous`` (optional in FHIR) is given only to a client paging
+    by ``_offset``, the old way, which still works."""
+    kept = [(k, v) for k, v in params if k not in ("_offset", "_count", "_cursor")]
+    here = [(k, v) for k, v in params if k == "_cursor"] + ([("_offset", str(offset))] if offset else [])
+    links = [
+        {"relation": "self", "url": f"{base}/{path}?{urlencode([*kept, ('_count', str(count)), *here])}"}
+    ]
+    if offset > 0 and not any(k == "_cursor" for k, _ in params):
+        links.append(
+            {"relation": "previous", "url": page_link(base, path, kept, max(offset - count, 0), count)}
+        )
+    if next_cursor is not None:
+        following = [*kept, ("_count", str(count)), ("_cursor", next_cursor)]
+        links.append({"relation": "next", "url": f"{base}/{path}?{urlencode(following)}"})
     return links
 
 

@@ -159,8 +159,8 @@ def search(ctx: Context, conn: sa.Connection, request: FhirRequest, res_type: st
         max_count=ctx.max_count,
     )
     result = search_engine.execute(conn, ctx.registry, query)
-    links = bundles.paging_links(
-        link_base(ctx, request), res_type, query.used, query.offset, query.count, result.has_more
+    links = bundles.search_links(
+        link_base(ctx, request), res_type, query.used, query.count, query.offset, result.next_cursor
     )
     outcome = operation_outcome(query.ignored) if query.ignored else None
     body = bundles.searchset(

@@ -2,7 +2,8 @@
 
 Owns: the search query model (``SearchQuery``) and the grammar of parameter names:
 ``code``, ``code:modifier``, ``ref:Type.code`` chains (up to three levels) and
-``_has:Type:ref:code`` reverse chains (nestable); the query-size limits (``SearchLimits``:
+``_has:Type:ref:code`` reverse chains (nestable); the result parameters (``_count``,
+``_offset``, ``_cursor``, ``_total``, ``_sort``, ``_summary``, ...); the query-size limits (``SearchLimits``:
 parameters per query, comma-separated values per parameter, sort keys; 400 beyond).
 Every condition is built against a given alias of ``resource``, so a chain's inner search
 is just another search on a fresh alias.
@@ -31,6 +32,7 @@ RESULT_PARAMS = frozenset(
     {
         "_count",
         "_offset",
+        "_cursor",
         "_total",
         "_sort",
         "_summary",
@@ -75,8 +77,11 @@ class SearchQuery:
     res_type: str
     conditions: list[sa.ColumnElement[bool]] = field(default_factory=list)
     count: int = 20
-    offset: int = 0
-    total: str = "accurate"  # none | estimate | accurate
+    offset: int = 0  # rows skipped (clients that page by _offset; the hub's links use cursors)
+    cursor: str | None = None  # where the page starts: an opaque token of hub.search.cursor
+    # No COUNT unless asked: "accurate" counts every match, "estimate" gives the total only
+    # when it is free (hub.search.engine.execute), "none" (the default) never.
+    total: str = "none"
     summary: str | None = None  # true | text | data | count | false
     elements: list[str] | None = None
     sort: list[tuple[str, bool]] = field(default_factory=list)  # (parameter, descending)
@@ -126,6 +131,10 @@ def parse(
             query.ignored.append(Issue("not-supported", str(unknown), severity="warning"))
             continue
         query.used.append((raw_name, raw_value))
+    if query.cursor is not None and query.offset:
+        raise bad_request(
+            "_cursor and _offset cannot be combined: a cursor already says where the page starts"
+        )
     return query
 
 
@@ -143,6 +152,8 @@ def _result_param(registry: Registry, query: SearchQuery, raw_name: str, value: 
         query.count = min(_non_negative(name, value), max_count)
     elif name == "_offset":
         query.offset = _non_negative(name, value)
+    elif name == "_cursor":
+        query.cursor = value
     elif name == "_total":
         if value not in ("none", "estimate", "accurate"):
             raise bad_request("_total must be none, estimate or accurate")
