@@ -35,6 +35,7 @@ may see, since for the others the clinician gets a quick 404):
 
     obs_code      Observation?code=http://loinc.org|{common code}&_total=accurate&_count=20
     obs_patient   Observation?patient={id}&_sort=-date
+    obs_pat_code  Observation?patient={id}&code=http://loinc.org|{common code}
     name          Patient?name={3-letter prefix of a family name}
     cond_active   Condition?clinical-status=active&_count=50
     enc_date      Encounter?date=ge{year}&_count=20
@@ -47,8 +48,9 @@ Two levels, measured separately:
 - ``router``: ``FhirRouter.handle`` (admission: ``decide`` reads the clinician's grants;
   dispatch; one AuditEvent written per request, the same work for both principals);
 - ``engine``: ``hub.search.engine`` parse + execute (``$everything``: its page query) inside
-  ``consent.context.serving(access)`` for the clinician, ``serving(None)`` for the admin
-  (what the admin's Access amounts to: ``visible()`` is None). This is the filter's cost alone.
+  ``consent.context.serving(access)`` for the clinician, ``serving(system_access_for(...))``
+  for the admin (unrestricted: ``visible()`` is None; ``serving(None)`` fails closed).
+  This is the filter's cost alone.
 
 Every router-level request writes its AuditEvent (about ten thousand per run, each with
 compartment rows and references to the patients it names): hence the fresh copy per run.
@@ -64,6 +66,11 @@ with the worst ratio runs (PostgreSQL), and the admin's for comparison.
     .venv/bin/python bench/access.py --backends postgresql --explain
     .venv/bin/python bench/access.py --backends postgresql --pg-set jit=off   # without JIT
     .venv/bin/python bench/access.py postgresql://postgres@127.0.0.1:5432/mydb   # this database
+    .venv/bin/python bench/access.py --open-set 20000   # the large case: 20,000 more patients open
+
+``--open-set N`` (the large case) adds N policy grants of org A for patients holding no data
+(a facility managing thousands), so the clinician's open set grows while the rows searched
+stay the same: the visibility condition must stay a set probe, not a list per patient.
 """
 
 from __future__ import annotations
@@ -89,7 +96,7 @@ sys.path.insert(0, str(BENCH))
 from search import analyzing, count_resources, drop_database, hub, sql  # noqa: E402
 
 from consent import labels  # noqa: E402
-from consent.context import serving, system_access  # noqa: E402
+from consent.context import serving, system_access, system_access_for  # noqa: E402
 from consent.decision import Access, decide  # noqa: E402
 from hub.app_factory import build_router  # noqa: E402
 from hub.auth.principal import Principal, Role, system_principal  # noqa: E402
@@ -109,7 +116,17 @@ ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 COMMON_CODES = ("8302-2", "29463-7", "72514-3", "39156-5", "2339-0", "6299-2")
 # _has codes: a frequent one, rarer ones, and PHQ-2 (labelled PSY: hidden unless consented).
 HAS_CODES = ("2339-0", "33914-3", "6299-2", "55758-7")
-KINDS = ("obs_code", "obs_patient", "name", "cond_active", "enc_date", "obs_include", "has", "everything")
+KINDS = (
+    "obs_code",
+    "obs_patient",
+    "obs_pat_code",
+    "name",
+    "cond_active",
+    "enc_date",
+    "obs_include",
+    "has",
+    "everything",
+)
 LEVELS = ("router", "engine")
 GOAL = 1.2
 
@@ -322,6 +339,10 @@ def make_request(kind: str, people: Population, rng: random.Random) -> Request:
         )
     if kind == "obs_patient":
         return Request(kind, "Observation", (("patient", patient), ("_sort", "-date")))
+    if kind == "obs_pat_code":
+        return Request(
+            kind, "Observation", (("patient", patient), ("code", f"{LOINC}|{rng.choice(COMMON_CODES)}"))
+        )
     if kind == "name":
         return Request(kind, "Patient", (("name", rng.choice(people.families)),))
     if kind == "cond_active":
@@ -363,7 +384,8 @@ def via_router(router: FhirRouter, principal: Principal, request: Request) -> Sa
 def via_engine(router: FhirRouter, access: Access | None, request: Request) -> Sample:
     """The search (or $everything page) alone, under ``serving(access)``: no admission, no audit."""
     ctx = router.ctx
-    current = None if access is None else replace(access, touched=[])
+    # The admin: an unrestricted Access (visible() is None); no Access at all fails closed.
+    current = system_access_for("bench-admin") if access is None else replace(access, touched=[])
     if request.kind == "everything":
         from hub.ops.everything import _everything
 
@@ -547,6 +569,36 @@ def explain(router: FhirRouter, principal: Principal, request: Request, full: bo
 # --- the run ---------------------------------------------------------------------------------
 
 
+def widen_open_set(url: str, extra: int) -> str:
+    """The large case: org A manages ``extra`` more patients (policy grants, as a Patient's
+    managingOrganization makes them) who hold no data in this hub, so the set of patients
+    open to the clinician is thousands, while the rows searched stay the same. Written
+    straight into ``access_grant`` (source pids below any break-glass id), once per copy."""
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    rows = [
+        {
+            "pid": -(10**9) - i,
+            "patient_id": f"bench-far-{i}",
+            "grantee": f"Organization/{ORG_A}",
+            "purpose": "TREAT",
+            "effect": "permit",
+            "labels": labels.NORMAL,
+            "basis": "policy",
+        }
+        for i in range(extra)
+    ]
+    statement = sa.text(
+        "INSERT INTO access_grant (pid, patient_id, grantee, purpose, effect, labels, basis)"
+        " VALUES (:pid, :patient_id, :grantee, :purpose, :effect, :labels, :basis)"
+    )
+    with engine.begin() as conn:
+        present = conn.execute(sa.text("SELECT count(*) FROM access_grant WHERE pid <= -1000000000"))
+        if not present.scalar_one():
+            conn.execute(statement, rows)
+    engine.dispose()
+    return f"open set widened: {extra:,} more policy-granted patients of org A (no data)"
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -589,6 +641,8 @@ def bench(url: str, args: argparse.Namespace, workdir: Path) -> list[str]:
             prepare(seed, args, log, notes)
         clone(seed, url)
         notes.append("run on a fresh copy of the seeded database")
+    if args.open_set:
+        notes.append(widen_open_set(url, args.open_set))
     started = time.perf_counter()
     # PostgreSQL: VACUUM too, as autovacuum would have (it is off on some hosts): without
     # the visibility map, index-only scans of compartment and the indexes visit the heap.
@@ -694,6 +748,13 @@ def main() -> None:
         default=[],
         metavar="NAME=VALUE",
         help="SET on each PostgreSQL connection (e.g. jit=off)",
+    )
+    add(
+        "--open-set",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the large case: N more patients (no data) policy-granted to the clinician's org",
     )
     add("--keep-db", action="store_true", help="keep the bench_access(_seed) databases")
     add("--reuse-db", action="store_true", help="skip the load when a kept seed database is there")

@@ -21,6 +21,12 @@ The row condition for a principal that is not unrestricted is:
         OR an open break-glass grant of this principal covers that patient
     )
 
+Resolved once per statement where it can be: for a compartment row labelled NORMAL (most
+rows) the grant arm is a lookup in the set of patients the principal's grants open to NORMAL
+data (``_open_for_normal``: an uncorrelated subquery over ``access_grant``, hashed once),
+so a candidate row costs one index-only probe of its compartment rows; rows with other
+labels probe their patient's grants exactly (``_granted``).
+
 The shipped policy ("moh") honours grants derived from the managing organization and
 care teams (treatment, NORMAL data only); "consent-only" ignores them. Sensitive labels are
 never in a policy grant, so they always need a consent that names them.
@@ -232,7 +238,9 @@ class Access:
         size by orders of magnitude, and plans them slowly; a scalar subquery is always one
         probe per candidate row. ``> 0`` rather than ``= 1`` gives the planner a default
         estimate of a third of the rows instead of 0.5%, which keeps it from plans built
-        for a handful of rows."""
+        for a handful of rows. Inside, ``<permitted>`` (``_member_permitted``) looks NORMAL rows
+        up in a set resolved once per statement, so the per-row work is the probe of
+        ``compartment (pid, patient_id, labels)`` alone."""
         if self.principal.role in NO_PATIENT_DATA:
             return ~sa.exists(sa.select(c.c.pid).where(*keys))
 
@@ -255,7 +263,14 @@ class Access:
         if self.own_patients:
             alternatives.append(c.c.patient_id.in_(self.own_patients))
         if self.identities:
-            alternatives.append(self._granted(c))
+            # Most rows are NORMAL: for them the grant check is a lookup in one set resolved
+            # once per statement (``_open_for_normal``); other labels take the exact probe.
+            alternatives.append(
+                sa.case(
+                    (c.c.labels == labels.NORMAL, c.c.patient_id.in_(self._open_for_normal())),
+                    else_=self._granted(c),
+                )
+            )
         if self.break_glass_patients:
             alternatives.append(
                 sa.and_(c.c.patient_id.in_(self.break_glass_patients), c.c.labels.op("&")(labels.AUDIT) == 0)
@@ -265,13 +280,39 @@ class Access:
     def _bases(self) -> list[str]:
         return ["consent", "proxy", "policy"] if self.policy == "moh" else ["consent", "proxy"]
 
-    def _in_force(self, grant: sa.Table | sa.Alias) -> list[sa.ColumnElement[bool]]:
+    def _in_force(self, grant: sa.FromClause) -> list[sa.ColumnElement[bool]]:
         return [
             grant.c.grantee.in_([*self.identities, ANY]),
             grant.c.purpose.in_([self.purpose, ANY]),
             sa.func.coalesce(grant.c.starts, 0) <= self.now,
             sa.func.coalesce(grant.c.ends, _FAR_FUTURE) >= self.now,
         ]
+
+    def _open_for_normal(self) -> sa.Select[tuple[str]]:
+        """The patients whose NORMAL data the principal's grants open: a permit grant in force
+        with the NORMAL bit and no deny grant in force touching NORMAL (``_granted`` for a row
+        labelled NORMAL alone). Uncorrelated, so each backend evaluates it once per statement
+        and probes it by hash (PostgreSQL: a hashed SubPlan; SQLite: an ephemeral index),
+        however many patients it holds (a facility's policy grants: thousands), instead of
+        probing ``access_grant`` again for every compartment row of every candidate."""
+        permit, deny = access_grant.alias("open_permit"), access_grant.alias("open_deny")
+        denied = sa.exists().where(
+            deny.c.patient_id == permit.c.patient_id,
+            deny.c.effect == "deny",
+            deny.c.labels.op("&")(labels.NORMAL) != 0,
+            *self._in_force(deny),
+        )
+        return (
+            sa.select(permit.c.patient_id)
+            .where(
+                permit.c.effect == "permit",
+                permit.c.basis.in_(self._bases()),
+                permit.c.labels.op("&")(labels.NORMAL) != 0,
+                *self._in_force(permit),
+                ~denied,
+            )
+            .correlate(None)
+        )
 
     def _granted(self, c: sa.Table = compartment) -> sa.ColumnElement[bool]:
         """A permit grant in force covers every label of the compartment row, and no deny
@@ -325,7 +366,7 @@ class Access:
             deny.c.patient_id == grant.c.patient_id,
             deny.c.effect == "deny",
             deny.c.labels.op("&")(labels.NORMAL) != 0,
-            *self._in_force(deny),  # type: ignore[arg-type]
+            *self._in_force(deny),
         )
         rows = conn.execute(
             sa.select(grant.c.patient_id)

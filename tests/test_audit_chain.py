@@ -33,7 +33,14 @@ from hub.auth.scopes import ScopeSet
 from hub.crypto import keys
 from hub.crypto.envelope import is_sealed, open_content
 from hub.db.engine import create_engine
-from hub.db.schema import audit_chain, compartment, idx_reference, resource, resource_history
+from hub.db.schema import (
+    audit_chain,
+    compartment,
+    idx_reference,
+    idx_reference_audit,
+    resource,
+    resource_history,
+)
 from hub.rest import FhirRequest, FhirRouter
 from hub.search.index import extract_index_rows
 from hub.search.registry import get_registry
@@ -533,7 +540,12 @@ def test_updated_audit_event_in_chain(trail: AuditTrail, audit_engine: sa.Engine
 
 def _index_rows(engine: sa.Engine, pid: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     with engine.connect() as conn:
-        refs = [r._asdict() for r in conn.execute(sa.select(idx_reference).where(idx_reference.c.pid == pid))]
+        refs = [
+            r._asdict()
+            for r in conn.execute(sa.select(idx_reference_audit).where(idx_reference_audit.c.pid == pid))
+        ]
+        # The trail's references live apart from the clinical ones (issue 10).
+        assert conn.execute(sa.select(idx_reference.c.pid).where(idx_reference.c.pid == pid)).first() is None
         members = [r._asdict() for r in conn.execute(sa.select(compartment).where(compartment.c.pid == pid))]
     return refs, members
 
@@ -563,16 +575,16 @@ def test_deleted_index_rows_are_reported(
 
     # The reference index rows of the event (patient, entity, agent) are deleted.
     with audit_engine.begin() as conn:
-        conn.execute(idx_reference.delete().where(idx_reference.c.pid == pid))
+        conn.execute(idx_reference_audit.delete().where(idx_reference_audit.c.pid == pid))
     try:
         assert ids[0] not in _patient_log(audit_router, patient)  # hidden from the patient...
         report = verify_chain(audit_engine)
         assert [(p.kind, p.seq, p.res_id) for p in report.problems] == [("index", seq, ids[0])]
         detail = report.problems[0].detail
-        assert "idx_reference rows missing" in detail and f"Patient/{patient}" in detail
+        assert "idx_reference_audit rows missing" in detail and f"Patient/{patient}" in detail
     finally:
         with audit_engine.begin() as conn:
-            conn.execute(idx_reference.insert(), refs)
+            conn.execute(idx_reference_audit.insert(), refs)
     assert_intact(audit_engine)
     assert ids[0] in _patient_log(audit_router, patient)
 

@@ -15,7 +15,7 @@ AuditEvents that have history (were updated). Problem kinds:
 - ``unchained``: an AuditEvent in ``resource`` that the chain does not know (inserted
   behind the trail's back);
 - ``head``: the head kept outside the database (``--expect-head``) is not in the chain;
-- ``index``: the AuditEvent's reference index rows (``idx_reference``: ``patient``,
+- ``index``: the AuditEvent's reference index rows (``idx_reference_audit``: ``patient``,
   ``entity``, ``agent``...) or its ``compartment`` rows are not those its content implies.
   These rows decide whose access log (``AuditEvent?patient=``) shows the event and who may
   read it, so deleting them hides an event from its patient without touching the event.
@@ -51,7 +51,7 @@ import sqlalchemy as sa
 from hub.audit.trail import GENESIS, chain_head, content_digest, link
 from hub.crypto import keys
 from hub.crypto.envelope import DecryptionError, open_content
-from hub.db.schema import audit_chain, compartment, idx_reference, resource, resource_history
+from hub.db.schema import audit_chain, compartment, index_table, resource, resource_history
 from hub.search.index import extract_index_rows
 from hub.search.registry import Registry, get_registry
 
@@ -220,10 +220,9 @@ def _check_index(
     pids = [pid for _, _, pid, _ in events]
     stored_refs: dict[int, set[tuple[Any, ...]]] = {pid: set() for pid in pids}
     stored_members: dict[int, set[tuple[Any, ...]]] = {pid: set() for pid in pids}
-    ref_columns = [c for c in idx_reference.columns if c.name != "pid"]
-    for row in conn.execute(
-        sa.select(idx_reference.c.pid, *ref_columns).where(idx_reference.c.pid.in_(pids))
-    ):
+    references = index_table("reference", AUDIT_TYPE)  # idx_reference_audit
+    ref_columns = [c for c in references.columns if c.name != "pid"]
+    for row in conn.execute(sa.select(references.c.pid, *ref_columns).where(references.c.pid.in_(pids))):
         stored_refs[row[0]].add(tuple(row[1:]))
     for row in conn.execute(
         sa.select(compartment.c.pid, compartment.c.patient_id, compartment.c.labels).where(
@@ -234,7 +233,7 @@ def _check_index(
     for seq, res_id, pid, plain in events:
         expected = extract_index_rows(registry, AUDIT_TYPE, orjson.loads(plain))
         differences = _differences(
-            "idx_reference", set(expected.get("reference", [])), stored_refs[pid], _reference_label
+            references.name, set(expected.get("reference", [])), stored_refs[pid], _reference_label
         ) + _differences(
             "compartment", set(expected.get("compartment", [])), stored_members[pid], _member_label
         )

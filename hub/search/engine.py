@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from consent.context import report, visible_clause
 from hub.crypto.envelope import open_content
-from hub.db.schema import INDEX_TABLES, idx_reference, resource
+from hub.db.schema import index_table, resource
 from hub.errors import bad_request
 from hub.search import cursor
 from hub.search.query import Include, SearchQuery, parse
@@ -133,7 +133,7 @@ def _sort_key(registry: Registry, query: SearchQuery, key: str, descending: bool
         return _SortKey(resource.c.last_updated, descending, "instant", nullable=False)
     param = registry.get(query.res_type, key)
     assert param is not None
-    table = INDEX_TABLES[param.type]
+    table = index_table(param.type, query.res_type)
     value = {
         "string": table.c.get("value_norm"),
         "token": table.c.get("value"),
@@ -319,39 +319,40 @@ def _included(conn: sa.Connection, includes: list[Include], page: list[Match]) -
 def _include_rows(conn: sa.Connection, include: Include, frontier: list[Match]) -> list[Match]:
     columns = (resource.c.pid, resource.c.res_type, resource.c.res_id, resource.c.content)
     rows: list[Any] = []
+    references = index_table("reference", include.source_type)  # AuditEvent's: their own table
     if not include.reverse:
         sources = [m.pid for m in frontier if m.res_type == include.source_type]
         for chunk in _chunks(sources):
             joined = resource.join(
-                idx_reference,
+                references,
                 sa.and_(
-                    resource.c.res_type == idx_reference.c.target_type,
-                    resource.c.res_id == idx_reference.c.target_id,
+                    resource.c.res_type == references.c.target_type,
+                    resource.c.res_id == references.c.target_id,
                 ),
             )
             statement = (
                 sa.select(*columns)
                 .select_from(joined)
                 .where(
-                    idx_reference.c.pid.in_(chunk),
-                    idx_reference.c.hash_identity == include.hash_identity,
+                    references.c.pid.in_(chunk),
+                    references.c.hash_identity == include.hash_identity,
                     resource.c.deleted.is_(False),
                     *_visible(),
                 )
                 .distinct()
             )
             if include.target_type:
-                statement = statement.where(idx_reference.c.target_type == include.target_type)
+                statement = statement.where(references.c.target_type == include.target_type)
             rows += conn.execute(statement).all()
     else:
         targets = [(m.res_type, m.res_id) for m in frontier]
         if include.target_type:
             targets = [t for t in targets if t[0] == include.target_type]
         for chunk in _chunks(targets):
-            pointing = sa.select(idx_reference.c.pid).where(
-                idx_reference.c.hash_identity == include.hash_identity,
-                idx_reference.c.target_id.in_([i for _, i in chunk]),
-                idx_reference.c.target_type.in_({t for t, _ in chunk}),
+            pointing = sa.select(references.c.pid).where(
+                references.c.hash_identity == include.hash_identity,
+                references.c.target_id.in_([i for _, i in chunk]),
+                references.c.target_type.in_({t for t, _ in chunk}),
             )
             statement = sa.select(*columns).where(
                 resource.c.res_type == include.source_type,

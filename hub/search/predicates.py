@@ -26,10 +26,10 @@ from hub.db.schema import (
     idx_date,
     idx_number,
     idx_quantity,
-    idx_reference,
     idx_string,
     idx_token,
     idx_uri,
+    index_table,
 )
 from hub.errors import bad_request
 from hub.search.dates import DateFormatError, date_range, from_micros
@@ -129,10 +129,9 @@ def reference(param: SearchParam, value: str, modifier: str | None, base_url: st
     if value.startswith(base_url.rstrip("/") + "/"):
         value = value[len(base_url.rstrip("/")) + 1 :]
     target_type: str | None = modifier if modifier and modifier[0].isupper() else None
+    table = index_table("reference", param.resource_type)  # AuditEvent's: idx_reference_audit
     if "://" in value or value.startswith("urn:"):
-        return _pids_in(
-            idx_reference, idx_reference.c.hash_target == hash64(param.resource_type, param.code, value)
-        )
+        return _pids_in(table, table.c.hash_target == hash64(param.resource_type, param.code, value))
     parts = value.split("/")
     if len(parts) >= 2:
         target_type, target_id = parts[-2], parts[-1]
@@ -140,12 +139,10 @@ def reference(param: SearchParam, value: str, modifier: str | None, base_url: st
             target_type, target_id = parts[-4], parts[-3]
     else:
         target_id = value
-    conditions: list[Condition] = [
-        idx_reference.c.hash_target == hash64(param.resource_type, param.code, target_id)
-    ]
+    conditions: list[Condition] = [table.c.hash_target == hash64(param.resource_type, param.code, target_id)]
     if target_type:
-        conditions.append(idx_reference.c.target_type == target_type)
-    return _pids_in(idx_reference, *conditions)
+        conditions.append(table.c.target_type == target_type)
+    return _pids_in(table, *conditions)
 
 
 def string(param: SearchParam, value: str, modifier: str | None) -> PidSet:
@@ -316,9 +313,7 @@ def composite(param: SearchParam, value: str, modifier: str | None) -> PidSet:
 
 
 def missing(param: SearchParam, value: str) -> PidSet:
-    from hub.db.schema import INDEX_TABLES
-
-    table = INDEX_TABLES[param.type]
+    table = index_table(param.type, param.resource_type)
     present = _pids_in(table, table.c.hash_identity == param.hash_identity)
     if value not in ("true", "false"):
         raise bad_request(f"Parameter '{param.code}:missing' takes true or false")

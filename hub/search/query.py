@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from consent.context import visible_clause
-from hub.db.schema import idx_reference, resource
+from hub.db.schema import index_table, resource
 from hub.errors import Issue, bad_request
 from hub.search import predicates
 from hub.search.predicates import PidSet
@@ -277,12 +277,13 @@ def _chain(
         matching_ids = sa.select(inner.c.res_id).where(
             inner.c.res_type == target_type, inner.c.deleted.is_(False), inner_condition, *_visible(inner)
         )
+        references = index_table("reference", param.resource_type)
         selects.append(
-            sa.select(idx_reference.c.pid)
+            sa.select(references.c.pid)
             .where(
-                idx_reference.c.hash_identity == param.hash_identity,
-                idx_reference.c.target_type == target_type,
-                idx_reference.c.target_id.in_(matching_ids),
+                references.c.hash_identity == param.hash_identity,
+                references.c.target_type == target_type,
+                references.c.target_id.in_(matching_ids),
             )
             .correlate(None)
         )
@@ -307,12 +308,13 @@ def _reverse_chain(
     source_pids = sa.select(source.c.pid).where(
         source.c.res_type == source_type, source.c.deleted.is_(False), source_condition, *_visible(source)
     )
+    references = index_table("reference", source_type)
     pointed_at = (
-        sa.select(idx_reference.c.target_id)
+        sa.select(references.c.target_id)
         .where(
-            idx_reference.c.hash_identity == ref_param.hash_identity,
-            idx_reference.c.target_type == res_type,
-            idx_reference.c.pid.in_(source_pids),
+            references.c.hash_identity == ref_param.hash_identity,
+            references.c.target_type == res_type,
+            references.c.pid.in_(source_pids),
         )
         .correlate(None)
     )

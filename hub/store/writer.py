@@ -2,8 +2,9 @@
 
 Owns: pid allocation, bulk insertion (COPY on PostgreSQL, executemany on SQLite), moving
 the current version into history (with the compartment rows it had, into
-``history_compartment``), replacing index rows, and sealing versions that are stored
-encrypted.
+``history_compartment``), replacing index rows (each type's into the table
+``hub.db.schema.index_table`` names: AuditEvent's references apart), and sealing versions
+that are stored encrypted.
 Calls: SQLAlchemy, psycopg (COPY), ``hub.crypto`` (seal), ``hub.ops.compartment`` (pending
 compartment references the caller left unresolved).  Called by: the store, bulk ingest,
 the audit trail and ``hub reindex``.
@@ -19,7 +20,14 @@ import sqlalchemy as sa
 
 from hub.crypto.envelope import seal
 from hub.crypto.keys import keyring_for
-from hub.db.schema import INDEX_TABLES, compartment, history_compartment, resource, resource_history
+from hub.db.schema import (
+    INDEX_TABLES,
+    compartment,
+    history_compartment,
+    index_table,
+    resource,
+    resource_history,
+)
 from hub.ops.compartment import PENDING
 from hub.ops.compartment import resolve as resolve_compartment
 from hub.store.records import NewResource, instant
@@ -69,16 +77,15 @@ _RESOURCE_COLUMNS = ("pid", "res_type", "res_id", "version", "last_updated", "de
 
 
 def insert_index_rows(conn: sa.Connection, pids: Sequence[int], items: Sequence[NewResource]) -> None:
-    by_table: dict[str, list[tuple[Any, ...]]] = {}
+    by_table: dict[sa.Table, list[tuple[Any, ...]]] = {}
     for pid, item in zip(pids, items, strict=True):
         if PENDING in item.index_rows:
             # Callers resolve with this hub's base URL (the store, ingest, reindex); whatever
             # is left is resolved without it: absolute URLs then stay foreign (restricted).
             resolve_compartment(conn, item.index_rows, None)
         for kind, rows in item.index_rows.items():
-            by_table.setdefault(kind, []).extend((pid, *row) for row in rows)
-    for kind, rows in by_table.items():
-        table = INDEX_TABLES[kind]
+            by_table.setdefault(index_table(kind, item.res_type), []).extend((pid, *row) for row in rows)
+    for table, rows in by_table.items():
         _bulk_rows(conn, table, [c.name for c in table.columns], rows)
 
 
