@@ -3,12 +3,15 @@ transaction per batch.
 
 Owns: ``GroupCommit``, a writer thread with a queue. A request thread hands it one item
 (``submit_and_wait``) and blocks until the transaction holding that item has committed,
-or gets the error it failed with. The thread takes everything queued when it wakes (up to
-``max_weight``), writes it with one call of ``commit`` (one transaction), then releases
-every waiter of the batch; while it commits, the next batch accumulates in the queue (as
-a database's WAL group commit). So N concurrent requests cost one transaction, one lock
-and one fsync instead of N, and the answer of each still leaves only after its record is
-durable.
+or gets the error it failed with. One commit runs at a time per process. The thread takes
+everything queued when the previous commit ends (up to ``max_weight``), writes it with one
+call of ``commit`` (one transaction), then releases every waiter of the batch; while it
+commits, the next batch accumulates in the queue (as a database's WAL group commit). So
+N concurrent requests cost one transaction, one lock and one fsync instead of N, and the
+answer of each still leaves only after its record is durable. A request that finds no
+commit under way and nothing queued commits its item itself, in its own thread (then
+requests arriving meanwhile queue for the thread): alone, a hand-over would only add
+latency.
 Calls: the ``commit`` function it is given, ``hub.db.engine`` (a time limit on each
 batch's transaction).  Called by: ``hub.audit.trail`` (``AuditTrail.start_group_commit``).
 
@@ -26,8 +29,8 @@ joins it.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -75,77 +78,94 @@ class GroupCommit(Generic[T]):
         self._max_weight = max_weight
         self._time_limit = time_limit_seconds
         self._wait_seconds = wait_seconds
-        self._queue: queue.SimpleQueue[_Pending[T] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # orders "closed" against submissions
+        self._queue: deque[_Pending[T]] = deque()
+        # Guards the queue, ``_busy``, ``_closed`` and the counters; signalled when an item is
+        # queued, a commit ends, or the writer closes.
+        self._changed = threading.Condition()
+        self._busy = False  # a commit is under way (by the thread or by a caller, alone)
         self._closed = False
         self._waiting = 0  # handed in, not yet answered (queued or being written)
-        self.batches = 0  # transactions committed (written by the thread only; for benchmarks)
+        self.batches = 0  # transactions committed (for benchmarks)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit_and_wait(self, item: T) -> bool:
-        """Queue ``item`` and wait until its batch has committed (True), or raise
-        ``AuditWriteError``. False when the writer is closed: nothing was queued."""
+        """Write ``item`` and return True once it has committed, or raise
+        ``AuditWriteError``. False when the writer is closed: nothing was written.
+
+        Uncontended (no commit under way, nothing queued) the caller commits its item
+        itself: a hand-over to the thread and back would only add two thread switches.
+        Otherwise it queues the item and waits for the thread's next batch."""
         pending: _Pending[T] = _Pending(item)
-        with self._lock:
+        with self._changed:
             if self._closed:
                 return False
             self._waiting += 1
-            self._queue.put(pending)
-        pending.done.add_done_callback(self._answered)
+            alone = not self._busy and not self._queue
+            if alone:
+                self._busy = True
+            else:
+                self._queue.append(pending)
+                self._changed.notify_all()
+        if alone:
+            try:
+                self._write([pending])
+            finally:
+                self._committed()
         try:
             pending.done.result(timeout=self._wait_seconds)
         except TimeoutError as exc:
             # The record may still commit later: then the trail holds one entry more than
             # answers sent, never one less.
             raise AuditWriteError(f"the audit writer did not commit within {self._wait_seconds:g} s") from exc
+        finally:
+            with self._changed:
+                self._waiting -= 1
         return True
 
     def waiting(self) -> int:
         """How many requests wait for their records to commit (queued or being written)."""
-        with self._lock:
+        with self._changed:
             return self._waiting
-
-    def _answered(self, _done: Future[None]) -> None:
-        with self._lock:
-            self._waiting -= 1
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new items, write those queued, stop the thread (idempotent)."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._queue.put(None)  # after every item queued before: FIFO
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
         self._thread.join(timeout)
 
+    def _committed(self) -> None:
+        with self._changed:
+            self._busy = False
+            self._changed.notify_all()
+
     def _run(self) -> None:
-        stopping = False
         try:
-            while not stopping:
-                first = self._queue.get()
-                if first is None:
-                    return
-                batch, weight = [first], self._weight(first.item)
-                while weight < self._max_weight:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stopping = True
-                        break
-                    batch.append(more)
-                    weight += self._weight(more.item)
-                self._write(batch)
+            while True:
+                with self._changed:
+                    # One commit at a time: while a caller commits alone, the queue fills.
+                    while (self._busy or not self._queue) and not (self._closed and not self._busy):
+                        self._changed.wait()
+                    if not self._queue:
+                        return  # closed, and everything queued before is written
+                    batch: list[_Pending[T]] = []
+                    weight = 0
+                    while self._queue and (not batch or weight < self._max_weight):
+                        batch.append(self._queue.popleft())
+                        weight += self._weight(batch[-1].item)
+                    self._busy = True
+                try:
+                    self._write(batch)
+                finally:
+                    self._committed()
         finally:
             # Only reached with items queued if the loop itself broke: fail them, never hang.
-            while True:
-                try:
-                    left = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if left is not None and not left.done.done():
-                    left.done.set_exception(AuditWriteError("the audit writer stopped"))
+            with self._changed:
+                left, self._queue = list(self._queue), deque()
+            for pending in left:
+                if not pending.done.done():
+                    pending.done.set_exception(AuditWriteError("the audit writer stopped"))
 
     def _write(self, batch: list[_Pending[T]]) -> None:
         try:
@@ -160,7 +180,8 @@ class GroupCommit(Generic[T]):
             for pending in batch:
                 self._write([pending])
             return
-        self.batches += 1
+        with self._changed:
+            self.batches += 1
         for pending in batch:
             pending.done.set_result(None)
 
