@@ -219,16 +219,22 @@ def per_request(trail: AuditTrail, events: int, concurrency: int, group: bool) -
     writer = trail.start_group_commit() if group else None
     per_thread = max(1, events // concurrency)
     latencies: list[float] = []
+    errors: list[str] = []
     lock = threading.Lock()
 
     def work(offset: int) -> None:
-        mine = []
+        mine, failed = [], []
         for i in range(per_thread):
             started = time.perf_counter()
-            trail.record([event(offset + i)])
+            try:
+                trail.record([event(offset + i)])
+            except Exception as error:  # noqa: BLE001  (counted and shown: a figure with errors is void)
+                failed.append(str(error).splitlines()[0])
+                continue
             mine.append(time.perf_counter() - started)
         with lock:
             latencies.extend(mine)
+            errors.extend(failed)
 
     workers = [threading.Thread(target=work, args=(n * per_thread,)) for n in range(concurrency)]
     started = time.perf_counter()
@@ -238,8 +244,13 @@ def per_request(trail: AuditTrail, events: int, concurrency: int, group: bool) -
         worker.join()
     seconds = time.perf_counter() - started
     trail.stop_group_commit()
+    count = len(latencies)
+    if count < 2 or errors:
+        print(
+            f"    {'group ' if group else 'direct'} {concurrency:>2} threads: {len(errors)} errors, e.g. {errors[:1]}"
+        )
+        return
     q = statistics.quantiles(latencies, n=100)
-    count = per_thread * concurrency
     line = (
         f"    {'group ' if group else 'direct'} {concurrency:>2} threads {rate(count, seconds)}"
         f"   wait p50 {q[49] * 1000:6.2f} ms, p95 {q[94] * 1000:6.2f} ms"
