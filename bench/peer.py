@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import sqlalchemy as sa
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -139,6 +140,18 @@ class Tally:
 
 
 # --- targets ---------------------------------------------------------------------------------
+
+
+def sql_retrying(url: str, statement: str, attempts: int = 20) -> None:
+    """``search.sql``, retried: the shared PostgreSQL may be out of connection slots a while."""
+    for attempt in range(attempts):
+        try:
+            sql(url, statement)
+            return
+        except sa.exc.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(3)
 
 
 def run_text(command: str) -> str:
@@ -575,14 +588,14 @@ def main() -> None:
                 analyze.enter_context(analyzing(target.db, tagged(notes, target)))
             phases = {"ingest": ingest(targets, args)}
         for db in databases:
-            sql(db, "ANALYZE")
+            sql_retrying(db, "ANALYZE")
         for target in targets:
             if target.grant:
                 target.grant(
                     target, [p.id for p, ids in zip(target.patients, target.ids, strict=True) if ids]
                 )
                 if target.db:
-                    sql(target.db, "ANALYZE")
+                    sql_retrying(target.db, "ANALYZE")
         phases["queries"] = measure(targets, args, notes)
         report(targets, phases, args, notes)
 

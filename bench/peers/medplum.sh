@@ -110,7 +110,7 @@ config() {
   "defaultFhirQuota": 1000000000,
   "defaultSuperAdminClientId": "$CLIENT_ID",
   "defaultSuperAdminClientSecret": "$CLIENT_SECRET",
-  "database": {"host": "127.0.0.1", "port": 5432, "dbname": "$DB", "username": "postgres", "password": "postgres"},
+  "database": {"host": "127.0.0.1", "port": 5432, "dbname": "$DB", "username": "postgres", "password": "postgres", "maxConnections": 20},
   "redis": {"host": "127.0.0.1", "port": 6379, "db": ${MEDPLUM_REDIS_DB:-7}},
   "bullmq": {"removeOnFail": {"count": 1}, "removeOnComplete": {"count": 1}},
   "shutdownTimeoutMilliseconds": 5000
