@@ -26,7 +26,7 @@ def _post(full_url: str, resource: dict[str, object], **request: object) -> dict
 
 
 def _count(http: httpx.Client, query: str) -> int:
-    return int(http.get(f"/{query}").json()["total"])
+    return int(http.get(f"/{query}&_total=accurate").json()["total"])
 
 
 def test_transaction_resolves_urn_uuid_references(http: httpx.Client, uid: str) -> None:
@@ -69,7 +69,7 @@ def test_transaction_resolves_urn_uuid_references(http: httpx.Client, uid: str) 
         "/" + result["entry"][2]["response"]["location"].split("/fhir/")[1].rsplit("/_history", 1)[0]
     )
     assert observation.json()["subject"]["reference"] == f"Patient/{patient_id}"
-    found = http.get("/Observation", params={"subject": f"Patient/{patient_id}"}).json()
+    found = http.get("/Observation", params={"subject": f"Patient/{patient_id}", "_total": "accurate"}).json()
     assert found["total"] == 1
 
 
