@@ -15,16 +15,24 @@ URN_UUID = "urn:uuid:"
 
 def iter_references(node: Any) -> Iterator[dict[str, Any]]:
     """Every object that carries a string ``reference`` key, depth first."""
+    found: list[dict[str, Any]] = []
+    _collect(node, found)
+    return iter(found)
+
+
+def _collect(node: Any, found: list[dict[str, Any]]) -> None:
+    # Into one list: a recursive generator passes every holder up through each level of
+    # ``yield from``, and every write walks each resource two or three times.
     if isinstance(node, dict):
         if isinstance(node.get("reference"), str):
-            yield node
+            found.append(node)
         for value in node.values():
             if isinstance(value, dict | list):
-                yield from iter_references(value)
+                _collect(value, found)
     elif isinstance(node, list):
         for item in node:
             if isinstance(item, dict | list):
-                yield from iter_references(item)
+                _collect(item, found)
 
 
 def rewrite(resource: dict[str, Any], resolve: Callable[[str], str | None]) -> None:
