@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import sqlalchemy as sa
@@ -94,6 +94,7 @@ from search import (  # noqa: E402
 
 REPO = BENCH.parent
 ORG, DOCTOR = "bench-peer-org", "bench-peer-dr"
+T = TypeVar("T")
 GOALS = "goals (issue 10): read by id ≥ 3× the peer's req/s; search mix ≥ 3× the peer's req/s"
 TARGET_KEYS = ("token", "token-cmd", "ingest-token", "ingest-token-cmd", "db", "state")
 _LOCATION = re.compile(r"([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?/?$")
@@ -142,16 +143,16 @@ class Tally:
 # --- targets ---------------------------------------------------------------------------------
 
 
-def sql_retrying(url: str, statement: str, attempts: int = 20) -> None:
-    """``search.sql``, retried: the shared PostgreSQL may be out of connection slots a while."""
+def persist(call: Callable[[], T], attempts: int = 20) -> T:
+    """``call()``, retried while the shared PostgreSQL is out of connection slots."""
     for attempt in range(attempts):
         try:
-            sql(url, statement)
-            return
-        except sa.exc.OperationalError:
-            if attempt == attempts - 1:
+            return call()
+        except (SystemExit, sa.exc.OperationalError) as exc:
+            if "too many clients" not in str(exc) or attempt == attempts - 1:
                 raise
             time.sleep(3)
+    raise AssertionError("unreachable")
 
 
 def run_text(command: str) -> str:
@@ -225,9 +226,9 @@ def managed_hub(spec: str, args: argparse.Namespace, workdir: Path) -> Iterator[
     url, log = f"{PG}/bench_peer_{name}", workdir / f"hub-{name}.log"
     # One signing key for `hub users`, `hub token` and the served workers (docs/auth.md).
     os.environ["AUTH_SIGNING_KEY_FILE"] = str(workdir / "token-signing-es256.pem")
-    drop_database(url, create=True)
-    hub(["db", "upgrade"], url, log)
-    hub(["users", "add", "bench-ingest", "--role", "integration-service"], url, log)
+    persist(lambda: drop_database(url, create=True))
+    persist(lambda: hub(["db", "upgrade"], url, log))
+    persist(lambda: hub(["users", "add", "bench-ingest", "--role", "integration-service"], url, log))
     fhir_user = f"Practitioner/{DOCTOR}"
     clinician = [
         "users",
@@ -240,7 +241,8 @@ def managed_hub(spec: str, args: argparse.Namespace, workdir: Path) -> Iterator[
         "--org",
         ORG,
     ]
-    hub_out([*clinician, "--password-stdin"], url, stdin=secrets.token_urlsafe(16) + "\n")  # tokens only
+    password = secrets.token_urlsafe(16) + "\n"  # never used: the benchmark takes `hub token`s
+    persist(lambda: hub_out([*clinician, "--password-stdin"], url, stdin=password))
     workers = args.hub_workers
     with serve(url, workers, args.quiet_server, log, {"AUTH_REQUIRED": str(auth).lower()}) as base:
         if auth:
@@ -588,14 +590,14 @@ def main() -> None:
                 analyze.enter_context(analyzing(target.db, tagged(notes, target)))
             phases = {"ingest": ingest(targets, args)}
         for db in databases:
-            sql_retrying(db, "ANALYZE")
+            persist(lambda db=db: sql(db, "ANALYZE"))
         for target in targets:
             if target.grant:
                 target.grant(
                     target, [p.id for p, ids in zip(target.patients, target.ids, strict=True) if ids]
                 )
                 if target.db:
-                    sql_retrying(target.db, "ANALYZE")
+                    persist(lambda url=target.db: sql(url, "ANALYZE"))
         phases["queries"] = measure(targets, args, notes)
         report(targets, phases, args, notes)
 
