@@ -22,8 +22,9 @@ The row condition for a principal that is not unrestricted is:
     )
 
 Resolved once per statement where it can be: for a compartment row labelled NORMAL (most
-rows) the grant arm is a lookup in the set of patients the principal's grants open to NORMAL
-data (``_open_for_normal``: an uncorrelated subquery over ``access_grant``, hashed once),
+rows) the grant arm is two lookups: in the patients a permit grant opens to NORMAL data and
+not in those a deny closes it for (``_open_for_normal``: uncorrelated sets over
+``access_grant``, each built and hashed once per statement),
 so a candidate row costs one index-only probe of its compartment rows; rows with other
 labels probe their patient's grants exactly (``_granted``).
 
@@ -239,7 +240,7 @@ class Access:
         probe per candidate row. ``> 0`` rather than ``= 1`` gives the planner a default
         estimate of a third of the rows instead of 0.5%, which keeps it from plans built
         for a handful of rows. Inside, ``<permitted>`` (``_member_permitted``) looks NORMAL rows
-        up in a set resolved once per statement, so the per-row work is the probe of
+        up in sets resolved once per statement, so the per-row work is the probe of
         ``compartment (pid, patient_id, labels)`` alone."""
         if self.principal.role in NO_PATIENT_DATA:
             return ~sa.exists(sa.select(c.c.pid).where(*keys))
@@ -263,11 +264,11 @@ class Access:
         if self.own_patients:
             alternatives.append(c.c.patient_id.in_(self.own_patients))
         if self.identities:
-            # Most rows are NORMAL: for them the grant check is a lookup in one set resolved
+            # Most rows are NORMAL: for them the grant check is a lookup in sets resolved
             # once per statement (``_open_for_normal``); other labels take the exact probe.
             alternatives.append(
                 sa.case(
-                    (c.c.labels == labels.NORMAL, c.c.patient_id.in_(self._open_for_normal())),
+                    (c.c.labels == labels.NORMAL, self._open_for_normal(c)),
                     else_=self._granted(c),
                 )
             )
@@ -288,30 +289,29 @@ class Access:
             sa.func.coalesce(grant.c.ends, _FAR_FUTURE) >= self.now,
         ]
 
-    def _open_for_normal(self) -> sa.Select[tuple[str]]:
-        """The patients whose NORMAL data the principal's grants open: a permit grant in force
-        with the NORMAL bit and no deny grant in force touching NORMAL (``_granted`` for a row
-        labelled NORMAL alone). Uncorrelated, so each backend evaluates it once per statement
-        and probes it by hash (PostgreSQL: a hashed SubPlan; SQLite: an ephemeral index),
-        however many patients it holds (a facility's policy grants: thousands), instead of
-        probing ``access_grant`` again for every compartment row of every candidate."""
+    def _open_for_normal(self, c: sa.Table) -> sa.ColumnElement[bool]:
+        """Whether a NORMAL compartment row ``c`` is open through a grant: its patient has a
+        permit grant in force with the NORMAL bit and no deny grant in force touching NORMAL
+        (``_granted`` for a row labelled NORMAL alone). Both sets are uncorrelated, so each
+        backend builds each once per statement and probes it by hash (PostgreSQL: hashed
+        SubPlans; SQLite: ephemeral indexes), however many patients they hold (a facility's
+        policy grants: thousands), instead of probing ``access_grant`` again for every
+        compartment row of every candidate. Two sets, not a permit set with a NOT EXISTS
+        inside: PostgreSQL ran that as a nested-loop anti join, a deny scan per permit."""
         permit, deny = access_grant.alias("open_permit"), access_grant.alias("open_deny")
-        denied = sa.exists().where(
-            deny.c.patient_id == permit.c.patient_id,
+        permitted = sa.select(permit.c.patient_id).where(
+            permit.c.effect == "permit",
+            permit.c.basis.in_(self._bases()),
+            permit.c.labels.op("&")(labels.NORMAL) != 0,
+            *self._in_force(permit),
+        )
+        denied = sa.select(deny.c.patient_id).where(
             deny.c.effect == "deny",
             deny.c.labels.op("&")(labels.NORMAL) != 0,
             *self._in_force(deny),
         )
-        return (
-            sa.select(permit.c.patient_id)
-            .where(
-                permit.c.effect == "permit",
-                permit.c.basis.in_(self._bases()),
-                permit.c.labels.op("&")(labels.NORMAL) != 0,
-                *self._in_force(permit),
-                ~denied,
-            )
-            .correlate(None)
+        return sa.and_(
+            c.c.patient_id.in_(permitted.correlate(None)), c.c.patient_id.not_in(denied.correlate(None))
         )
 
     def _granted(self, c: sa.Table = compartment) -> sa.ColumnElement[bool]:
