@@ -299,6 +299,8 @@ def run_http(backend: str, files: list[Path], expected: int, concurrency: int, t
         first = [read_json(p) for p in files if p.name.startswith(LOAD_FIRST)]
         patients = [read_json(p) for p in files if not p.name.startswith(LOAD_FIRST)]
         sampler = Sampler(server.pid, database(url))
+        sampler.sample()  # the server's start-up (imports, connection pools) is not ingest
+        started_cpu = sum(sampler.cpu.values()), sum(sampler.pg_cpu.values())
         sampler.start()
         busy_before, client_before = machine_busy_s(), self_cpu_s()
         started = time.perf_counter()
@@ -308,7 +310,10 @@ def run_http(backend: str, files: list[Path], expected: int, concurrency: int, t
         seconds = time.perf_counter() - started
         sampler.sample()  # the server is still up: a last VmHWM reading
         peak, max_proc = sampler.stop()
-        cpu = {"server": sum(sampler.cpu.values()), "pg backends": sum(sampler.pg_cpu.values())}
+        cpu = {
+            "server": sum(sampler.cpu.values()) - started_cpu[0],
+            "pg backends": sum(sampler.pg_cpu.values()) - started_cpu[1],
+        }
         cpu["client"] = self_cpu_s() - client_before
         if backend == "sqlite":
             del cpu["pg backends"]
