@@ -11,6 +11,7 @@ uvicorn.  Called by: people, make, CI.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,24 +49,48 @@ DEMO_DIR = REPO_ROOT / "demo"
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
     port: int = typer.Option(8000, help="TCP port"),
-    workers: int = typer.Option(1, help="Worker processes (PostgreSQL only; SQLite takes one writer)"),
+    workers: int = typer.Option(
+        0, help="Worker processes; 0: one per core on PostgreSQL. SQLite: always one (one writer)"
+    ),
+    access_log: bool = typer.Option(
+        False, "--access-log/--no-access-log", help="Log a line per request (the audit trail records each)"
+    ),
 ) -> None:
     """Serve the FHIR API at http://HOST:PORT/fhir."""
     import uvicorn
 
-    base = get_settings().base_url or f"http://{host}:{port}/fhir"  # unset: links follow each request
-    console.print(f"FHIR base: {base}  (database: {_safe_url()})")
+    settings = get_settings()
+    count = worker_count(settings.database_url, workers)
+    base = settings.base_url or f"http://{host}:{port}/fhir"  # unset: links follow each request
+    console.print(f"FHIR base: {base}  (database: {_safe_url()}; {count} worker{'s' * (count > 1)})")
+    if workers > 1 and count == 1:
+        console.print("SQLite has one writer: serving with one worker process")
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 and
     # rewrite the client address; the hub decides whom to believe (TRUSTED_PROXIES).
+    # loop/http "auto": uvloop and httptools (uvicorn[standard]) when installed.
     uvicorn.run(
         "hub.api.app:create_app",
         factory=True,
         host=host,
         port=port,
-        workers=workers,
+        workers=count,
         log_level="info",
+        access_log=access_log,
         proxy_headers=False,
     )
+
+
+def worker_count(database_url: str, requested: int = 0) -> int:
+    """How many processes ``hub serve`` runs: SQLite one (a single writer; more processes
+    would only queue behind its lock), PostgreSQL ``requested`` or, for 0, one per core
+    this process may run on."""
+    from hub.db.engine import is_sqlite
+
+    if is_sqlite(database_url):
+        return 1
+    if requested > 0:
+        return requested
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 @db_app.command("upgrade")
@@ -112,7 +137,7 @@ def demo(
     with system_access("cli-demo-users"):
         _demo_users(router.ctx.store.engine)
     if serve_after:
-        serve(host=host, port=port, workers=1)
+        serve(host=host, port=port, workers=0, access_log=False)
 
 
 @app.command()

@@ -3,9 +3,11 @@
 Owns: driver settings that make both databases behave alike for the store: SQLite WAL
 and immediate write transactions, URL aliases; and the per-request guard
 (:class:`RequestGuard`): a time limit on every database transaction begun while a request
-is being served (PostgreSQL ``SET LOCAL statement_timeout``, SQLite a progress handler),
-and cancelling the statements of a request whose client went away (psycopg
-``cancel_safe``, ``sqlite3.Connection.interrupt``).
+is being served (PostgreSQL ``statement_timeout``, set on a connection only when it
+differs from what the connection has; SQLite a progress handler), and cancelling the
+statements of a request whose client went away (psycopg ``cancel_safe``,
+``sqlite3.Connection.interrupt``); PostgreSQL connections pinged before use only after
+sitting idle (not on every checkout).
 Calls: SQLAlchemy.  Called by: the CLI, the app factory, tests; ``hub.api.app`` opens a
 guard around each FHIR request (code outside a guard, such as CLI jobs, is not limited).
 """
@@ -25,6 +27,14 @@ from sqlalchemy.engine import make_url
 
 # SQLite calls the progress handler every this many virtual-machine instructions.
 _SQLITE_PROGRESS_STEPS = 10_000
+# A pooled PostgreSQL connection idle longer than this is pinged before use.
+_PING_AFTER_IDLE_SECONDS = 5.0
+# Connection info keys: the session's statement_timeout in ms as set here (absent or None:
+# the server's default), one set by a transaction not yet committed, and the idle clock.
+_TIMEOUT_KEY = "hub_statement_timeout"
+_PENDING_TIMEOUT_KEY = "hub_statement_timeout_pending"
+_UNKNOWN_TIMEOUT = -1
+_IDLE_SINCE_KEY = "hub_idle_since"
 
 
 class RequestGuard:
@@ -123,12 +133,15 @@ def create_engine(url: str, *, echo: bool = False) -> sa.Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
-        kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        # No pool_pre_ping: it costs a round trip on every checkout; _configure_idle_ping
+        # pings only connections that sat idle (see _PING_AFTER_IDLE_SECONDS).
+        kwargs.update(pool_size=10, max_overflow=20)
     engine = sa.create_engine(url, **kwargs)
     if is_sqlite(url):
         _configure_sqlite(engine)
     else:
         _configure_postgres(engine)
+        _configure_idle_ping(engine)
     _configure_guard(engine)
     return engine
 
@@ -162,15 +175,73 @@ def _configure_postgres(engine: sa.Engine) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
+        # Every statement of a guarded request's transaction is bounded (PostgreSQL answers
+        # QueryCanceled, SQLSTATE 57014, past it); unguarded work runs with the server's
+        # default. The setting is the session's, set only when the connection's differs:
+        # a per-transaction SET LOCAL would cost a round trip on every transaction.
         guard = _guard.get()
-        if guard is None:
-            return
-        if guard.cancelled:
+        if guard is not None and guard.cancelled:
             raise RequestCancelled("the client disconnected")
-        if guard.timeout is not None:
-            # Per transaction, so every statement of a request's transaction is bounded;
-            # PostgreSQL answers QueryCanceled (SQLSTATE 57014) past it.
-            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(guard.timeout * 1000))}")
+        wanted = (
+            max(1, int(guard.timeout * 1000)) if guard is not None and guard.timeout is not None else None
+        )
+        info = conn.info  # the DBAPI connection's (cleared when it is invalidated)
+        if info.get(_TIMEOUT_KEY) == wanted:
+            return
+        value = "DEFAULT" if wanted is None else str(wanted)
+        conn.exec_driver_sql(f"SET statement_timeout TO {value}")
+        if getattr(conn.connection.dbapi_connection, "autocommit", False):  # holds at once
+            info[_TIMEOUT_KEY] = wanted
+        else:
+            info[_PENDING_TIMEOUT_KEY] = wanted
+
+    # A SET in a transaction lasts only if the transaction commits.
+    # (An invalidated connection has no info to keep: its replacement starts afresh.)
+    @sa.event.listens_for(engine, "commit")
+    def _on_commit(conn: sa.Connection) -> None:
+        if not conn.invalidated and _PENDING_TIMEOUT_KEY in conn.info:
+            conn.info[_TIMEOUT_KEY] = conn.info.pop(_PENDING_TIMEOUT_KEY)
+
+    @sa.event.listens_for(engine, "rollback")
+    def _on_rollback(conn: sa.Connection) -> None:
+        if not conn.invalidated:
+            conn.info.pop(_PENDING_TIMEOUT_KEY, None)
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _on_error(context: sa.engine.ExceptionContext) -> None:
+        # Whatever failed (a commit, too), the session's setting is no longer known.
+        if context.connection is not None and not context.connection.invalidated:
+            context.connection.info.pop(_PENDING_TIMEOUT_KEY, None)
+            context.connection.info[_TIMEOUT_KEY] = _UNKNOWN_TIMEOUT
+
+
+def _configure_idle_ping(engine: sa.Engine) -> None:
+    """Ping a pooled connection before use only when it has been idle a while.
+
+    Under load connections are reused within milliseconds and were just seen working; a
+    connection that died mid-request fails that request (503 ``transient``) and SQLAlchemy
+    then discards every connection older than the failure. One that sat idle (the database
+    may have restarted meanwhile) is pinged, and replaced when the ping fails.
+    """
+
+    @sa.event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_IDLE_SINCE_KEY] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get(_IDLE_SINCE_KEY)
+        if idle_since is None or time.monotonic() - idle_since < _PING_AFTER_IDLE_SECONDS:
+            return
+        dialect = engine.dialect
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as error:
+            if dialect.is_disconnect(error, dbapi_connection, None):
+                # The pool discards this connection and tries another (up to three times).
+                raise sa.exc.DisconnectionError(str(error)) from error
+            raise
 
 
 def _configure_sqlite(engine: sa.Engine) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import orjson
@@ -64,9 +65,10 @@ class FhirRouter:
         interaction = target.interaction
         audited = False
         try:
-            access = self.gate.admit(request)
-            with serving(access):
-                response = self._dispatch(request, access, interaction)
+            with self._reads_of(request):
+                access = self.gate.admit(request)
+                with serving(access):
+                    response = self._dispatch(request, access, interaction)
             # Committed: a write's audit record committed with it.
             audited = interaction in AUDITED_WITH_WRITE
         except FhirError as error:
@@ -82,6 +84,16 @@ class FhirRouter:
                 log.exception("audit failed for %s %s", request.method, request.path)
                 return error_response(audit_failure(exc))
         return response
+
+    def _reads_of(self, request: FhirRequest) -> AbstractContextManager[object]:
+        """One read transaction for the admission and the interaction of a plain read
+        (read, vread, search, history): one connection and one transaction, not one each.
+        Operations and Bundles manage their own transactions; the audit record is written
+        after this transaction ends, so a failed read still gets its record."""
+        target = request.target
+        if request.method in _READ_METHODS and target.operation is None and not target.bundle:
+            return self.ctx.store.shared_read()
+        return nullcontext()
 
     def _dispatch(self, request: FhirRequest, access: Access, interaction: str) -> FhirResponse:
         operation = self._operation(request)

@@ -9,7 +9,11 @@ identifier references and own-base URLs via ``hub.ops.compartment.resolve``), an
 the hub knows (it could not read it back). Membership follows the current version; earlier
 versions keep theirs in ``history_compartment`` (the writer).
 Every method takes the connection of an open transaction, so a Bundle transaction can run
-many operations atomically.
+many operations atomically. ``read`` is for reading only: on PostgreSQL it runs in
+autocommit (no BEGIN/COMMIT round trips; READ COMMITTED gives each statement its own
+snapshot either way). ``shared_read`` opens one read that every ``read`` inside it (in the
+same thread/context) joins: a read request's admission and interaction then cost one
+connection checkout instead of one each.
 Calls: records, reader, writer, ``hub.ops.compartment``, the search engine (conditional
 references), ``consent.context`` (every write is authorized before it is made),
 ``hub.crypto`` (the keyring and the policy of what is sealed at rest).
@@ -21,6 +25,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -39,6 +44,9 @@ from hub.search.registry import Registry
 from hub.store import reader, writer
 from hub.store.records import NewResource, StoredResource, finalize, now, same_content
 from hub.store.references import rewrite
+
+# The read transaction opened by ``Store.shared_read`` in this context, with its engine.
+_shared_read: ContextVar[tuple[sa.Engine, sa.Connection] | None] = ContextVar("hub_shared_read", default=None)
 
 
 def new_id() -> str:
@@ -60,6 +68,10 @@ class Store:
         self.keyring = keyring
         # This hub's FHIR base: absolute references under it are local (compartment rules).
         self.base_url = base_url.rstrip("/") if base_url else None
+        # PostgreSQL reads run without BEGIN and COMMIT: under READ COMMITTED each statement
+        # takes its own snapshot inside a transaction too, so a read-only transaction only
+        # adds two round trips. (SQLite's BEGIN is local and holds one snapshot: kept.)
+        self._autocommit_reads = engine.dialect.name == "postgresql"
 
     # Both bind the database's keys (hub.crypto) for the code run inside: index extraction,
     # search predicates and decryption find them there. Bound before connecting: loading the
@@ -79,8 +91,33 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[sa.Connection]:
-        with using_keys(self.keys()), self.engine.connect() as conn, conn.begin():
-            yield conn
+        """A read transaction: its own, or the ``shared_read`` open in this context (which
+        it neither commits nor closes)."""
+        shared = _shared_read.get()
+        if shared is not None and shared[0] is self.engine:
+            yield shared[1]
+            return
+        with using_keys(self.keys()), self.engine.connect() as conn:
+            if self._autocommit_reads:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def shared_read(self) -> Iterator[sa.Connection]:
+        """One read transaction that every ``read`` in this context joins until it ends.
+
+        For the reads of one request (the router: admission, then read, search or history),
+        which otherwise check out a connection and begin and commit a transaction each:
+        round trips to the database that cost more than the statements themselves. Not for
+        code that writes and then reads what it wrote (SQLite keeps the read snapshot of the
+        transaction's first statement); writes still open their own transaction."""
+        with self.read() as conn:
+            token = _shared_read.set((self.engine, conn))
+            try:
+                yield conn
+            finally:
+                _shared_read.reset(token)
 
     # --- reads --------------------------------------------------------------------------
 
