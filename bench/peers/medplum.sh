@@ -125,8 +125,12 @@ start() {
   config
   mkdir -p "$HOME_DIR/binary"
   local bin; bin=$(node_bin)
-  (cd "$SERVER" && NODE_ENV=production PATH=$bin:$PATH nohup node --import tsx src/index.ts \
-    "file:$HOME_DIR/medplum.bench.json" >"$LOG" 2>&1 & echo $! >"$PIDFILE")
+  # No subshell around it: $! must be node's own pid (nohup execs node), for `stop`.
+  cd "$SERVER"
+  NODE_ENV=production PATH=$bin:$PATH nohup node --import tsx src/index.ts \
+    "file:$HOME_DIR/medplum.bench.json" >"$LOG" 2>&1 &
+  echo $! >"$PIDFILE"
+  cd - >/dev/null
   # The first start migrates the database and seeds it (structure definitions, value sets,
   # search parameters): minutes on two cores.
   for _ in $(seq 1 900); do
