@@ -258,7 +258,8 @@ def managed_hub(spec: str, args: argparse.Namespace, workdir: Path) -> Iterator[
         else:
             state = f"hub, {workers} workers: auth off (anonymous, unrestricted), audit on"
             yield Target(name, base, db=url, state=state)
-    drop_database(url) if not args.keep_db else None
+    if not args.keep_db:
+        persist(lambda: drop_database(url))
 
 
 # --- the client ------------------------------------------------------------------------------
