@@ -343,6 +343,8 @@ def main() -> None:
     if not loaded:
         print(f"loading {args.data} into {args.database} ...", flush=True)
         load(args.database, args.data, env)
+    else:
+        hub(["db", "upgrade"], env)  # a database loaded by an older checkout
     sql(args.database, "ANALYZE")
     admin_token = hub(["token", ADMIN, "--ttl", "86400"], env).strip()
     clinician_token = hub(["token", CLINICIAN, "--ttl", "86400"], env).strip()
