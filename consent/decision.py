@@ -21,13 +21,6 @@ The row condition for a principal that is not unrestricted is:
         OR an open break-glass grant of this principal covers that patient
     )
 
-Resolved once per statement where it can be: for a compartment row labelled NORMAL (most
-rows) the grant arm is two lookups: in the patients a permit grant opens to NORMAL data and
-not in those a deny closes it for (``_open_for_normal``: uncorrelated sets over
-``access_grant``, each built and hashed once per statement),
-so a candidate row costs one index-only probe of its compartment rows; rows with other
-labels probe their patient's grants exactly (``_granted``).
-
 The shipped policy ("moh") honours grants derived from the managing organization and
 care teams (treatment, NORMAL data only); "consent-only" ignores them. Sensitive labels are
 never in a policy grant, so they always need a consent that names them.
@@ -239,9 +232,12 @@ class Access:
         size by orders of magnitude, and plans them slowly; a scalar subquery is always one
         probe per candidate row. ``> 0`` rather than ``= 1`` gives the planner a default
         estimate of a third of the rows instead of 0.5%, which keeps it from plans built
-        for a handful of rows. Inside, ``<permitted>`` (``_member_permitted``) looks NORMAL rows
-        up in sets resolved once per statement, so the per-row work is the probe of
-        ``compartment (pid, patient_id, labels)`` alone."""
+        for a handful of rows. ``compartment (pid, patient_id, labels)`` covers the probe
+        (index-only). Resolving the principal's grants once per statement instead (issue 10:
+        NORMAL rows looked up in uncorrelated permit/deny sets, hashed SubPlans) was measured
+        and dropped: building the set costs O(patients open) per statement (20,000 policy
+        grants: ~100 ms added to a 10-row search), and PostgreSQL charges the set's cost to
+        every candidate row, which pushes clinician searches over ``jit_above_cost``."""
         if self.principal.role in NO_PATIENT_DATA:
             return ~sa.exists(sa.select(c.c.pid).where(*keys))
 
@@ -264,14 +260,7 @@ class Access:
         if self.own_patients:
             alternatives.append(c.c.patient_id.in_(self.own_patients))
         if self.identities:
-            # Most rows are NORMAL: for them the grant check is a lookup in sets resolved
-            # once per statement (``_open_for_normal``); other labels take the exact probe.
-            alternatives.append(
-                sa.case(
-                    (c.c.labels == labels.NORMAL, self._open_for_normal(c)),
-                    else_=self._granted(c),
-                )
-            )
+            alternatives.append(self._granted(c))
         if self.break_glass_patients:
             alternatives.append(
                 sa.and_(c.c.patient_id.in_(self.break_glass_patients), c.c.labels.op("&")(labels.AUDIT) == 0)
@@ -281,38 +270,13 @@ class Access:
     def _bases(self) -> list[str]:
         return ["consent", "proxy", "policy"] if self.policy == "moh" else ["consent", "proxy"]
 
-    def _in_force(self, grant: sa.FromClause) -> list[sa.ColumnElement[bool]]:
+    def _in_force(self, grant: sa.Table | sa.Alias) -> list[sa.ColumnElement[bool]]:
         return [
             grant.c.grantee.in_([*self.identities, ANY]),
             grant.c.purpose.in_([self.purpose, ANY]),
             sa.func.coalesce(grant.c.starts, 0) <= self.now,
             sa.func.coalesce(grant.c.ends, _FAR_FUTURE) >= self.now,
         ]
-
-    def _open_for_normal(self, c: sa.Table) -> sa.ColumnElement[bool]:
-        """Whether a NORMAL compartment row ``c`` is open through a grant: its patient has a
-        permit grant in force with the NORMAL bit and no deny grant in force touching NORMAL
-        (``_granted`` for a row labelled NORMAL alone). Both sets are uncorrelated, so each
-        backend builds each once per statement and probes it by hash (PostgreSQL: hashed
-        SubPlans; SQLite: ephemeral indexes), however many patients they hold (a facility's
-        policy grants: thousands), instead of probing ``access_grant`` again for every
-        compartment row of every candidate. Two sets, not a permit set with a NOT EXISTS
-        inside: PostgreSQL ran that as a nested-loop anti join, a deny scan per permit."""
-        permit, deny = access_grant.alias("open_permit"), access_grant.alias("open_deny")
-        permitted = sa.select(permit.c.patient_id).where(
-            permit.c.effect == "permit",
-            permit.c.basis.in_(self._bases()),
-            permit.c.labels.op("&")(labels.NORMAL) != 0,
-            *self._in_force(permit),
-        )
-        denied = sa.select(deny.c.patient_id).where(
-            deny.c.effect == "deny",
-            deny.c.labels.op("&")(labels.NORMAL) != 0,
-            *self._in_force(deny),
-        )
-        return sa.and_(
-            c.c.patient_id.in_(permitted.correlate(None)), c.c.patient_id.not_in(denied.correlate(None))
-        )
 
     def _granted(self, c: sa.Table = compartment) -> sa.ColumnElement[bool]:
         """A permit grant in force covers every label of the compartment row, and no deny
@@ -366,7 +330,7 @@ class Access:
             deny.c.patient_id == grant.c.patient_id,
             deny.c.effect == "deny",
             deny.c.labels.op("&")(labels.NORMAL) != 0,
-            *self._in_force(deny),
+            *self._in_force(deny),  # type: ignore[arg-type]
         )
         rows = conn.execute(
             sa.select(grant.c.patient_id)
