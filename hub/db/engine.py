@@ -136,6 +136,10 @@ def create_engine(url: str, *, echo: bool = False) -> sa.Engine:
         # No pool_pre_ping: it costs a round trip on every checkout; _configure_idle_ping
         # pings only connections that sat idle (see _PING_AFTER_IDLE_SECONDS).
         kwargs.update(pool_size=10, max_overflow=20)
+        # JIT off: a consent-filtered search adds a per-row subquery's estimated cost to every
+        # candidate row, which pushes it over jit_above_cost, and compiling then costs 50 ms
+        # to over a second per statement for queries that run in a few milliseconds.
+        kwargs["connect_args"] = {"options": "-c jit=off"}
     engine = sa.create_engine(url, **kwargs)
     if is_sqlite(url):
         _configure_sqlite(engine)
