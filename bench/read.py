@@ -57,9 +57,11 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from search import sql  # noqa: E402  (one helper for the bench scripts' admin SQL)
+
 BIN = Path(sys.executable).parent
 PG = "postgresql://postgres@127.0.0.1:5432"
 # ../shared beside the checkout; SHARED_DIR for a checkout elsewhere (a git worktree).
@@ -87,18 +89,6 @@ class Cell:
 
 
 # --- setup -----------------------------------------------------------------------------------
-
-
-def sql(url: str, statement: str) -> list[sa.Row]:  # type: ignore[type-arg]
-    engine = sa.create_engine(
-        url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
-    )
-    try:
-        with engine.connect() as conn:
-            result = conn.execute(sa.text(statement))
-            return list(result.all()) if result.returns_rows else []
-    finally:
-        engine.dispose()
 
 
 def hub(command: list[str], env: dict[str, str], repo: Path = REPO) -> str:

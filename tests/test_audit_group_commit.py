@@ -22,6 +22,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import LiveServer, backend
+from test_audit_rules import audit_unwritable
 
 from hub.audit.events import AccessEvent
 from hub.audit.group_commit import GroupCommit
@@ -169,18 +170,6 @@ def test_no_answer_before_its_event_commits_and_waiting_reads_commit_together(se
         assert len(transactions) <= 2, transactions
     report = verify_chain(server.engine)
     assert report.ok, report.problems[:5]
-
-
-@contextmanager
-def audit_unwritable(engine: sa.Engine) -> Iterator[None]:
-    """The audit chain table is gone for the duration: every audit write fails."""
-    with engine.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE audit_chain RENAME TO audit_chain_away"))
-    try:
-        yield
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text("ALTER TABLE audit_chain_away RENAME TO audit_chain"))
 
 
 def test_a_batch_that_cannot_be_written_fails_every_read_in_it(server: LiveServer) -> None:

@@ -175,39 +175,32 @@ idx_uri = sa.Table(
     sa.Index(None, "pid"),
 )
 
-idx_reference = sa.Table(
-    "idx_reference",
-    metadata,
-    sa.Column("pid", Pid, nullable=False),
-    sa.Column("hash_identity", sa.BigInteger, nullable=False),
-    # H(type, param, target id): "subject=123" and "subject=Patient/123" both hit it.
-    sa.Column("hash_target", sa.BigInteger, nullable=False),
-    sa.Column("target_type", sa.String(64), nullable=True),
-    sa.Column("target_id", sa.String(64), nullable=True),
-    # Absolute or canonical URL when the reference does not point into this server.
-    sa.Column("target_url", sa.Text, nullable=True),
-    sa.Index(None, "hash_target", "pid"),
-    sa.Index(None, "target_id", "target_type"),
-    sa.Index(None, "pid"),
-)
+
+def _reference_index(name: str) -> sa.Table:
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("pid", Pid, nullable=False),
+        sa.Column("hash_identity", sa.BigInteger, nullable=False),
+        # H(type, param, target id): "subject=123" and "subject=Patient/123" both hit it.
+        sa.Column("hash_target", sa.BigInteger, nullable=False),
+        sa.Column("target_type", sa.String(64), nullable=True),
+        sa.Column("target_id", sa.String(64), nullable=True),
+        # Absolute or canonical URL when the reference does not point into this server.
+        sa.Column("target_url", sa.Text, nullable=True),
+        sa.Index(None, "hash_target", "pid"),
+        sa.Index(None, "target_id", "target_type"),
+        sa.Index(None, "pid"),
+    )
+
+
+idx_reference = _reference_index("idx_reference")
 
 # The audit trail's references (AuditEvent agent, entity, patient...): the same rows as
 # idx_reference, in a table of their own, so the trail's growth (an AuditEvent per request,
 # each naming its patients) never changes the statistics, and so the plans, of clinical
 # reference lookups. ``index_table`` routes a type's rows; readers of one source type ask it.
-idx_reference_audit = sa.Table(
-    "idx_reference_audit",
-    metadata,
-    sa.Column("pid", Pid, nullable=False),
-    sa.Column("hash_identity", sa.BigInteger, nullable=False),
-    sa.Column("hash_target", sa.BigInteger, nullable=False),
-    sa.Column("target_type", sa.String(64), nullable=True),
-    sa.Column("target_id", sa.String(64), nullable=True),
-    sa.Column("target_url", sa.Text, nullable=True),
-    sa.Index(None, "hash_target", "pid"),
-    sa.Index(None, "target_id", "target_type"),
-    sa.Index(None, "pid"),
-)
+idx_reference_audit = _reference_index("idx_reference_audit")
 AUDIT_REFERENCE_TYPES = frozenset({"AuditEvent"})
 
 # Composite parameters (code-value-quantity...): one row per pair of component values found
