@@ -424,38 +424,55 @@ def _audit_entries(
 
 
 def _transaction(router: FhirRouter, request: FhirRequest, entries: list[Entry]) -> FhirResponse:
+    with router.ctx.store.write() as conn:
+        return _transaction_in(router, conn, request, entries)
+
+
+def transaction_in(router: FhirRouter, conn: sa.Connection, request: FhirRequest) -> FhirResponse:
+    """Process a transaction Bundle inside the caller's open write transaction, its AuditEvent
+    included; a FhirError leaves the caller to roll back (a SAVEPOINT around this call keeps
+    the rest of the caller's work). For connectors that commit several messages at once and
+    mark each message processed in the transaction that stored it. The caller holds the
+    Access (``consent.context.serving``), as the router would."""
+    bundle = request.json_body()
+    if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction":
+        raise bad_request("Expected a Bundle of type transaction")
+    _check_entry_count(bundle, router.ctx.max_bundle_entries)
+    return _transaction_in(router, conn, request, _entries(bundle))
+
+
+def _transaction_in(
+    router: FhirRouter, conn: sa.Connection, request: FhirRequest, entries: list[Entry]
+) -> FhirResponse:
     _reject_duplicates(entries)
     include = request.prefer("return") == "representation"
     ordered = sorted(entries, key=lambda e: (_ORDER[e.method], e.index))
     responses: dict[int, FhirResponse] = {}
     current: Entry | None = None
     try:
-        with router.ctx.store.write() as conn:
-            for current in (e for e in ordered if e.method == "DELETE"):
-                responses[current.index] = router.handle_in(conn, _entry_request(current, request))
-            current = None
-            targets, new_aliases = _plan_targets(router, conn, entries, link_base(router.ctx, request))
-            resolver = _Resolver(router, conn, targets)  # one for the Bundle: it remembers lookups
-            for entry in entries:
-                current = entry
-                if entry.resource is not None:
-                    rewrite(entry.resource, resolver)
-            bulk = [e for e in ordered if e.method == "POST" and e.index in targets.assigned]
-            try:
-                responses.update(_create_all(router, conn, request, bulk, targets))
-            except FhirError as error:
-                current = bulk[error.item_index] if error.item_index is not None else None
-                raise
-            for current in (e for e in ordered if e.method != "DELETE" and e.index not in responses):
-                responses[current.index] = router.handle_in(conn, _entry_request(current, request))
-                if responses[current.index].status >= 400 and current.method in ("GET", "HEAD"):
-                    raise FhirError(
-                        responses[current.index].status, [Issue("processing", "GET entry failed")]
-                    )
-            current = None
-            fullurl_aliases.record(conn, new_aliases)
-            # The AuditEvent commits with the data or not at all (last: the chain lock).
-            router.audit_write(conn, request, "transaction", 200)
+        for current in (e for e in ordered if e.method == "DELETE"):
+            responses[current.index] = router.handle_in(conn, _entry_request(current, request))
+        current = None
+        targets, new_aliases = _plan_targets(router, conn, entries, link_base(router.ctx, request))
+        resolver = _Resolver(router, conn, targets)  # one for the Bundle: it remembers lookups
+        for entry in entries:
+            current = entry
+            if entry.resource is not None:
+                rewrite(entry.resource, resolver)
+        bulk = [e for e in ordered if e.method == "POST" and e.index in targets.assigned]
+        try:
+            responses.update(_create_all(router, conn, request, bulk, targets))
+        except FhirError as error:
+            current = bulk[error.item_index] if error.item_index is not None else None
+            raise
+        for current in (e for e in ordered if e.method != "DELETE" and e.index not in responses):
+            responses[current.index] = router.handle_in(conn, _entry_request(current, request))
+            if responses[current.index].status >= 400 and current.method in ("GET", "HEAD"):
+                raise FhirError(responses[current.index].status, [Issue("processing", "GET entry failed")])
+        current = None
+        fullurl_aliases.record(conn, new_aliases)
+        # The AuditEvent commits with the data or not at all (last: the chain lock).
+        router.audit_write(conn, request, "transaction", 200)
     except FhirError as error:
         where = f"Bundle.entry[{current.index}]" if current is not None else "Bundle"
         issues = [
