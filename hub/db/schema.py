@@ -401,3 +401,59 @@ def index_table(kind: str, res_type: str) -> sa.Table:
     if kind == "reference" and res_type in AUDIT_REFERENCE_TYPES:
         return idx_reference_audit
     return INDEX_TABLES[kind]
+
+
+# --- connectors (issue 11; see connectors/ and docs/storage.md) --------------------------
+
+# A registered channel: one feed of one facility (connectors.sources).
+connector_source = sa.Table(
+    "connector_source",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("facility_code", sa.String(5), nullable=False),  # MA_CSKCB, leading zeros kept
+    sa.Column("facility_name", sa.String(200), nullable=False),
+    sa.Column("facility_level", sa.String(16), nullable=False),  # commune|district|provincial|other
+    sa.Column("kind", sa.String(16), nullable=False),  # hl7v2-mllp|xml130|fhir-pull
+    sa.Column("settings", sa.JSON, nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", Moment, nullable=False),
+    sa.Column("updated_at", Moment, nullable=False),
+)
+
+# The inbox: every inbound message, stored (sealed) before it is acknowledged, with where its
+# processing stands (connectors.inbox, connectors.pipeline). Never deleted by processing.
+connector_message = sa.Table(
+    "connector_message",
+    metadata,
+    sa.Column("id", Pid, primary_key=True, autoincrement=True),
+    sa.Column("source", sa.String(64), sa.ForeignKey("connector_source.name"), nullable=False),
+    sa.Column("received_at", Moment, nullable=False),
+    sa.Column("message_type", sa.String(64), nullable=True),
+    sa.Column("control_id", sa.String(200), nullable=True),
+    # Keyed hash of the patient identifier Peek gave (messages of one key run in id order).
+    sa.Column("ordering_key", sa.String(32), nullable=True),
+    sa.Column("raw_sha256", sa.String(64), nullable=False),
+    sa.Column("raw", sa.LargeBinary, nullable=False),  # sealed (connectors.inbox.seal_raw)
+    sa.Column("state", sa.String(16), nullable=False),  # queued|processing|processed|rejected|failed|dead
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", Moment, nullable=True),
+    sa.Column("lease_until", Moment, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("error_where", sa.String(200), nullable=True),
+    sa.Column("processed_at", Moment, nullable=True),
+    sa.Column("resources", sa.JSON, nullable=True),  # ["Type/id", ...] written
+    sa.Column("warnings", sa.JSON, nullable=True),  # Mapped.warnings
+    sa.UniqueConstraint("source", "raw_sha256"),
+    sa.Index(None, "state", "next_attempt_at"),
+    sa.Index(None, "source", "id"),
+    sa.Index(None, "ordering_key", "id"),
+)
+
+# Where a FHIR pull source stands in its facility's history (connectors.fhirpull).
+connector_cursor = sa.Table(
+    "connector_cursor",
+    metadata,
+    sa.Column("source", sa.String(64), primary_key=True),
+    sa.Column("cursor", sa.Text, nullable=True),
+    sa.Column("updated_at", Moment, nullable=False),
+)
