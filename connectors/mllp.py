@@ -1,0 +1,464 @@
+"""The HL7 v2 listener: MLLP over TCP (TLS optional), one listener per ``hl7v2-mllp`` source.
+
+Owns: the MLLP framing on the wire (``0x0B message 0x1C 0x0D``, tolerating a missing final
+CR, bytes between frames and a BOM or LF endings inside), the limits of a connection (size
+of one message, idle time), the group commit of receipt and processing across all of a
+listener's connections, and which ACK a sender gets:
+
+* AA when the message is processed (its transaction committed);
+* AE (with an ERR segment: the error and where) when it is rejected, kept in the inbox;
+* AR when its type is unsupported;
+* no ACK at all, and the connection closed, when the store is down (receipt or processing
+  raised ``Transient`` or a database error) or the message is not final yet: the sender
+  sends it again, and ``inbox.receive`` recognises the resend as a duplicate, so a message
+  is stored and processed once however often it comes.
+
+Two stages, each one task: the *receiver* takes every message waiting on any connection
+(up to ``batch_size``) and stores them with ONE ``inbox.receive`` (one database
+transaction); the *processor* takes every received batch waiting and runs ONE
+``runner.process(ids)`` (one write transaction, a SAVEPOINT per message). Receipt of the
+next batch overlaps processing of this one; processing stays one batch at a time, so a
+patient's earlier message is final before a later one of the same patient is processed.
+A connection sends one message and waits for its ACK (what MLLP senders do): many
+connections make the batches.
+
+Calls: ``connectors.inbox.receive`` (in a thread), a ``Runner`` (``connectors.worker.Runner``,
+or ``PipelineRunner`` here: ``connectors.pipeline.Pipeline.process_ids`` in a thread),
+``connectors.hl7v2.ack`` (ACK building) and ``connectors.hl7v2.framing`` (normalisation).
+Called by: ``hub connectors serve`` and ``hub serve`` (``start_listeners``), the tests and
+``bench/connectors.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import sqlalchemy as sa
+
+from connectors.hl7v2.ack import ack
+from connectors.hl7v2.framing import frame, normalize
+from connectors.model import Source, Transient
+
+if TYPE_CHECKING:
+    from connectors.pipeline import Outcome, Pipeline
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+DEFAULT_PORT = 2575
+DEFAULT_HOST = "0.0.0.0"  # noqa: S104  (a listener for facilities on the network)
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+IDLE_SECONDS = 300.0  # a connection silent this long is closed (senders reconnect)
+BATCH_SIZE = 200
+
+START_BLOCK = 0x0B
+END_BLOCK = 0x1C
+CR = 0x0D
+_READ_CHUNK = 64 * 1024
+
+# States after which the message will not change without an operator (replay).
+_FINAL = frozenset({"processed", "rejected", "dead"})
+# A database that is down or restarting shows up as one of these; the sender must retry.
+_STORE_DOWN: tuple[type[BaseException], ...] = (Transient, sa.exc.DBAPIError, OSError)
+
+
+class Runner(Protocol):
+    """How messages are processed after receipt (``connectors.worker.Runner`` implements it)."""
+
+    async def process(self, ids: list[int]) -> dict[int, Outcome]: ...
+
+
+class PipelineRunner:
+    """``Pipeline.process_ids`` in a thread of this process (no Redis). Its own thread, not
+    the loop's default executor, which other work in the process may fill."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mllp-process")
+
+    async def process(self, ids: list[int]) -> dict[int, Outcome]:
+        return await _in_thread(self._thread, self.pipeline.process_ids, ids)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
+
+
+async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in ``executor``, in a copy of the caller's context (like
+    ``asyncio.to_thread``: the system access of ``hub connectors serve`` goes along)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(executor, context.run, fn, *args)
+
+
+def build_ack(raw: bytes, code: str, error: str | None = None, where: str | None = None) -> bytes:
+    """The ACK of ``raw``, unframed."""
+    return ack(raw, code, error, where)
+
+
+# --- one listener ------------------------------------------------------------------------
+
+
+class StoreDown(Exception):
+    """Receipt or processing could not run: the sender gets no ACK and must resend."""
+
+
+@dataclass
+class _Pending:
+    raw: bytes
+    done: asyncio.Future[bytes]  # the ACK, or StoreDown
+    received_at: float = field(default_factory=time.perf_counter)
+    id: int | None = None
+
+
+@dataclass
+class ListenerStats:
+    """Counters of one listener (for status pages and the benchmark)."""
+
+    connections: int = 0
+    open_connections: int = 0
+    messages: int = 0
+    acks: dict[str, int] = field(default_factory=lambda: {"AA": 0, "AE": 0, "AR": 0})
+    no_ack: int = 0  # store down or not final: closed without an ACK
+    batches: int = 0
+    largest_batch: int = 0
+    too_large: int = 0
+    last_error: str | None = None
+
+
+class MllpServer:
+    """An MLLP listener for one source (``source.settings``: ``host``, ``port``, ``tls_cert``,
+    ``tls_key``, optional ``tls_client_ca`` to require client certificates)."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        source: Source,
+        runner: Runner,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        batch_size: int = BATCH_SIZE,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
+        if source.kind != "hl7v2-mllp":
+            raise ValueError(f"source {source.name!r} is {source.kind}, not hl7v2-mllp")
+        self.engine = engine
+        self.source = source
+        self.runner = runner
+        self.host = host or str(source.settings.get("host") or DEFAULT_HOST)
+        self.port = int(port if port is not None else source.settings.get("port", DEFAULT_PORT))
+        self.ssl_context = ssl_context if ssl_context is not None else tls_context(source.settings)
+        self.batch_size = batch_size
+        self.max_message_bytes = max_message_bytes
+        self.idle_seconds = idle_seconds
+        self.stats = ListenerStats()
+        self._server: asyncio.Server | None = None
+        self._incoming: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._received: asyncio.Queue[list[_Pending]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"mllp-receive-{source.name}")
+
+    # lifecycle
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._receiver(), name=f"mllp-receive-{self.source.name}"),
+            asyncio.create_task(self._processor(), name=f"mllp-process-{self.source.name}"),
+        ]
+        self._server = await asyncio.start_server(
+            self._connection, self.host, self.port, ssl=self.ssl_context, limit=_READ_CHUNK
+        )
+        if self.port == 0:  # an ephemeral port (tests): tell the caller which one
+            self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info(
+            "MLLP listener for %s on %s:%d%s",
+            self.source.name,
+            self.host,
+            self.port,
+            " (TLS)" if self.ssl_context else "",
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection, end the stages. A batch in a database
+        call finishes there (its thread cannot be interrupted); its senders get no ACK."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._connections, *self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        self._fail_waiting(self._incoming)
+        self._thread.shutdown(wait=False)
+
+    async def __aenter__(self) -> MllpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # one connection: read a frame, wait for its ACK, write it, read the next
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        self.stats.connections += 1
+        self.stats.open_connections += 1
+        peer = writer.get_extra_info("peername")
+        frames = _FrameReader(reader, self.max_message_bytes, self.idle_seconds)
+        try:
+            while True:
+                try:
+                    raw = await frames.next()
+                except _TooLarge as too_large:
+                    self.stats.too_large += 1
+                    log.warning(
+                        "MLLP %s: message from %s over %d bytes: AE, closing",
+                        self.source.name,
+                        peer,
+                        self.max_message_bytes,
+                    )
+                    writer.write(
+                        frame(
+                            build_ack(
+                                too_large.head, "AE", f"message larger than {self.max_message_bytes} bytes"
+                            )
+                        )
+                    )
+                    await writer.drain()
+                    return
+                if raw is None:  # the sender closed, or was idle too long
+                    return
+                self.stats.messages += 1
+                pending = _Pending(normalize(raw), asyncio.get_running_loop().create_future())
+                self._incoming.put_nowait(pending)
+                try:
+                    ack = await pending.done
+                except StoreDown as down:
+                    self.stats.no_ack += 1
+                    log.warning(
+                        "MLLP %s: no ACK to %s (%s): closing so it resends", self.source.name, peer, down
+                    )
+                    return
+                writer.write(frame(ack))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+            log.info("MLLP %s: connection from %s lost: %s", self.source.name, peer, exc)
+        finally:
+            self.stats.open_connections -= 1
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # stage 1: receipt, one inbox transaction per batch
+
+    async def _receiver(self) -> None:
+        from connectors import inbox
+
+        while True:
+            batch = await _take(self._incoming, self.batch_size)
+            self.stats.batches += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            try:
+                received = await _in_thread(
+                    self._thread, inbox.receive, self.engine, self.source, [p.raw for p in batch]
+                )
+            except _STORE_DOWN as exc:
+                self._down(batch, f"receipt failed: {exc!r}")
+                continue
+            except Exception as exc:  # a defect: nothing was ACKed, the sender resends
+                log.exception("MLLP %s: inbox.receive failed", self.source.name)
+                self._down(batch, f"receipt failed: {exc!r}")
+                continue
+            to_process: list[_Pending] = []
+            for pending, row in zip(batch, received, strict=True):
+                pending.id = row.id
+                if row.state in ("queued", "failed", "processing"):
+                    to_process.append(pending)
+                else:  # rejected at peek, or a resend of a final message
+                    self._answer(pending, row.state, row.error, None, unsupported=False)
+            if to_process:
+                self._received.put_nowait(to_process)
+
+    # stage 2: processing, one runner call (one write transaction) per batch
+
+    async def _processor(self) -> None:
+        while True:
+            batches = await _take(self._received, self.batch_size)
+            batch = [p for b in batches for p in b]
+            ids = [p.id for p in batch if p.id is not None]
+            try:
+                outcomes = await self.runner.process(ids)
+            except _STORE_DOWN as exc:
+                self._down(batch, f"processing failed: {exc!r}")
+                continue
+            except Exception as exc:  # a defect: the messages stay in the inbox, unACKed
+                log.exception("MLLP %s: processing failed", self.source.name)
+                self._down(batch, f"processing failed: {exc!r}")
+                continue
+            for pending in batch:
+                outcome = outcomes.get(pending.id) if pending.id is not None else None
+                if outcome is None:  # not due now (a worker holds it): not final
+                    self._down([pending], "not processed yet")
+                    continue
+                self._answer(
+                    pending, outcome.state, outcome.error, outcome.where, unsupported=outcome.unsupported
+                )
+
+    # answers
+
+    def _answer(
+        self,
+        pending: _Pending,
+        state: str,
+        error: str | None,
+        where: str | None,
+        *,
+        unsupported: bool,
+    ) -> None:
+        if pending.done.done():  # its connection went away meanwhile
+            return
+        if state == "processed":
+            code = "AA"
+        elif state == "rejected":
+            code = "AR" if unsupported or _unsupported_error(error) else "AE"
+        elif state == "dead":  # dead-lettered earlier: it needs an operator's replay
+            code, error = "AE", f"dead-lettered: {error or 'too many failures'} (replay needed)"
+        else:  # failed (transient) or still processing: the sender must resend later
+            self._down([pending], f"{state}: {error}")
+            return
+        self.stats.acks[code] += 1
+        pending.done.set_result(build_ack(pending.raw, code, error if code != "AA" else None, where))
+
+    def _down(self, batch: Iterable[_Pending], why: str) -> None:
+        self.stats.last_error = why
+        for pending in batch:
+            if not pending.done.done():
+                pending.done.set_exception(StoreDown(why))
+
+    def _fail_waiting(self, queue: asyncio.Queue[_Pending]) -> None:
+        while not queue.empty():
+            self._down([queue.get_nowait()], "listener stopped")
+
+
+def _unsupported_error(error: str | None) -> bool:
+    # A peek-time rejection keeps only its text in the inbox row; the hl7v2 format words
+    # unsupported types this way (``Rejected(..., unsupported=True)``).
+    return bool(error) and "unsupported" in (error or "").lower()
+
+
+async def _take(queue: asyncio.Queue[_T], limit: int) -> list[_T]:
+    """Wait for one item, then take whatever else is already waiting (up to ``limit``),
+    without waiting for more: the group commit never adds latency to a lone message."""
+    items = [await queue.get()]
+    while len(items) < limit and not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+# --- reading frames ----------------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    def __init__(self, head: bytes) -> None:
+        super().__init__("message too large")
+        self.head = head  # the start of the message, for the AE's MSH
+
+
+class _FrameReader:
+    """Frames from a stream: bytes before a start block (stray CR/LF, keep-alives) are
+    skipped, a message ends at the end block, and the CR after it may be missing."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int, idle_seconds: float) -> None:
+        self.reader = reader
+        self.limit = limit
+        self.idle_seconds = idle_seconds
+        self.buffer = bytearray()
+
+    async def next(self) -> bytes | None:
+        start = -1
+        scanned = 0
+        while True:
+            if start < 0:
+                start = self.buffer.find(START_BLOCK)
+                if start < 0:
+                    self.buffer.clear()
+                else:
+                    del self.buffer[:start]
+                    start, scanned = 0, 1
+            if start == 0:
+                end = self.buffer.find(END_BLOCK, scanned)
+                if end >= 0:
+                    message = bytes(self.buffer[1:end])
+                    drop = end + 1
+                    if len(self.buffer) > drop and self.buffer[drop] == CR:
+                        drop += 1
+                    del self.buffer[:drop]
+                    return message
+                scanned = len(self.buffer)
+                if len(self.buffer) - 1 > self.limit:
+                    raise _TooLarge(bytes(self.buffer[1:4096]))
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(_READ_CHUNK), self.idle_seconds)
+            except TimeoutError:
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+
+# --- TLS and start-up --------------------------------------------------------------------
+
+
+def tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
+    """A server TLS context from a source's settings (``tls_cert``, ``tls_key`` files;
+    ``tls_client_ca``: require and verify client certificates), or None for plain TCP."""
+    cert = settings.get("tls_cert")
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    key = settings.get("tls_key")
+    context.load_cert_chain(Path(cert), Path(key) if key else None)
+    client_ca = settings.get("tls_client_ca")
+    if client_ca:
+        context.load_verify_locations(Path(client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def start_listeners(
+    engine: sa.Engine, sources: Iterable[Source], runner: Runner, **options: Any
+) -> list[MllpServer]:
+    """One started listener per unpaused ``hl7v2-mllp`` source (``hub connectors serve``)."""
+    servers: list[MllpServer] = []
+    try:
+        for source in sources:
+            if source.kind == "hl7v2-mllp" and not source.paused:
+                server = MllpServer(engine, source, runner, **options)
+                await server.start()
+                servers.append(server)
+    except BaseException:
+        for server in servers:
+            await server.stop()
+        raise
+    return servers
