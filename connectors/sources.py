@@ -1,0 +1,229 @@
+"""The registry of sources (channels): which facility feeds the hub, by which kind of feed,
+with which settings. Channels are data, not code (as in OpenHIM and Mirth).
+
+Owns: the ``connector_source`` table, the rules a source must meet (name, MA_CSKCB facility
+code, level, kind, settings per kind), and the facility's Organization in the record: adding
+a source upserts ``Organization?identifier=<FACILITY>|<code>`` through the router as the hub
+itself, so every mapping can reference it conditionally (``identifiers.facility_reference``).
+Calls: ``hub.db.schema`` (the table), the router (the Organization, audited as any write),
+``connectors.model`` (``Source``), ``connectors.identifiers`` (the facility system).
+Called by: the admin API and CLI (``connectors.api``, ``hub connectors add|list|pause``),
+the inbox (status), the pipeline (a message's source), listeners and pollers.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+
+from connectors.identifiers import FACILITY
+from connectors.model import FACILITY_LEVELS, FORMAT_OF_KIND, Source
+from hub.db.schema import connector_source
+
+if TYPE_CHECKING:
+    from hub.rest.router import FhirRouter
+
+__all__ = ["SourceError", "add", "all_sources", "get", "organization_of", "set_paused"]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_FACILITY_CODE = re.compile(r"^[0-9A-Za-z]{5}$")
+# Where the facility sits in the Vietnamese system, as Organization.type.
+LEVEL_SYSTEM = "https://ehealth-hub.vn/fhir/CodeSystem/facility-level"
+_LEVEL_DISPLAY = {
+    "commune": "Trạm y tế xã (commune health station)",
+    "district": "Trung tâm y tế huyện / khu vực (district or regional centre)",
+    "provincial": "Bệnh viện tuyến tỉnh (provincial hospital)",
+    "other": "Cơ sở khám chữa bệnh khác (other facility)",
+}
+# Settings each kind accepts, with the type of each; anything else is refused (a typo in
+# "folder" must not leave a source that silently watches nothing).
+_SETTINGS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hl7v2-mllp": {"host": str, "port": int, "tls": bool, "certfile": str, "keyfile": str},
+    "xml130": {"folder": str, "interval": (int, float)},
+    "fhir-pull": {
+        "base_url": str,
+        "token": str,
+        "interval": (int, float),
+        "types": list,
+        "bulk": bool,
+        "page_size": int,
+    },
+}
+
+
+class SourceError(ValueError):
+    """A source that breaks a rule, or an unknown or already registered name."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def validate(source: Source) -> None:
+    """Raise ``SourceError`` naming the first rule the source breaks."""
+    if not _NAME.match(source.name):
+        raise SourceError(
+            f"source name {source.name!r}: 1-64 characters a-z, 0-9 and '-', not starting with '-'"
+        )
+    if not _FACILITY_CODE.match(source.facility_code):
+        raise SourceError(
+            f"facility code {source.facility_code!r}: the MA_CSKCB is 5 letters or digits (leading zeros kept)"
+        )
+    if not source.facility_name.strip():
+        raise SourceError("facility name is empty")
+    if source.facility_level not in FACILITY_LEVELS:
+        raise SourceError(f"facility level {source.facility_level!r}: one of {', '.join(FACILITY_LEVELS)}")
+    if source.kind not in FORMAT_OF_KIND:
+        raise SourceError(f"kind {source.kind!r}: one of {', '.join(FORMAT_OF_KIND)}")
+    allowed = {**_SETTINGS[source.kind], "format": str}  # "format": another mapper by name
+    for key, value in source.settings.items():
+        if key not in allowed:
+            raise SourceError(f"setting {key!r} is not one of {source.kind}'s: {', '.join(sorted(allowed))}")
+        wanted = allowed[key]
+        # bool is an int in Python: a port of True is no port.
+        if not isinstance(value, wanted) or (isinstance(value, bool) and wanted is not bool):
+            raise SourceError(f"setting {key!r} has the wrong type ({type(value).__name__})")
+    port = source.settings.get("port")
+    if port is not None and not 1 <= port <= 65535:
+        raise SourceError(f"setting 'port' {port} is not a TCP port")
+    if source.kind == "fhir-pull":
+        base = source.settings.get("base_url")
+        if (
+            not isinstance(base, str)
+            or urlsplit(base).scheme not in ("http", "https")
+            or not urlsplit(base).netloc
+        ):
+            raise SourceError(
+                "a fhir-pull source needs setting 'base_url', an http(s) URL of the facility's FHIR base"
+            )
+    interval = source.settings.get("interval")
+    if interval is not None and interval <= 0:
+        raise SourceError("setting 'interval' must be positive (seconds)")
+
+
+def organization_of(source: Source) -> dict[str, Any]:
+    """The facility's Organization as the hub records it."""
+    return {
+        "resourceType": "Organization",
+        "identifier": [{"system": FACILITY, "value": source.facility_code}],
+        "active": True,
+        "type": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/organization-type",
+                        "code": "prov",
+                        "display": "Healthcare Provider",
+                    },
+                    {
+                        "system": LEVEL_SYSTEM,
+                        "code": source.facility_level,
+                        "display": _LEVEL_DISPLAY[source.facility_level],
+                    },
+                ]
+            }
+        ],
+        "name": source.facility_name,
+    }
+
+
+def _upsert_organization(router: FhirRouter, source: Source) -> None:
+    from hub.auth.principal import system_principal
+    from hub.rest.messages import FhirRequest
+
+    # A conditional update: the facility's one Organization, created the first time, its
+    # name and level refreshed afterwards (a no-op when unchanged: no new version).
+    request = FhirRequest(
+        "PUT",
+        "Organization",
+        query=[("identifier", f"{FACILITY}|{source.facility_code}")],
+        parsed_body=organization_of(source),
+        principal=system_principal(f"system:connector-{source.name}"),
+    )
+    response = router.handle(request)
+    if response.status >= 300:
+        detail = (response.body or b"").decode(errors="replace")[:500]
+        raise SourceError(f"the facility's Organization could not be stored ({response.status}): {detail}")
+
+
+def _row_to_source(row: Any) -> Source:
+    return Source(
+        name=row.name,
+        facility_code=row.facility_code,
+        facility_name=row.facility_name,
+        facility_level=row.facility_level,
+        kind=row.kind,
+        settings=dict(row.settings or {}),
+        paused=bool(row.paused),
+    )
+
+
+def _write(engine: sa.Engine) -> sa.Connection:
+    return engine.connect().execution_options(write=True)
+
+
+def add(router: FhirRouter, source: Source, *, replace: bool = False) -> Source:
+    """Validate and store a source (``replace``: overwrite one of that name, keeping whether
+    it is paused only if the new one says so), after upserting its facility's Organization."""
+    validate(source)
+    engine = router.ctx.store.engine
+    if not replace and get(engine, source.name) is not None:
+        raise SourceError(f"source {source.name!r} already exists (replace it explicitly)")
+    _upsert_organization(router, source)
+    moment = _now()
+    values = {
+        "facility_code": source.facility_code,
+        "facility_name": source.facility_name,
+        "facility_level": source.facility_level,
+        "kind": source.kind,
+        "settings": dict(source.settings),
+        "paused": source.paused,
+        "updated_at": moment,
+    }
+    with _write(engine) as conn, conn.begin():
+        exists = conn.execute(
+            sa.select(connector_source.c.name).where(connector_source.c.name == source.name)
+        ).first()
+        if exists is not None:
+            if not replace:
+                raise SourceError(f"source {source.name!r} already exists (replace it explicitly)")
+            conn.execute(
+                connector_source.update().where(connector_source.c.name == source.name).values(values)
+            )
+        else:
+            conn.execute(connector_source.insert().values(name=source.name, created_at=moment, **values))
+    found = get(engine, source.name)
+    assert found is not None
+    return found
+
+
+def get(engine: sa.Engine, name: str) -> Source | None:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(connector_source).where(connector_source.c.name == name)).first()
+    return _row_to_source(row) if row is not None else None
+
+
+def all_sources(engine: sa.Engine) -> list[Source]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(connector_source).order_by(connector_source.c.name)).all()
+    return [_row_to_source(row) for row in rows]
+
+
+def set_paused(engine: sa.Engine, name: str, paused: bool) -> Source:
+    """Pause or resume a source's processing (its messages are still received and stored).
+    ``KeyError`` when no source has that name."""
+    with _write(engine) as conn, conn.begin():
+        result = conn.execute(
+            connector_source.update()
+            .where(connector_source.c.name == name)
+            .values(paused=paused, updated_at=_now())
+        )
+        if result.rowcount == 0:
+            raise KeyError(name)
+    found = get(engine, name)
+    assert found is not None
+    return found
