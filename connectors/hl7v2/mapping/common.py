@@ -67,7 +67,8 @@ CODE_SYSTEMS: dict[str, str] = {
     "CPT": "http://www.ama-assn.org/go/cpt",
     "C4": "http://www.ama-assn.org/go/cpt",
     "RXNORM": "http://www.nlm.nih.gov/research/umls/rxnorm",
-    "NCI": "http://ncithesaurus-stage.nci.nih.gov",
+    "NCI": "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl",
+    "NCIT": "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl",
     "ISO3166_1": "urn:iso:std:iso:3166",
 }
 
@@ -427,7 +428,18 @@ def ordering_key(msg: Message) -> str | None:
     return None
 
 
-_GENDER = {"M": "male", "F": "female", "O": "other", "A": "other", "N": "other", "U": "unknown"}
+# Table 0001, plus the numeric codes of Vietnamese HIS (QĐ 130 GIOI_TINH: 1 nam, 2 nữ, 3 unknown).
+_GENDER = {
+    "M": "male",
+    "F": "female",
+    "O": "other",
+    "A": "other",
+    "N": "other",
+    "U": "unknown",
+    "1": "male",
+    "2": "female",
+    "3": "unknown",
+}
 
 
 def patient(msg: Message, source: Source, pid: Segment | None = None) -> PatientFacts:
