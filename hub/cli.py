@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from connectors.cli import app as connectors_app
 from hub.settings import REPO_ROOT, get_settings
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ users_app = typer.Typer(help="The hub's own accounts (people and service account
 app.add_typer(users_app, name="users")
 audit_app = typer.Typer(help="The audit trail's hash chain", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+app.add_typer(connectors_app, name="connectors")  # connectors/cli.py (its imports are lazy)
 console = Console()
 
 DEMO_DIR = REPO_ROOT / "demo"

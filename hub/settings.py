@@ -94,6 +94,25 @@ class Settings(BaseSettings):
     # 0 turns the limit off. CLI jobs (import, reindex, migrations) are not limited.
     request_timeout_seconds: float = 30.0
 
+    # --- connectors (issue 11; connectors/worker.py, docs in the README) --------------------
+    # Without REDIS_URL, `hub serve` and `hub connectors serve` process inbox messages in
+    # this many background threads of their own (0: none, messages wait in the inbox; the
+    # MLLP listener still processes what it receives before it ACKs). With REDIS_URL, the
+    # number of arq worker processes `hub connectors worker` starts.
+    connector_workers: int = 1
+    # `hub serve` also runs the MLLP listener of every registered hl7v2-mllp source.
+    connectors_listen: bool = False
+    # Where MLLP listeners bind (each source's settings give its port).
+    mllp_host: str = "127.0.0.1"
+    # TLS for every MLLP listener when both are set (PEM files).
+    mllp_tls_cert: Path | None = None
+    mllp_tls_key: Path | None = None
+    # The arq queue of the connector jobs (several hubs or test runs may share one Redis).
+    connectors_queue: str = "hub-connectors"
+    # A bearer secret Prometheus scrapes /metrics with (besides a hub-admin token); unset:
+    # only hub admins read /metrics.
+    metrics_token: str | None = None
+
 
 @lru_cache
 def get_settings() -> Settings:

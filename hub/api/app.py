@@ -154,9 +154,11 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
         # One audit writer per process for as long as it serves (group commit, hub.audit.trail).
         if trail is not None:
             trail.start_group_commit(settings.request_timeout_seconds)
+        await connectors.start()  # in-process connector worker, MLLP listeners (CONNECTORS_LISTEN)
         try:
             yield
         finally:
+            await connectors.stop()
             if trail is not None:
                 await run_in_threadpool(trail.stop_group_commit)  # writes what is queued
 
@@ -230,6 +232,10 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
     # First: /fhir/.well-known/smart-configuration would otherwise match /fhir/{type}/{id}.
     mount_auth_routes(app, settings, engine, tokens, public_base)
     mount_access_routes(app, router, bearer)
+    from connectors.api import mount_connector_routes  # late: connectors import hub
+
+    connectors = mount_connector_routes(app, router, settings, bearer)  # /connectors, /metrics
+    app.state.connectors = connectors
     # The FHIR routes, generated from the URL grammar (hub.rest.target) and the registered
     # operations: one route, hence one OpenAPI operationId, per method and path.
     for spec in [*target_routes(), *(r for op in router.operations for r in op.routes())]:
