@@ -1,0 +1,547 @@
+"""Patient resolution: one citizen, one record, whatever facility a message comes from.
+
+Owns: which stored Patient a message's patient is (``resolve``), what the message adds to
+it, the review flags of what a person must look at (a patient created without a match, an
+inconsistent CCCD, two records that seem to be one person) and merges (ADT^A40).
+Calls: the search engine (``hub.search.engine``) through the caller's connection and
+Access (identifier values of CCCD, BHYT and BHXH are indexed as keyed hashes: only the
+engine knows how to look them up), ``connectors.identifiers`` (the systems and checks).
+Called by: ``connectors.pipeline``, once per mapped message unit, before its transaction.
+
+Order of the identifiers (the issue's rule): a structurally valid CCCD, then the social
+insurance number (BHXH: the last 10 digits of the BHYT card code, the same on every renewed
+card, so the Patient gets a BHXH identifier besides the card), then a facility MRN. The
+first level that matches exactly one Patient wins. Records are never merged on a guess:
+when identifiers point to different Patients (or one identifier to several), the winner
+is used, the identifiers that point elsewhere are not added to it, and it gets a Flag
+("Possible duplicate patient records", the other record in an extension) and a tag.
+
+What ``resolve`` returns are transaction entries, each ``fullUrl`` being the placeholder
+the mapped entries reference (the transaction rewrites those references):
+- a match: ``PUT Patient/<id>`` of the stored content updated by the message (identifiers
+  united, demographics from the message where it gives them, a year-only birth date never
+  replacing a full one): a re-sent message is a no-op update (the store keeps no version
+  for identical content);
+- no match: ``POST Patient`` with ``ifNoneExist`` on its strongest identifier, tagged
+  ``record-review|unmatched``, with a Flag (category admin) so review work finds it. Two
+  messages of one new patient processed at once still make one Patient: a transaction
+  locks its conditions first (PostgreSQL advisory locks), so the second one's condition
+  finds the first one's Patient after it commits;
+- every Flag is a ``PUT Flag/<id>`` whose id is derived from what it is about and whose
+  patient, so processing a message again adds no second Flag (``_flags``). The Patient is
+  tagged with each reason too: ``Patient?_tag=<record-review>|unmatched`` is the review
+  queue (Flag has no search parameters in the hub's registry; ``$everything`` and the
+  Patient compartment include the Flags).
+
+Merges (``Mapped.merges``): the retired Patient gets ``active: false`` and a ``replaced-by``
+link to the survivor, the survivor a ``replaces`` link. References to the retired record
+are not moved: resources are versioned and audited as their facility sent them, moving
+them would rewrite every one (and their history would still point to the old record),
+and a FHIR client follows ``Patient.link`` (as ``resolve`` itself does: a later message
+with the retired record's MRN resolves to the survivor).
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import orjson
+import sqlalchemy as sa
+
+from connectors.identifiers import BHXH, BHYT, CCCD, bhxh_of, check_cccd
+from connectors.model import Mapped, Rejected, Source
+from hub.crypto import blind
+from hub.search import engine as search_engine
+
+if TYPE_CHECKING:
+    from hub.rest.router import FhirRouter
+
+__all__ = ["FLAG_KEY", "MRN_PREFIX", "OTHER_RECORD", "REVIEW", "resolve"]
+
+# meta.tag and Flag.code of what review work must look at.
+REVIEW = "https://ehealth-hub.vn/CodeSystem/record-review"
+# Flag.identifier: what a flag is about ("unmatched", "possible-duplicate:<other id>"...).
+FLAG_KEY = "https://ehealth-hub.vn/sid/record-review"
+# Flag.extension naming the other Patient of a possible duplicate.
+OTHER_RECORD = "https://ehealth-hub.vn/fhir/StructureDefinition/other-record"
+MRN_PREFIX = "https://ehealth-hub.vn/sid/mrn/"  # identifiers.facility_system("mrn", code)
+_FLAG_CATEGORY = {
+    "coding": [
+        {
+            "system": "http://terminology.hl7.org/CodeSystem/flag-category",
+            "code": "admin",
+            "display": "Administrative",
+        }
+    ]
+}
+_REASONS = {
+    "unmatched": "Patient record created from a facility feed without a match",
+    "possible-duplicate": "Possible duplicate patient records",
+    "invalid-cccd": "CCCD inconsistent with the record",
+    "cccd-differs": "CCCD differs from the one on the record",
+}
+_LEVELS = ("CCCD", "BHXH", "MRN")
+_FLAG_IDS = uuid.UUID("6f1c2a52-3d4e-5b7a-9c0d-1e2f3a4b5c6d")  # namespace of the flags' uuid5 ids
+_MAX_CANDIDATES = 50  # Patients one message's identifiers may match (more: a broken feed)
+_MAX_HOPS = 3  # replaced-by links followed from a retired record to its survivor
+
+# Fields the update logic handles itself; every other field the message gives replaces
+# the stored one, and fields it lacks are kept.
+_OWN_FIELDS = frozenset({"resourceType", "id", "meta", "identifier", "link", "birthDate", "extension"})
+
+IdentKey = tuple[str, str]  # (system, value without whitespace)
+
+
+def resolve(conn: sa.Connection, router: FhirRouter, mapped: Mapped, source: Source) -> list[dict[str, Any]]:
+    """The transaction entries that stand for ``mapped.patients`` and ``mapped.merges``.
+
+    Reads with the caller's Access (the pipeline's system access) on ``conn``; writes
+    nothing: the entries are written by the message's transaction. Raises ``Rejected`` for
+    a patient without any identifier (it could never be found again) and for a message
+    whose patients resolve to one record or whose merge names no patient of the message."""
+    lookup = _Lookup(conn, router)
+    entries: list[dict[str, Any]] = []
+    resolved: dict[str, _Resolved] = {}
+    used: dict[str, str] = {}  # Patient id -> placeholder of the facts resolved to it
+    for facts in mapped.patients:
+        wanted = _Wanted.of(facts.resource, source)
+        found = _decide(lookup, wanted)
+        if found.id is not None:
+            if found.id in used:
+                raise Rejected(
+                    "two patients of the message are one record "
+                    f"({used[found.id]} and {facts.placeholder} resolve to the same Patient)",
+                    where="Patient",
+                )
+            used[found.id] = facts.placeholder
+        resolved[facts.placeholder] = found
+        found.placeholder = facts.placeholder
+        found.incoming = facts.resource
+        found.wanted = wanted
+    for survivor, retired_identifiers in mapped.merges:
+        _merge(lookup, resolved, survivor, retired_identifiers, source, mapped, entries)
+    patient_entries = [_patient_entry(found) for found in resolved.values()]
+    flags = [flag for found in resolved.values() for flag in _flags(found)]
+    return [*patient_entries, *entries, *flags]
+
+
+# --- identifiers ---------------------------------------------------------------------------
+
+
+def _key(identifier: dict[str, Any]) -> IdentKey | None:
+    system, value = identifier.get("system"), identifier.get("value")
+    if not isinstance(system, str) or not isinstance(value, str) or not value.strip():
+        return None
+    return system, blind.normalize_identifier(value)
+
+
+def _keys(patient: dict[str, Any]) -> set[IdentKey]:
+    """A Patient's identifiers, with the BHXH number of each BHYT card it carries."""
+    keys: set[IdentKey] = set()
+    for identifier in patient.get("identifier") or []:
+        key = _key(identifier) if isinstance(identifier, dict) else None
+        if key is None:
+            continue
+        keys.add(key)
+        if key[0] == BHYT and (bhxh := bhxh_of(key[1])) is not None:
+            keys.add((BHXH, bhxh))
+    return keys
+
+
+def _birth_year(patient: dict[str, Any]) -> int | None:
+    birth = patient.get("birthDate")
+    if isinstance(birth, str) and len(birth) >= 4 and birth[:4].isdigit():
+        return int(birth[:4])
+    return None
+
+
+@dataclass
+class _Wanted:
+    """An incoming patient's identifiers, by level, and what is wrong with its CCCD."""
+
+    levels: tuple[set[IdentKey], set[IdentKey], set[IdentKey]]
+    strongest: IdentKey | None  # what a new Patient's ifNoneExist names
+    cccd_problems: list[str]
+    all_keys: set[IdentKey]
+
+    @classmethod
+    def of(cls, patient: dict[str, Any], source: Source | None) -> _Wanted:
+        keys = _keys(patient)
+        cccd: set[IdentKey] = set()
+        invalid: list[IdentKey] = []
+        problems: list[str] = []
+        gender = patient.get("gender")
+        for key in sorted(k for k in keys if k[0] == CCCD):
+            found = check_cccd(key[1], gender if isinstance(gender, str) else None, _birth_year(patient))
+            if found:
+                invalid.append(key)
+                problems.extend(found)
+            else:
+                cccd.add(key)
+        bhxh = {k for k in keys if k[0] == BHXH}
+        bhxh |= {k for k in keys if k[0] == BHYT}  # a stored Patient may carry only the card
+        own = f"{MRN_PREFIX}{source.facility_code}" if source else None
+        mrn = {k for k in keys if k[0].startswith(MRN_PREFIX)}
+        # The strongest identifier: a valid CCCD, the BHXH number, the facility's own MRN,
+        # another MRN, an inconsistent CCCD (better than a create that is not idempotent),
+        # then anything else the message identifies the patient by.
+        ranked = [
+            *sorted(cccd),
+            *sorted(k for k in bhxh if k[0] == BHXH),
+            *sorted(k for k in mrn if k[0] == own),
+            *sorted(mrn),
+            *invalid,
+            *sorted(k for k in keys if k[0] != BHYT),
+            *sorted(keys),
+        ]
+        return cls((cccd, bhxh, mrn), ranked[0] if ranked else None, problems, keys)
+
+    def search_values(self) -> list[str]:
+        return [f"{_escape(s)}|{_escape(v)}" for level in self.levels for s, v in sorted(level)]
+
+    def matched_levels(self, stored: dict[str, Any]) -> set[int]:
+        keys = _keys(stored)
+        return {i for i, level in enumerate(self.levels) if level & keys}
+
+
+def _escape(text: str) -> str:
+    """A value inside a search parameter that lists alternatives (``,``) and ``|``."""
+    return text.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|")
+
+
+def _criteria(key: IdentKey) -> str:
+    """``system|value`` as a query-string value of a condition (ifNoneExist)."""
+    return quote(f"{_escape(key[0])}|{_escape(key[1])}", safe="/:|")
+
+
+# --- lookup --------------------------------------------------------------------------------
+
+
+class _Lookup:
+    """Patient searches through the engine, with the caller's Access, on one connection."""
+
+    def __init__(self, conn: sa.Connection, router: FhirRouter) -> None:
+        self.conn, self.router = conn, router
+        self.content: dict[str, dict[str, Any]] = {}  # id -> stored Patient, as read
+
+    def search(self, params: list[tuple[str, str]]) -> list[str]:
+        ctx = self.router.ctx
+        query = search_engine.parse(
+            ctx.registry, "Patient", [*params, ("_count", str(_MAX_CANDIDATES))], base_url=ctx.base_url
+        )
+        matches = search_engine.execute(self.conn, ctx.registry, query).matches
+        for match in matches:
+            self.content[match.res_id] = orjson.loads(match.content)
+        return [m.res_id for m in matches]
+
+    def by_identifiers(self, wanted: _Wanted) -> list[str]:
+        values = wanted.search_values()
+        return self.search([("identifier", ",".join(values))]) if values else []
+
+    def survivor(self, patient_id: str) -> str:
+        """The record a retired Patient (``active: false``, ``replaced-by``) was merged into."""
+        current = patient_id
+        for _ in range(_MAX_HOPS):
+            nxt = _replaced_by(self.content.get(current) or {})
+            if nxt is None or nxt == patient_id:
+                return current
+            if nxt not in self.content:
+                self.search([("_id", nxt)])
+                if nxt not in self.content:  # gone or not visible: stay with the retired one
+                    return current
+            current = nxt
+        return current
+
+
+def _replaced_by(patient: dict[str, Any]) -> str | None:
+    if patient.get("active") is not False:
+        return None
+    for link in patient.get("link") or []:
+        reference = ((link or {}).get("other") or {}).get("reference")
+        if (
+            link.get("type") == "replaced-by"
+            and isinstance(reference, str)
+            and reference.startswith("Patient/")
+        ):
+            return reference.removeprefix("Patient/")
+    return None
+
+
+@dataclass
+class _Resolved:
+    id: str | None  # the stored Patient, None: a new one
+    others: list[str]  # other Patients the identifiers matched: possible duplicates
+    excluded: set[IdentKey]  # identifiers of the message that point to another record
+    stored: dict[str, Any] | None = None
+    placeholder: str = ""
+    incoming: dict[str, Any] = field(default_factory=dict)
+    wanted: _Wanted | None = None
+    links: list[dict[str, Any]] = field(default_factory=list)  # added by a merge
+
+
+def _decide(lookup: _Lookup, wanted: _Wanted) -> _Resolved:
+    """The winner among the stored Patients the identifiers match (see the module doc)."""
+    found = lookup.by_identifiers(wanted)
+    if not found:
+        return _Resolved(None, [], set())
+    # Each candidate counts as the record it was merged into, with its levels.
+    levels: dict[str, set[int]] = {}
+    for patient_id in found:
+        levels.setdefault(lookup.survivor(patient_id), set()).update(
+            wanted.matched_levels(lookup.content[patient_id])
+        )
+    winner: str | None = None
+    for level in range(len(_LEVELS)):
+        ids = [p for p, matched in levels.items() if level in matched]
+        if len(ids) == 1:
+            winner = ids[0]
+            break
+    if winner is None:  # every level matches none or several: the most identifiers, then the oldest id
+        first = min(min(m) for m in levels.values() if m) if any(levels.values()) else 0
+        tied = [p for p, m in levels.items() if first in m] or list(levels)
+        winner = sorted(tied, key=lambda p: (-len(levels[p]), p))[0]
+    others = sorted(p for p in levels if p != winner)
+    excluded: set[IdentKey] = set()
+    for other in others:
+        excluded |= wanted.all_keys & _keys(lookup.content[other])
+    excluded -= _keys(lookup.content[winner])
+    return _Resolved(winner, others, excluded, stored=lookup.content[winner])
+
+
+# --- entries -------------------------------------------------------------------------------
+
+
+def _tagged(resource: dict[str, Any], code: str) -> None:
+    meta = resource.setdefault("meta", {})
+    tags = meta.setdefault("tag", [])
+    if not any(t.get("system") == REVIEW and t.get("code") == code for t in tags):
+        tags.append({"system": REVIEW, "code": code, "display": _REASONS[code]})
+
+
+def _with_bhxh(identifiers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The identifiers plus the BHXH number of each BHYT card (when not there already)."""
+    out = list(identifiers)
+    have = {k for i in identifiers if (k := _key(i)) is not None}
+    for identifier in identifiers:
+        key = _key(identifier)
+        bhxh = bhxh_of(key[1]) if key is not None and key[0] == BHYT else None
+        if bhxh is not None and (BHXH, bhxh) not in have:
+            have.add((BHXH, bhxh))
+            out.append({"system": BHXH, "value": bhxh})
+    return out
+
+
+def _cccd_conflict(found: _Resolved) -> bool:
+    """The record has a CCCD and the message another one."""
+    if found.stored is None:
+        return False
+    stored = {k for k in _keys(found.stored) if k[0] == CCCD}
+    incoming = {k for k in _keys(found.incoming) if k[0] == CCCD}
+    return bool(stored and incoming - stored)
+
+
+def _unversioned(stored: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a stored resource to write again: its tags and labels kept, the version
+    stamps left to the store."""
+    out = copy.deepcopy(stored)
+    meta = {k: v for k, v in (out.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    if meta:
+        out["meta"] = meta
+    else:
+        out.pop("meta", None)
+    return out
+
+
+def _updated(found: _Resolved) -> dict[str, Any]:
+    """The stored Patient updated by what the message says."""
+    assert found.stored is not None
+    out = _unversioned(found.stored)
+    incoming = found.incoming
+    identifiers = list(out.get("identifier") or [])
+    have = {k for i in identifiers if (k := _key(i)) is not None}
+    skip = set(found.excluded)
+    if _cccd_conflict(found):  # never a second CCCD on one record: flagged instead
+        skip |= {k for k in _keys(incoming) if k[0] == CCCD}
+    for identifier in _with_bhxh(list(incoming.get("identifier") or [])):
+        key = _key(identifier)
+        if key is None or key in have or key in skip:
+            continue
+        identifiers.append(identifier)
+        have.add(key)
+    if identifiers:
+        out["identifier"] = _with_bhxh(identifiers)
+    for name, value in incoming.items():
+        if name not in _OWN_FIELDS and value not in (None, "", [], {}):
+            out[name] = copy.deepcopy(value)
+    birth = incoming.get("birthDate")
+    stored_birth = out.get("birthDate")
+    # A year-only (or year-month) birth date never replaces a more precise one.
+    if (
+        isinstance(birth, str)
+        and birth
+        and not (isinstance(stored_birth, str) and len(stored_birth) > len(birth))
+    ):
+        out["birthDate"] = birth
+    extensions = {e.get("url"): e for e in out.get("extension") or [] if isinstance(e, dict)}
+    for extension in incoming.get("extension") or []:
+        if isinstance(extension, dict):
+            extensions[extension.get("url")] = copy.deepcopy(extension)
+    if extensions:
+        out["extension"] = list(extensions.values())
+    links = _links(out.get("link") or [], [*(incoming.get("link") or []), *found.links])
+    if links:
+        out["link"] = links
+    return out
+
+
+def _links(stored: list[dict[str, Any]], added: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = list(stored)
+    seen = {((link.get("other") or {}).get("reference"), link.get("type")) for link in stored}
+    for link in added:
+        key = ((link.get("other") or {}).get("reference"), link.get("type"))
+        if key not in seen:
+            seen.add(key)
+            out.append(link)
+    return out
+
+
+def _patient_entry(found: _Resolved) -> dict[str, Any]:
+    assert found.wanted is not None
+    if found.id is not None:
+        resource = _updated(found)
+        if found.others:
+            _tagged(resource, "possible-duplicate")
+        if found.wanted.cccd_problems:
+            _tagged(resource, "invalid-cccd")
+        if _cccd_conflict(found):
+            _tagged(resource, "cccd-differs")
+        return {
+            "fullUrl": found.placeholder,
+            "resource": resource,
+            "request": {"method": "PUT", "url": f"Patient/{found.id}"},
+        }
+    strongest = found.wanted.strongest
+    if strongest is None:
+        raise Rejected(
+            "the patient has no identifier: it could never be found again", where="Patient.identifier"
+        )
+    resource = copy.deepcopy(found.incoming)
+    resource.pop("id", None)
+    resource["resourceType"] = "Patient"
+    resource["identifier"] = _with_bhxh(list(resource.get("identifier") or []))
+    if found.links:
+        resource["link"] = _links(list(resource.get("link") or []), found.links)
+    _tagged(resource, "unmatched")
+    if found.wanted.cccd_problems:
+        _tagged(resource, "invalid-cccd")
+    return {
+        "fullUrl": found.placeholder,
+        "resource": resource,
+        "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={_criteria(strongest)}"},
+    }
+
+
+def _flags(found: _Resolved) -> list[dict[str, Any]]:
+    """The Flags of what the resolution found, as ``PUT Flag/<id>`` of an id derived from
+    what each flag is about: writing the message again (or a concurrent message about the
+    same new patient) writes the same Flag, a no-op, instead of a second one. (A conditional
+    create cannot serve: the search registry holds no parameter for Flag.)"""
+    assert found.wanted is not None
+    if found.id is not None:
+        subject = {"reference": f"Patient/{found.id}"}
+        about = f"Patient/{found.id}"
+        tags = _tags(found.stored or {})
+    else:
+        assert found.wanted.strongest is not None
+        subject = {"reference": found.placeholder}
+        # The new Patient's id is not known yet (a concurrent message may have created it):
+        # its flags are named after the identifier it is created on, in its keyed-hash form
+        # (the id must not let anyone recover a CCCD).
+        system, value = found.wanted.strongest
+        about = f"{system}|{blind.index_identifier(system, value)}"
+        tags = set()
+    flags = []
+    if found.id is None:
+        flags.append(_flag("unmatched", "unmatched", subject, about, _REASONS["unmatched"]))
+    for other in found.others:
+        flag = _flag("possible-duplicate", f"possible-duplicate:{other}", subject, about, None)
+        flag["resource"]["extension"] = [
+            {"url": OTHER_RECORD, "valueReference": {"reference": f"Patient/{other}"}}
+        ]
+        flags.append(flag)
+    # A record flagged once (its tag says so) is not flagged again by a later message,
+    # whose flag would be named after the record rather than the identifier.
+    if found.wanted.cccd_problems and "invalid-cccd" not in tags:
+        text = f"{_REASONS['invalid-cccd']}: {'; '.join(found.wanted.cccd_problems)}"
+        flags.append(_flag("invalid-cccd", "invalid-cccd", subject, about, text))
+    if _cccd_conflict(found):
+        flags.append(_flag("cccd-differs", "cccd-differs", subject, about, None))
+    return flags
+
+
+def _tags(resource: dict[str, Any]) -> set[str]:
+    return {t.get("code") for t in (resource.get("meta") or {}).get("tag") or [] if t.get("system") == REVIEW}
+
+
+def _flag(code: str, key: str, subject: dict[str, str], about: str, text: str | None) -> dict[str, Any]:
+    flag_id = str(uuid.uuid5(_FLAG_IDS, f"{about}|{key}"))
+    resource = {
+        "resourceType": "Flag",
+        "id": flag_id,
+        "meta": {"tag": [{"system": REVIEW, "code": code}]},
+        "identifier": [{"system": FLAG_KEY, "value": key}],
+        "status": "active",
+        "category": [_FLAG_CATEGORY],
+        "code": {"coding": [{"system": REVIEW, "code": code}], "text": text or _REASONS[code]},
+        "subject": dict(subject),
+    }
+    return {
+        "fullUrl": f"urn:uuid:{flag_id}",
+        "resource": resource,
+        "request": {"method": "PUT", "url": f"Flag/{flag_id}"},
+    }
+
+
+# --- merges --------------------------------------------------------------------------------
+
+
+def _merge(
+    lookup: _Lookup,
+    resolved: dict[str, _Resolved],
+    survivor_placeholder: str,
+    retired_identifiers: list[dict[str, Any]],
+    source: Source,
+    mapped: Mapped,
+    entries: list[dict[str, Any]],
+) -> None:
+    """Retire the record ``retired_identifiers`` name in favour of the surviving patient."""
+    survivor = resolved.get(survivor_placeholder)
+    if survivor is None:
+        raise Rejected("the merge names a surviving patient the message does not describe", where="MRG")
+    wanted = _Wanted.of({"identifier": retired_identifiers}, source)
+    if wanted.strongest is None:
+        raise Rejected("the merge names no identifier of the retired patient", where="MRG")
+    # The retired record itself, not the one it may already have been merged into.
+    candidates = sorted({p for p in lookup.by_identifiers(wanted)} - {survivor.id})
+    if not candidates:
+        mapped.warnings.append("merge: no stored Patient has the retired patient's identifiers")
+        return
+    if len(candidates) > 1:
+        mapped.warnings.append(f"merge: the retired patient's identifiers match {len(candidates)} Patients")
+        return
+    retired_id = candidates[0]
+    if any(r.id == retired_id for r in resolved.values()):
+        mapped.warnings.append("merge: the retired record is also a patient of the message")
+        return
+    retired = _unversioned(lookup.content[retired_id])
+    target = f"Patient/{survivor.id}" if survivor.id is not None else survivor_placeholder
+    retired["active"] = False
+    retired["link"] = _links(
+        retired.get("link") or [], [{"other": {"reference": target}, "type": "replaced-by"}]
+    )
+    entries.append({"resource": retired, "request": {"method": "PUT", "url": f"Patient/{retired_id}"}})
+    survivor.links.append({"other": {"reference": f"Patient/{retired_id}"}, "type": "replaces"})
