@@ -45,6 +45,7 @@ __all__ = [
     "ORDERING_SYSTEM",
     "SKIPPED",
     "FhirFormat",
+    "configured_types",
     "ndjson_envelope",
     "page_envelope",
     "pull_order",
@@ -79,6 +80,11 @@ def pull_order(resource_types: list[str]) -> list[str]:
     wanted = list(dict.fromkeys(["Patient", *resource_types]))
     first = [t for t in _FIRST if t in wanted]
     return first + [t for t in wanted if t not in first]
+
+
+def configured_types(settings: dict[str, Any]) -> list[str]:
+    """The types a source pulls: setting ``types`` (``resource_types`` is read too)."""
+    return list(settings.get("types") or settings.get("resource_types") or [])
 
 
 def page_envelope(url: str, resource_type: str, resources: list[dict[str, Any]], order: str) -> bytes:
@@ -161,7 +167,7 @@ class FhirFormat:
         else:
             resources = _bundle_resources(document)
         page_type = document.get("type")
-        order = pull_order(list(source.settings.get("resource_types") or []))
+        order = pull_order(configured_types(source.settings))
         mapper = _PageMapper(source, order, page_type if isinstance(page_type, str) else None)
         return [mapper.map(peek, resources)]
 

@@ -9,8 +9,8 @@ Called by: the in-process worker and the arq cron (``connectors.worker``: ``poll
 
 Settings of a ``fhir-pull`` source: ``base_url``; ``token`` (a static bearer token) or
 ``token_url`` + ``client_id`` + ``client_secret`` (OAuth2 client credentials, HTTP Basic);
-``resource_types`` (Patient is always pulled, first); ``page_size`` (50); ``use_bulk``
-(``"auto"``: when the CapabilityStatement offers ``$export``; ``true``; ``false``);
+``types`` (the resource types; Patient is always pulled, first); ``page_size`` (50); ``bulk``
+(absent: when the CapabilityStatement offers ``$export``; ``true``; ``false``);
 ``overlap_seconds`` (5); ``timeout`` (30); ``bulk_wait_seconds`` (60).
 
 Two ways, one rule: **a page is stored before the cursor moves past it**, so a restart
@@ -47,7 +47,14 @@ import httpx
 import orjson
 import sqlalchemy as sa
 
-from connectors.fhirpull.mapping import ORDERING_SYSTEM, SKIPPED, ndjson_envelope, page_envelope, pull_order
+from connectors.fhirpull.mapping import (
+    ORDERING_SYSTEM,
+    SKIPPED,
+    configured_types,
+    ndjson_envelope,
+    page_envelope,
+    pull_order,
+)
 from connectors.model import Source, Transient
 from hub.db.schema import connector_cursor
 from hub.store.records import now
@@ -72,13 +79,13 @@ class Poller:
         settings = source.settings
         if not settings.get("base_url"):
             raise PullError(f"source {source.name}: settings.base_url is required")
-        refused = [t for t in settings.get("resource_types") or [] if t in SKIPPED]
+        refused = [t for t in configured_types(settings) if t in SKIPPED]
         if refused:
             raise PullError(f"source {source.name}: the hub does not pull {', '.join(refused)}")
         self.engine = engine
         self.source = source
         self.base = str(settings["base_url"]).rstrip("/")
-        self.types = pull_order(list(settings.get("resource_types") or []))
+        self.types = pull_order(configured_types(settings))
         self.page_size = int(settings.get("page_size", 50))
         self.overlap = timedelta(seconds=float(settings.get("overlap_seconds", 5)))
         self.bulk_wait = float(settings.get("bulk_wait_seconds", 60))
@@ -88,9 +95,8 @@ class Poller:
         )
         self._token: str | None = settings.get("token")
         self._token_expires = float("inf") if self._token else 0.0
-        self._bulk: bool | None = (
-            None if settings.get("use_bulk", "auto") == "auto" else bool(settings["use_bulk"])
-        )
+        bulk = settings.get("bulk", settings.get("use_bulk", "auto"))  # "use_bulk": the brief's name
+        self._bulk: bool | None = None if bulk == "auto" else bool(bulk)
 
     def close(self) -> None:
         self.client.close()
