@@ -47,7 +47,7 @@ import sqlalchemy as sa
 
 from connectors.hl7v2.ack import ack
 from connectors.hl7v2.framing import frame, normalize
-from connectors.model import Source, Transient
+from connectors.model import Rejected, Source, Transient
 
 if TYPE_CHECKING:
     from connectors.pipeline import Outcome, Pipeline
@@ -136,8 +136,8 @@ class ListenerStats:
 
 
 class MllpServer:
-    """An MLLP listener for one source (``source.settings``: ``host``, ``port``, ``tls_cert``,
-    ``tls_key``, optional ``tls_client_ca`` to require client certificates)."""
+    """An MLLP listener for one source (``source.settings``: ``host``, ``port``, and for TLS
+    ``certfile`` / ``keyfile``); ``port=0`` picks a free port (``self.port`` after start)."""
 
     def __init__(
         self,
@@ -294,10 +294,27 @@ class MllpServer:
                 pending.id = row.id
                 if row.state in ("queued", "failed", "processing"):
                     to_process.append(pending)
-                else:  # rejected at peek, or a resend of a final message
+                elif row.state == "rejected":  # refused at peek (or earlier)
+                    where, unsupported = self._why_refused(pending.raw)
+                    self._answer(pending, row.state, row.error, where, unsupported=unsupported)
+                else:  # a resend of a message already final
                     self._answer(pending, row.state, row.error, None, unsupported=False)
             if to_process:
                 self._received.put_nowait(to_process)
+
+    def _why_refused(self, raw: bytes) -> tuple[str | None, bool]:
+        """Where a message refused at receipt is wrong, and whether its type is unsupported
+        (AR): the inbox row keeps only the text, so the format's peek says it again (cheap:
+        MSH and PID only; a refused message is rare)."""
+        from connectors.pipeline import format_of
+
+        try:
+            format_of(self.source).peek(raw)
+        except Rejected as refused:
+            return refused.where, refused.unsupported
+        except Exception:  # noqa: BLE001  (unreadable bytes: an AE without a place)
+            return None, False
+        return None, False
 
     # stage 2: processing, one runner call (one write transaction) per batch
 
@@ -340,7 +357,7 @@ class MllpServer:
         if state == "processed":
             code = "AA"
         elif state == "rejected":
-            code = "AR" if unsupported or _unsupported_error(error) else "AE"
+            code = "AR" if unsupported else "AE"
         elif state == "dead":  # dead-lettered earlier: it needs an operator's replay
             code, error = "AE", f"dead-lettered: {error or 'too many failures'} (replay needed)"
         else:  # failed (transient) or still processing: the sender must resend later
@@ -358,12 +375,6 @@ class MllpServer:
     def _fail_waiting(self, queue: asyncio.Queue[_Pending]) -> None:
         while not queue.empty():
             self._down([queue.get_nowait()], "listener stopped")
-
-
-def _unsupported_error(error: str | None) -> bool:
-    # A peek-time rejection keeps only its text in the inbox row; the hl7v2 format words
-    # unsupported types this way (``Rejected(..., unsupported=True)``).
-    return bool(error) and "unsupported" in (error or "").lower()
 
 
 async def _take(queue: asyncio.Queue[_T], limit: int) -> list[_T]:
@@ -407,6 +418,10 @@ class _FrameReader:
                     start, scanned = 0, 1
             if start == 0:
                 end = self.buffer.find(END_BLOCK, scanned)
+                if end - 1 > self.limit or (end < 0 and len(self.buffer) - 1 > self.limit):
+                    head = bytes(self.buffer[1:4096])
+                    self.buffer.clear()
+                    raise _TooLarge(head)
                 if end >= 0:
                     message = bytes(self.buffer[1:end])
                     drop = end + 1
@@ -415,8 +430,6 @@ class _FrameReader:
                     del self.buffer[:drop]
                     return message
                 scanned = len(self.buffer)
-                if len(self.buffer) - 1 > self.limit:
-                    raise _TooLarge(bytes(self.buffer[1:4096]))
             try:
                 chunk = await asyncio.wait_for(self.reader.read(_READ_CHUNK), self.idle_seconds)
             except TimeoutError:
@@ -430,19 +443,19 @@ class _FrameReader:
 
 
 def tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
-    """A server TLS context from a source's settings (``tls_cert``, ``tls_key`` files;
-    ``tls_client_ca``: require and verify client certificates), or None for plain TCP."""
-    cert = settings.get("tls_cert")
+    """A server TLS context from a source's settings (``certfile``: the certificate chain,
+    PEM; ``keyfile`` when the key is not in it; ``tls``: true to insist), or None: plain TCP."""
+    cert = settings.get("certfile")
     if not cert:
+        if settings.get("tls"):
+            raise ValueError("setting 'tls' is on but no 'certfile' is given")
+        return None
+    if settings.get("tls") is False:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    key = settings.get("tls_key")
+    key = settings.get("keyfile")
     context.load_cert_chain(Path(cert), Path(key) if key else None)
-    client_ca = settings.get("tls_client_ca")
-    if client_ca:
-        context.load_verify_locations(Path(client_ca))
-        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
