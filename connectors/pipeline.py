@@ -1,0 +1,548 @@
+"""Processing of inbox messages: map, resolve the patient, write one FHIR transaction each.
+
+Owns: the formats known by name (``FORMATS``, ``format_for``, ``register_format``), how due
+messages are claimed (PostgreSQL ``FOR UPDATE SKIP LOCKED`` in the processing transaction, so
+a killed worker's transaction aborts and its rows are free again; SQLite has one writer),
+the order kept per ordering key (only the oldest pending message of a key runs; rejected
+and dead ones do not block), group commit (one write transaction per batch, a SAVEPOINT per
+message), the Provenance of each message, and the outcome of each attempt: ``processed``,
+``rejected`` (``Rejected``, or a 4xx from the store: permanent), ``failed`` (anything else:
+retried after ``2^attempts`` seconds, at most 10 minutes) and ``dead`` after
+``inbox.MAX_ATTEMPTS`` failures. A database that cannot be reached rolls the whole batch
+back and raises ``Transient``: nothing is marked, nothing may be acknowledged.
+Each message's transaction runs as its own named system access
+(``system:connector-<source>``), so its AuditEvent describes only that message's resources.
+Calls: ``connectors.inbox`` (raw bytes, states), ``connectors.sources`` (via the table), the
+format modules (``connectors.hl7v2``, ``connectors.xml130``, ``connectors.fhirpull``),
+``connectors.patients.resolve``, ``hub.rest.transaction.transaction_in``, the store's write
+transaction, ``consent.context``.
+Called by: the MLLP listener through the runner (``process_ids`` right after receipt, so it
+ACKs after the commit), the workers (``process_due``), the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import sqlalchemy as sa
+
+from connectors import inbox
+from connectors.identifiers import facility_reference, facility_system
+from connectors.model import Format, Mapped, Rejected, Source, Transient
+from hub.db.schema import connector_message, connector_source
+from hub.errors import FhirError
+
+if TYPE_CHECKING:
+    from hub.rest.router import FhirRouter
+
+__all__ = [
+    "FORMATS",
+    "Outcome",
+    "Pipeline",
+    "format_for",
+    "format_of",
+    "provenance_id",
+    "register_format",
+]
+
+log = logging.getLogger(__name__)
+
+# --- formats ------------------------------------------------------------------------------
+
+FORMATS: dict[str, Format] = {}
+_FORMAT_MODULES = {"hl7v2": "connectors.hl7v2", "xml130": "connectors.xml130", "fhir": "connectors.fhirpull"}
+_formats_lock = threading.Lock()
+
+
+def register_format(fmt: Format) -> None:
+    """Make a format known by its name (the feeds' modules are loaded on first use; tests
+    register their own)."""
+    with _formats_lock:
+        FORMATS[fmt.name] = fmt
+
+
+def format_of(source: Source) -> Format:
+    """The format a source's messages are in: its kind's, or the one its ``format`` setting
+    names (a facility dialect with its own mapper, a test format)."""
+    named = source.settings.get("format")
+    return format_for(named if isinstance(named, str) else source.format)
+
+
+def format_for(name: str) -> Format:
+    """The format of that name; ``LookupError`` when no module provides it."""
+    found = FORMATS.get(name)
+    if found is not None:
+        return found
+    module_name = _FORMAT_MODULES.get(name)
+    if module_name is None:
+        raise LookupError(f"no format named {name!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            raise LookupError(f"format {name!r}: module {module_name} is not installed") from None
+        raise
+    fmt: Format = module.FORMAT
+    register_format(fmt)
+    return fmt
+
+
+# --- outcomes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    state: str
+    error: str | None
+    where: str | None
+    unsupported: bool
+    resources: list[str] = field(default_factory=list)
+    attempted: bool = False  # processed in this call (not a stored or waiting state)
+
+
+RETRY_CAP_SECONDS = 600.0
+# Store answers that say "not now" rather than "never": a conflict with a concurrent write,
+# a timeout, a rate limit.
+_TRANSIENT_STATUSES = frozenset({408, 409, 429})
+# PostgreSQL deadlock and serialization failures: the batch is retried at once, whole.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+_BATCH_RETRIES = 3
+_DUE_STATES = ("queued", "failed", "processing")
+
+
+def provenance_id(source: str, control_id: str) -> str:
+    """The id of a message's Provenance: the same on every reprocessing, so it is updated in
+    place (a no-op when nothing changed) instead of added again."""
+    return "cx-" + hashlib.sha256(f"{source}|{control_id}".encode()).hexdigest()[:40]
+
+
+def _db_unreachable(error: BaseException) -> bool:
+    if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)):
+        return True
+    return isinstance(error, sa.exc.DBAPIError) and bool(error.connection_invalidated)
+
+
+def _retry_batch(error: BaseException) -> bool:
+    orig = getattr(error, "orig", None)
+    return getattr(orig, "sqlstate", None) in _RETRY_SQLSTATES
+
+
+class Pipeline:
+    """Processes inbox messages through one router (and its store)."""
+
+    def __init__(
+        self,
+        router: FhirRouter,
+        *,
+        batch_size: int = 50,
+        retry_base_seconds: float = 1.0,
+        max_attempts: int = inbox.MAX_ATTEMPTS,
+    ) -> None:
+        self.router = router
+        self.store = router.ctx.store
+        self.engine = self.store.engine
+        self.batch_size = batch_size
+        # Backoff after the n-th failure: retry_base_seconds * 2^n, capped (tests use 0).
+        self.retry_base_seconds = retry_base_seconds
+        self.max_attempts = max_attempts
+        self._postgres = self.engine.dialect.name == "postgresql"
+
+    # --- entry points ---------------------------------------------------------------------
+
+    def process_ids(self, ids: list[int]) -> dict[int, Outcome]:
+        """Process exactly these messages, if still due, in one transaction; the outcome of
+        each (a message already final gives its stored outcome; one that must wait for an
+        earlier message of its key, or whose source is paused, its current state)."""
+        if not ids:
+            return {}
+        wanted = sorted(set(ids))
+        return self._with_retries(lambda conn: self._process_ids(conn, wanted))
+
+    def process_due(self, limit: int | None = None) -> int:
+        """Claim and process up to ``limit`` (default: the batch size) due messages; how many
+        were processed (whatever their outcome)."""
+        size = limit if limit is not None else self.batch_size
+        outcomes = self._with_retries(lambda conn: self._process_due(conn, size))
+        # Claimed rows that had to wait (an earlier message of their key) are not counted.
+        return sum(1 for outcome in outcomes.values() if outcome.attempted)
+
+    def _with_retries(self, work: Any) -> dict[int, Outcome]:
+        for attempt in range(_BATCH_RETRIES):
+            try:
+                with self.store.write() as conn:
+                    result: dict[int, Outcome] = work(conn)
+                return result
+            except sa.exc.DBAPIError as error:
+                if _retry_batch(error) and attempt + 1 < _BATCH_RETRIES:
+                    log.info("connector batch retried after %s", error.orig)
+                    continue
+                if _db_unreachable(error):
+                    raise Transient(f"database unavailable: {error.orig}") from error
+                raise
+            except sa.exc.TimeoutError as error:  # no connection from the pool
+                raise Transient(f"database unavailable: {error}") from error
+        raise Transient("the batch kept conflicting with concurrent writers")  # pragma: no cover
+
+    # --- claiming -------------------------------------------------------------------------
+
+    def _due(self, table: Any, moment: datetime) -> sa.ColumnElement[bool]:
+        return sa.or_(
+            table.c.state == "queued",
+            sa.and_(table.c.state == "failed", table.c.next_attempt_at <= moment),
+            sa.and_(table.c.state == "processing", table.c.lease_until < moment),
+        )
+
+    def _process_due(self, conn: sa.Connection, limit: int) -> dict[int, Outcome]:
+        moment = inbox.now()
+        m = connector_message
+        earlier = m.alias("earlier")
+        active_sources = sa.select(connector_source.c.name).where(connector_source.c.paused.is_(False))
+        # Coarse in SQL: no earlier pending message of the key that is not due itself (that
+        # one waits, so this one must). The exact check, after locking, is _runnable's.
+        blocked = (
+            sa.select(earlier.c.id)
+            .where(
+                earlier.c.ordering_key == m.c.ordering_key,
+                earlier.c.id < m.c.id,
+                earlier.c.state.in_(inbox.PENDING_STATES),
+                sa.not_(self._due(earlier, moment)),
+            )
+            .exists()
+        )
+        query = (
+            sa.select(m.c.id)
+            .where(
+                m.c.state.in_(_DUE_STATES),
+                self._due(m, moment),
+                m.c.source.in_(active_sources),
+                sa.or_(m.c.ordering_key.is_(None), sa.not_(blocked)),
+            )
+            .order_by(m.c.id)
+            .limit(limit)
+        )
+        if self._postgres:
+            query = query.with_for_update(skip_locked=True, of=m)
+        ids = [int(row.id) for row in conn.execute(query)]
+        if not ids:
+            return {}
+        rows = self._rows(conn, ids, lock=False)
+        return self._run(conn, rows, moment)
+
+    def _process_ids(self, conn: sa.Connection, ids: list[int]) -> dict[int, Outcome]:
+        moment = inbox.now()
+        rows = self._rows(conn, ids, lock=self._postgres)
+        outcomes: dict[int, Outcome] = {}
+        due = []
+        for row in rows:
+            if row.state in inbox.FINAL_STATES or not self._is_due(row, moment):
+                outcomes[row.id] = _stored_outcome(row)
+            else:
+                due.append(row)
+        outcomes.update(self._run(conn, due, moment))
+        return outcomes
+
+    def _is_due(self, row: Any, moment: datetime) -> bool:
+        if row.state == "queued":
+            return True
+        if row.state == "failed":
+            return row.next_attempt_at is None or inbox.utc(row.next_attempt_at) <= moment
+        if row.state == "processing":
+            return row.lease_until is None or inbox.utc(row.lease_until) < moment
+        return False
+
+    def _rows(self, conn: sa.Connection, ids: list[int], *, lock: bool) -> list[Any]:
+        m = connector_message.c
+        rows: list[Any] = []
+        for start in range(0, len(ids), 500):
+            query = sa.select(connector_message).where(m.id.in_(ids[start : start + 500])).order_by(m.id)
+            if lock:  # process_ids waits for a worker holding them, then sees them final
+                query = query.with_for_update(of=connector_message)
+            rows.extend(conn.execute(query).all())
+        return sorted(rows, key=lambda row: row.id)
+
+    def _runnable(self, conn: sa.Connection, rows: list[Any]) -> set[int]:
+        """The rows no earlier pending message of their key outside this batch holds back."""
+        keys = {row.ordering_key for row in rows if row.ordering_key is not None}
+        pending: dict[str, list[int]] = {}
+        if keys:
+            m = connector_message.c
+            last = max(row.id for row in rows)
+            for key_list in _chunks(sorted(keys), 500):
+                query = sa.select(m.id, m.ordering_key).where(
+                    m.ordering_key.in_(key_list), m.state.in_(inbox.PENDING_STATES), m.id < last
+                )
+                for found in conn.execute(query):
+                    pending.setdefault(found.ordering_key, []).append(int(found.id))
+        batch = {row.id for row in rows}
+        runnable = set()
+        for row in rows:
+            held = row.ordering_key is not None and any(
+                other < row.id and other not in batch for other in pending.get(row.ordering_key, ())
+            )
+            if not held:
+                runnable.add(row.id)
+        return runnable
+
+    # --- processing -----------------------------------------------------------------------
+
+    def _run(self, conn: sa.Connection, rows: list[Any], moment: datetime) -> dict[int, Outcome]:
+        if not rows:
+            return {}
+        sources = _sources(conn, {row.source for row in rows})
+        runnable = self._runnable(conn, rows)
+        ring = self.store.keys()
+        stalled: set[str] = set()  # keys whose earlier message in this batch did not finish
+        outcomes: dict[int, Outcome] = {}
+        for row in rows:
+            source = sources.get(row.source)
+            if (
+                source is None
+                or source.paused
+                or row.id not in runnable
+                or (row.ordering_key is not None and row.ordering_key in stalled)
+            ):
+                outcomes[row.id] = _stored_outcome(row)
+                if row.ordering_key is not None:
+                    stalled.add(row.ordering_key)
+                continue
+            data = inbox.open_raw(ring, row.source, row.raw_sha256, bytes(row.raw))
+            outcome, warnings = self._one(conn, row, source, data)
+            outcome = self._mark(conn, row, outcome, warnings, moment)
+            outcome.attempted = True
+            outcomes[row.id] = outcome
+            if outcome.state not in inbox.FINAL_STATES and row.ordering_key is not None:
+                stalled.add(row.ordering_key)
+        return outcomes
+
+    def _one(self, conn: sa.Connection, row: Any, source: Source, data: bytes) -> tuple[Outcome, list[str]]:
+        """One message in its own SAVEPOINT: its outcome (and the mapping's warnings)."""
+        warnings: list[str] = []
+        try:
+            with conn.begin_nested():
+                resources = self._write(conn, row, source, data, warnings)
+            return Outcome("processed", None, None, False, resources), warnings
+        except Rejected as error:
+            return Outcome("rejected", error.reason, error.where, error.unsupported), warnings
+        except FhirError as error:
+            where = next((i.expression[0] for i in error.issues if i.expression), None)
+            text = str(error)[:2000]
+            if error.status < 500 and error.status not in _TRANSIENT_STATUSES:
+                return Outcome("rejected", text, where, False), warnings
+            return Outcome("failed", f"HTTP {error.status}: {text}", where, False), warnings
+        except sa.exc.DBAPIError as error:
+            if _db_unreachable(error) or _retry_batch(error):
+                raise  # the whole batch: Transient, or retried at once
+            log.exception("connector message %s: database error", row.id)
+            return Outcome("failed", f"database error: {error.orig}"[:2000], None, False), warnings
+        except Exception as error:  # noqa: BLE001  (a mapper bug must not stop the queue)
+            log.exception("connector message %s could not be processed", row.id)
+            return Outcome("failed", f"{type(error).__name__}: {error}"[:2000], None, False), warnings
+
+    def _write(
+        self, conn: sa.Connection, row: Any, source: Source, data: bytes, warnings: list[str]
+    ) -> list[str]:
+        """Map the message and write it as one transaction with its Provenance; the
+        resources written ("Type/id")."""
+        from consent.context import serving, system_access_for
+        from hub.rest.messages import FhirRequest
+        from hub.rest.transaction import transaction_in
+
+        units = format_of(source).map(data, source)
+        # A new Access per message: its AuditEvent names only this message's resources.
+        access = system_access_for(f"connector-{source.name}")
+        with serving(access):
+            entries: list[dict[str, Any]] = []
+            for unit in units:
+                warnings.extend(unit.warnings)
+                entries.extend(_resolve(conn, self.router, unit, source))
+                entries.extend(unit.entries)
+            if not entries:
+                return []
+            for entry in entries:
+                if "resource" in entry and not entry.get("fullUrl"):
+                    entry["fullUrl"] = f"urn:uuid:{uuid.uuid4()}"
+            entries.append(_provenance_entry(row, source, units, entries))
+            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+            request = FhirRequest("POST", "", parsed_body=bundle, principal=access.principal)
+            response = transaction_in(self.router, conn, request)
+        return _locations(response.body)
+
+    def _mark(
+        self, conn: sa.Connection, row: Any, outcome: Outcome, warnings: list[str], moment: datetime
+    ) -> Outcome:
+        values: dict[str, Any] = {
+            "state": outcome.state,
+            "error": outcome.error,
+            "error_where": outcome.where[:200] if outcome.where else None,
+            "processed_at": moment,
+            "lease_until": None,
+            "next_attempt_at": None,
+            "resources": outcome.resources,
+            "warnings": warnings or None,
+        }
+        if outcome.state == "failed":
+            attempts = int(row.attempts) + 1
+            values["attempts"] = attempts
+            if attempts >= self.max_attempts:
+                values["state"] = "dead"
+                outcome = Outcome("dead", outcome.error, outcome.where, False, [])
+            else:
+                delay = min(self.retry_base_seconds * 2**attempts, RETRY_CAP_SECONDS)
+                values["next_attempt_at"] = moment + timedelta(seconds=delay)
+        conn.execute(connector_message.update().where(connector_message.c.id == row.id).values(values))
+        return outcome
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _sources(conn: sa.Connection, names: set[str]) -> dict[str, Source]:
+    rows = conn.execute(sa.select(connector_source).where(connector_source.c.name.in_(sorted(names))))
+    return {
+        row.name: Source(
+            name=row.name,
+            facility_code=row.facility_code,
+            facility_name=row.facility_name,
+            facility_level=row.facility_level,
+            kind=row.kind,
+            settings=dict(row.settings or {}),
+            paused=bool(row.paused),
+        )
+        for row in rows
+    }
+
+
+def _stored_outcome(row: Any) -> Outcome:
+    return Outcome(row.state, row.error, row.error_where, False, list(row.resources or []))
+
+
+def _resolve(conn: sa.Connection, router: FhirRouter, unit: Mapped, source: Source) -> list[dict[str, Any]]:
+    """The entries standing for the unit's patients (connectors.patients)."""
+    try:
+        from connectors import patients  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        return _fallback_patients(unit)
+    entries: list[dict[str, Any]] = patients.resolve(conn, router, unit, source)
+    return entries
+
+
+# TEMPORARY (until connectors.patients exists): each patient a conditional create on its
+# first identifier, with no matching across identifiers, no merge, no review flag.
+def _fallback_patients(unit: Mapped) -> list[dict[str, Any]]:
+    entries = []
+    for facts in unit.patients:
+        request: dict[str, Any] = {"method": "POST", "url": "Patient"}
+        identifiers = facts.resource.get("identifier") or []
+        first = identifiers[0] if identifiers else None
+        if first and first.get("system") and first.get("value"):
+            request["ifNoneExist"] = f"identifier={first['system']}|{first['value']}"
+        entries.append({"fullUrl": facts.placeholder, "resource": facts.resource, "request": request})
+    return entries
+
+
+def _provenance_entry(
+    row: Any, source: Source, units: list[Mapped], entries: list[dict[str, Any]]
+) -> dict[str, Any]:
+    control_id = row.control_id or (units[0].control_id if units else None) or row.raw_sha256
+    message_type = row.message_type or (units[0].message_type if units else "message")
+    # What the message says: its patients and its mapped entries. Not what the hub adds on
+    # the way (patient resolution's review and conflict Flags, written once): a Provenance
+    # that must not change when the message is processed again.
+    carried = {facts.placeholder for unit in units for facts in unit.patients}
+    carried.update(str(entry.get("fullUrl")) for unit in units for entry in unit.entries)
+    targets = [
+        {"reference": entry["fullUrl"]}
+        for entry in entries
+        if entry.get("fullUrl") in carried
+        and "resource" in entry
+        and entry.get("request", {}).get("method") in ("POST", "PUT", "PATCH")
+    ]
+    recorded = inbox.utc(row.received_at).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    prov_id = provenance_id(source.name, control_id)
+    provenance: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "id": prov_id,
+        "target": targets,
+        # When the hub received the message: the same on every reprocessing (no new version).
+        "recorded": recorded,
+        "activity": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                    "code": "UPDATE",
+                    "display": "revise",
+                }
+            ],
+            "text": f"{message_type} from connector source {source.name}",
+        },
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "author",
+                            "display": "Author",
+                        }
+                    ]
+                },
+                "role": [{"text": "source"}],
+                "who": {**facility_reference(source.facility_code), "display": source.facility_name},
+            },
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "assembler",
+                            "display": "Assembler",
+                        }
+                    ]
+                },
+                "who": {"display": f"hub connector {source.name}"},
+            },
+        ],
+        "entity": [
+            {
+                "role": "source",
+                "what": {
+                    "identifier": {
+                        "system": facility_system("message", source.facility_code),
+                        "value": control_id,
+                    },
+                    "display": f"{message_type} {control_id} (source {source.name}, inbox message {row.id})",
+                },
+            }
+        ],
+    }
+    return {
+        "fullUrl": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, prov_id)}",
+        "resource": provenance,
+        "request": {"method": "PUT", "url": f"Provenance/{prov_id}"},
+    }
+
+
+def _locations(body: bytes | None) -> list[str]:
+    """ "Type/id" of every resource a transaction-response names."""
+    if not body:
+        return []
+    bundle = orjson.loads(body)
+    found = []
+    for entry in bundle.get("entry") or []:
+        location = (entry.get("response") or {}).get("location") or ""
+        parts = location.split("/_history/")[0].split("/")
+        if len(parts) >= 2:
+            found.append(f"{parts[-2]}/{parts[-1]}")
+    return found
