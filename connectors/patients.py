@@ -55,6 +55,7 @@ import sqlalchemy as sa
 from connectors.identifiers import BHXH, BHYT, CCCD, bhxh_of, check_cccd
 from connectors.model import Mapped, Rejected, Source
 from hub.crypto import blind
+from hub.crypto.policy import SENSITIVE_SYSTEMS
 from hub.search import engine as search_engine
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ _MAX_HOPS = 3  # replaced-by links followed from a retired record to its survivo
 # the stored one, and fields it lacks are kept.
 _OWN_FIELDS = frozenset({"resourceType", "id", "meta", "identifier", "link", "birthDate", "extension"})
 
-IdentKey = tuple[str, str]  # (system, value without whitespace)
+IdentKey = tuple[str, str]  # (system, value as the index compares it)
 
 
 def resolve(conn: sa.Connection, router: FhirRouter, mapped: Mapped, source: Source) -> list[dict[str, Any]]:
@@ -136,7 +137,8 @@ def _key(identifier: dict[str, Any]) -> IdentKey | None:
     system, value = identifier.get("system"), identifier.get("value")
     if not isinstance(system, str) or not isinstance(value, str) or not value.strip():
         return None
-    return system, blind.normalize_identifier(value)
+    # CCCD, BHYT and BHXH are indexed (and searched) without whitespace; other values as given.
+    return system, blind.normalize_identifier(value) if system in SENSITIVE_SYSTEMS else value
 
 
 def _keys(patient: dict[str, Any]) -> set[IdentKey]:
@@ -209,8 +211,9 @@ class _Wanted:
 
 
 def _escape(text: str) -> str:
-    """A value inside a search parameter that lists alternatives (``,``) and ``|``."""
-    return text.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|")
+    """A value inside a search parameter that lists alternatives (``,``). A token's ``|``
+    needs none: the engine splits system from value at the first one."""
+    return text.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def _criteria(key: IdentKey) -> str:

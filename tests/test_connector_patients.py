@@ -25,6 +25,8 @@ from connectors.identifiers import (
     BHXH,
     BHYT,
     CCCD,
+    FACILITY,
+    FACILITY_SCOPED_KINDS,
     bhxh_of,
     check_cccd,
     facility_system,
@@ -42,6 +44,7 @@ HIS = Source("test-his", "64001", "BVĐK Gia Lai", "provincial", "hl7v2-mllp")
 LIS = Source("test-lis", "64123", "TTYT Chư Sê", "district", "xml130")
 MRN = facility_system("mrn", HIS.facility_code)
 MRN_LIS = facility_system("mrn", LIS.facility_code)
+NAMING_SYSTEMS = Path(__file__).resolve().parent.parent / "fhir" / "naming-systems"
 
 
 # --- identifiers -------------------------------------------------------------------------------
@@ -82,6 +85,23 @@ def test_bhyt_parts() -> None:
     assert parse_bhyt("DN479012345678") is None
     assert bhxh_of("HT3640123456789") == bhxh_of("0123456789") == "0123456789"
     assert bhxh_of("012345678") is None
+
+
+def test_every_identifier_system_has_one_naming_system(
+    validator: Any,  # noqa: F811  (the fixture imported above)
+) -> None:
+    files = sorted(NAMING_SYSTEMS.glob("*.json"))
+    owners: dict[str, list[str]] = {}
+    for path in files:
+        for unique in orjson.loads(path.read_bytes())["uniqueId"]:
+            owners.setdefault(unique["value"], []).append(path.name)
+    wanted = [CCCD, BHYT, BHXH, FACILITY] + [
+        facility_system(kind, "{MA_CSKCB}") for kind in sorted(FACILITY_SCOPED_KINDS)
+    ]
+    assert {s: owners.get(s, []) for s in wanted if len(owners.get(s, [])) != 1} == {}  # none missing
+    assert {v: names for v, names in owners.items() if len(names) > 1} == {}  # none in two files
+    code, output = validator(*files)
+    assert code == 0 and output.strip().splitlines()[-1].startswith(f"{len(files)} valid, 0 invalid"), output
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -125,7 +145,7 @@ def _write(router: FhirRouter, mapped: Mapped, source: Source = HIS) -> list[dic
         request = FhirRequest("POST", "", parsed_body=bundle, principal=system_principal())
         response = transaction_in(router, conn, request)
     assert response.status == 200, response.body
-    answered: list[dict[str, Any]] = orjson.loads(response.body)["entry"]
+    answered: list[dict[str, Any]] = orjson.loads(response.body or b"{}")["entry"]
     return answered
 
 
@@ -134,7 +154,7 @@ def _get(router: FhirRouter, path: str, **params: str) -> list[dict[str, Any]]:
         FhirRequest("GET", path, [*params.items(), ("_count", "100")], principal=system_principal())
     )
     assert response.status == 200, response.body
-    return [e["resource"] for e in orjson.loads(response.body).get("entry", [])]
+    return [e["resource"] for e in orjson.loads(response.body or b"{}").get("entry", [])]
 
 
 def _patients(router: FhirRouter, system: str, value: str) -> list[dict[str, Any]]:
@@ -159,7 +179,7 @@ def _seed(router: FhirRouter, *identifiers: tuple[str, str], **fields: Any) -> s
     }
     response = router.handle(FhirRequest("POST", "Patient", parsed_body=body, principal=system_principal()))
     assert response.status == 201, response.body
-    patient_id: str = orjson.loads(response.body)["id"]
+    patient_id: str = orjson.loads(response.body or b"{}")["id"]
     return patient_id
 
 
@@ -285,6 +305,16 @@ def test_mrn_match_when_nothing_stronger(router: FhirRouter, uid: str) -> None:
     assert (CCCD, cccd) in _keys(patient)
     assert patient["birthDate"] == "1950-02-03"  # a full date does replace a year
     assert patient["name"] == [{"family": "Lê"}]  # the message gave none
+
+
+def test_identifier_values_with_search_syntax(router: FhirRouter, uid: str) -> None:
+    """Commas, pipes, backslashes, ampersands in an MRN are values, not search syntax."""
+    mrn = f"BN,{uid}|a\\b&c=d %2C"
+    _write(router, _mapped(_facts((MRN, mrn))))
+    (created,) = _patients(router, MRN, mrn.replace("\\", "\\\\").replace(",", "\\,"))
+    answered = _write(router, _mapped(_facts((MRN, mrn))))
+    assert _observation_subject(router, answered) == f"Patient/{created['id']}"
+    assert [i["value"] for i in created["identifier"]] == [mrn]
 
 
 def test_mrn_of_another_facility_is_another_identifier(router: FhirRouter, uid: str) -> None:
@@ -469,7 +499,7 @@ def test_concurrent_messages_of_one_new_patient_make_one(router: FhirRouter, uid
                 request = FhirRequest("POST", "", parsed_body=bundle, principal=system_principal())
                 response = transaction_in(router, conn, request)
             assert response.status == 200, response.body
-            subjects.append(_observation_subject(router, orjson.loads(response.body)["entry"]))
+            subjects.append(_observation_subject(router, orjson.loads(response.body or b"{}")["entry"]))
         except BaseException as exc:  # noqa: BLE001  (reported below)
             errors.append(exc)
 
