@@ -466,7 +466,7 @@ def envelope(
     nl = "" if one_line else ("\r\n" if "crlf" in q else "\n")
     files = []
     for ep in episodes:
-        if "partial-birth" in q:
+        if "partial-birth" in q and "XML1" in ep:
             ep = {**ep, "XML1": {**ep["XML1"], "NGAY_SINH": ep["XML1"]["NGAY_SINH"][:4] + "00000000"}}
         parts = []
         for table in ORDER:
