@@ -148,8 +148,13 @@ def component(value: str, enc: Encoding, comp: int = 1, sub: int = 1) -> str:
 
 
 def components(value: str, enc: Encoding) -> list[str]:
-    """All components of one repetition, unescaped (sub-components joined as sent)."""
-    return [enc.unescape(p).strip() for p in value.split(enc.component)]
+    """All components of one repetition, unescaped; the non-empty sub-components of a
+    component joined by a space ("1000&Hospital Lane" -> "1000 Hospital Lane")."""
+    sub = enc.subcomponent
+    return [
+        enc.unescape(" ".join(x for x in p.split(sub) if x) if sub in p else p).strip()
+        for p in value.split(enc.component)
+    ]
 
 
 class Message:

@@ -199,7 +199,7 @@ def xpn(value: str, seg: Segment) -> Json | None:
     c = components(value, enc)
     c += [""] * (14 - len(c))
     family = component(value, enc, 1, 1)
-    given = [g for g in (c[1], *c[2].split(" ")) if g]
+    given = [*c[1].split(), *c[2].split()]
     if family and not given and " " in family:
         first, rest = family.split(" ", 1)
         family, given = first, rest.split()
@@ -235,7 +235,7 @@ def xad(value: str, seg: Segment) -> Json | None:
     enc = seg.enc
     c = components(value, enc)
     c += [""] * (9 - len(c))
-    street = component(value, enc, 1, 1)
+    street = c[0]
     lines = [x for x in (street, c[1]) if x]
     addr: Json = {}
     use = _ADDRESS_USE.get(c[6].upper())
