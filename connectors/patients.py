@@ -102,32 +102,127 @@ def resolve(conn: sa.Connection, router: FhirRouter, mapped: Mapped, source: Sou
 
     Reads with the caller's Access (the pipeline's system access) on ``conn``; writes
     nothing: the entries are written by the message's transaction. Raises ``Rejected`` for
-    a patient without any identifier (it could never be found again) and for a message
-    whose patients resolve to one record or whose merge names no patient of the message."""
+    a patient without any identifier (it could never be found again) and for a merge that
+    names no patient of the message.
+
+    A message may hold several units (the HOSO of one QĐ 130 file) about one citizen, all
+    resolved before its one transaction writes any: a patient already resolved for an
+    earlier unit of the message (same record, or a shared identifier) is not written
+    twice (a transaction may not hold two ``PUT Patient/<id>``, and two conditional creates
+    on one identifier would both create). What the later unit says is merged into the
+    earlier entry, and the unit's references to its placeholder are pointed at the
+    earlier one. "The message" is the caller's innermost open transaction (the pipeline's
+    SAVEPOINT per message)."""
     lookup = _Lookup(conn, router)
-    entries: list[dict[str, Any]] = []
+    memo = _memo(conn)
     resolved: dict[str, _Resolved] = {}
-    used: dict[str, str] = {}  # Patient id -> placeholder of the facts resolved to it
     for facts in mapped.patients:
         wanted = _Wanted.of(facts.resource, source)
         found = _decide(lookup, wanted)
-        if found.id is not None:
-            if found.id in used:
-                raise Rejected(
-                    "two patients of the message are one record "
-                    f"({used[found.id]} and {facts.placeholder} resolve to the same Patient)",
-                    where="Patient",
-                )
-            used[found.id] = facts.placeholder
+        found.placeholder, found.incoming, found.wanted = facts.placeholder, facts.resource, wanted
+        earlier = memo.same_patient(found) or next(
+            (r for r in resolved.values() if _same_patient(r, found)), None
+        )
+        if earlier is not None:
+            _absorb(earlier, found)
+            _alias(mapped, facts.placeholder, earlier.placeholder)
+            continue
         resolved[facts.placeholder] = found
-        found.placeholder = facts.placeholder
-        found.incoming = facts.resource
-        found.wanted = wanted
+    entries: list[dict[str, Any]] = []
     for survivor, retired_identifiers in mapped.merges:
-        _merge(lookup, resolved, survivor, retired_identifiers, source, mapped, entries)
-    patient_entries = [_patient_entry(found) for found in resolved.values()]
-    flags = [flag for found in resolved.values() for flag in _flags(found)]
+        _merge(lookup, resolved, memo, survivor, retired_identifiers, source, mapped, entries)
+    patient_entries = []
+    for found in resolved.values():
+        found.entry = _patient_entry(found)
+        memo.remember(found)
+        patient_entries.append(found.entry)
+    for found in memo.found:  # earlier units' entries: what this unit added to them
+        if found.entry is not None and found.placeholder not in resolved:
+            found.entry["resource"] = _patient_entry(found)["resource"]
+    flags = memo.unwritten([flag for found in [*resolved.values(), *memo.found] for flag in _flags(found)])
     return [*patient_entries, *entries, *flags]
+
+
+class _Memo:
+    """The patients resolved for earlier units of the message being processed."""
+
+    def __init__(self) -> None:
+        self.found: list[_Resolved] = []
+        self.flag_ids: set[str] = set()
+
+    def same_patient(self, found: _Resolved) -> _Resolved | None:
+        return next((r for r in self.found if _same_patient(r, found)), None)
+
+    def remember(self, found: _Resolved) -> None:
+        if found not in self.found:
+            self.found.append(found)
+
+    def unwritten(self, flags: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The flags no earlier unit of the message wrote (one id, one entry)."""
+        out = []
+        for flag in flags:
+            flag_id = flag["resource"]["id"]
+            if flag_id not in self.flag_ids:
+                self.flag_ids.add(flag_id)
+                out.append(flag)
+        return out
+
+
+_MEMO = "connectors.patients.memo"
+
+
+def _memo(conn: sa.Connection) -> _Memo:
+    """The memo of the caller's innermost open transaction (kept in ``conn.info`` with that
+    transaction object: a later transaction is another object, and starts afresh)."""
+    marker = conn.get_nested_transaction() or conn.get_transaction()
+    held = conn.info.get(_MEMO)
+    if held is None or held[0] is not marker:
+        held = (marker, _Memo())
+        conn.info[_MEMO] = held
+    memo: _Memo = held[1]
+    return memo
+
+
+def _same_patient(earlier: _Resolved, later: _Resolved) -> bool:
+    if later.id is not None:
+        return earlier.id == later.id
+    assert earlier.wanted is not None and later.wanted is not None
+    return any(a & b for a, b in zip(earlier.wanted.levels, later.wanted.levels, strict=True))
+
+
+def _absorb(earlier: _Resolved, later: _Resolved) -> None:
+    """What a later unit says about a patient resolved earlier in the message."""
+    assert earlier.wanted is not None and later.wanted is not None
+    skip = later.excluded
+    if earlier.stored is not None and _cccd_conflict(
+        _Resolved(earlier.id, [], set(), earlier.stored, incoming=later.incoming)
+    ):
+        skip = skip | {k for k in _keys(later.incoming) if k[0] == CCCD}
+    earlier.incoming = _combine(copy.deepcopy(earlier.incoming), later.incoming, skip, [])
+    earlier.others = sorted(set(earlier.others) | {o for o in later.others if o != earlier.id})
+    earlier.excluded |= later.excluded
+    wanted = earlier.wanted
+    wanted.levels = (
+        wanted.levels[0] | later.wanted.levels[0],
+        wanted.levels[1] | later.wanted.levels[1],
+        wanted.levels[2] | later.wanted.levels[2],
+    )
+    wanted.all_keys |= later.wanted.all_keys
+    wanted.cccd_problems += [p for p in later.wanted.cccd_problems if p not in wanted.cccd_problems]
+
+
+def _alias(mapped: Mapped, placeholder: str, earlier: str) -> None:
+    """Point the unit's references to ``placeholder`` at ``earlier``."""
+    stack: list[Any] = [entry.get("resource") for entry in mapped.entries]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("reference") == placeholder:
+                item["reference"] = earlier
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    mapped.merges = [(earlier if s == placeholder else s, ids) for s, ids in mapped.merges]
 
 
 # --- identifiers ---------------------------------------------------------------------------
@@ -284,6 +379,7 @@ class _Resolved:
     incoming: dict[str, Any] = field(default_factory=dict)
     wanted: _Wanted | None = None
     links: list[dict[str, Any]] = field(default_factory=list)  # added by a merge
+    entry: dict[str, Any] | None = None  # the Patient entry returned for it
 
 
 def _decide(lookup: _Lookup, wanted: _Wanted) -> _Resolved:
@@ -362,13 +458,21 @@ def _unversioned(stored: dict[str, Any]) -> dict[str, Any]:
 def _updated(found: _Resolved) -> dict[str, Any]:
     """The stored Patient updated by what the message says."""
     assert found.stored is not None
-    out = _unversioned(found.stored)
-    incoming = found.incoming
-    identifiers = list(out.get("identifier") or [])
-    have = {k for i in identifiers if (k := _key(i)) is not None}
     skip = set(found.excluded)
     if _cccd_conflict(found):  # never a second CCCD on one record: flagged instead
-        skip |= {k for k in _keys(incoming) if k[0] == CCCD}
+        skip |= {k for k in _keys(found.incoming) if k[0] == CCCD}
+    return _combine(_unversioned(found.stored), found.incoming, skip, found.links)
+
+
+def _combine(
+    base: dict[str, Any], incoming: dict[str, Any], skip: set[IdentKey], links: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``base`` (changed in place and returned) updated by ``incoming``: identifiers united
+    (but those in ``skip``), every other field the message gives replacing the base's,
+    extensions by url, links united, a less precise birth date never replacing a full one."""
+    out = base
+    identifiers = list(out.get("identifier") or [])
+    have = {k for i in identifiers if (k := _key(i)) is not None}
     for identifier in _with_bhxh(list(incoming.get("identifier") or [])):
         key = _key(identifier)
         if key is None or key in have or key in skip:
@@ -381,12 +485,12 @@ def _updated(found: _Resolved) -> dict[str, Any]:
         if name not in _OWN_FIELDS and value not in (None, "", [], {}):
             out[name] = copy.deepcopy(value)
     birth = incoming.get("birthDate")
-    stored_birth = out.get("birthDate")
+    base_birth = out.get("birthDate")
     # A year-only (or year-month) birth date never replaces a more precise one.
     if (
         isinstance(birth, str)
         and birth
-        and not (isinstance(stored_birth, str) and len(stored_birth) > len(birth))
+        and not (isinstance(base_birth, str) and len(base_birth) > len(birth))
     ):
         out["birthDate"] = birth
     extensions = {e.get("url"): e for e in out.get("extension") or [] if isinstance(e, dict)}
@@ -395,9 +499,9 @@ def _updated(found: _Resolved) -> dict[str, Any]:
             extensions[extension.get("url")] = copy.deepcopy(extension)
     if extensions:
         out["extension"] = list(extensions.values())
-    links = _links(out.get("link") or [], [*(incoming.get("link") or []), *found.links])
-    if links:
-        out["link"] = links
+    merged_links = _links(out.get("link") or [], [*(incoming.get("link") or []), *links])
+    if merged_links:
+        out["link"] = merged_links
     return out
 
 
@@ -515,6 +619,7 @@ def _flag(code: str, key: str, subject: dict[str, str], about: str, text: str | 
 def _merge(
     lookup: _Lookup,
     resolved: dict[str, _Resolved],
+    memo: _Memo,
     survivor_placeholder: str,
     retired_identifiers: list[dict[str, Any]],
     source: Source,
@@ -522,7 +627,8 @@ def _merge(
     entries: list[dict[str, Any]],
 ) -> None:
     """Retire the record ``retired_identifiers`` name in favour of the surviving patient."""
-    survivor = resolved.get(survivor_placeholder)
+    patients = [*resolved.values(), *memo.found]
+    survivor = next((r for r in patients if r.placeholder == survivor_placeholder), None)
     if survivor is None:
         raise Rejected("the merge names a surviving patient the message does not describe", where="MRG")
     wanted = _Wanted.of({"identifier": retired_identifiers}, source)
@@ -537,7 +643,7 @@ def _merge(
         mapped.warnings.append(f"merge: the retired patient's identifiers match {len(candidates)} Patients")
         return
     retired_id = candidates[0]
-    if any(r.id == retired_id for r in resolved.values()):
+    if any(r.id == retired_id for r in patients):
         mapped.warnings.append("merge: the retired record is also a patient of the message")
         return
     retired = _unversioned(lookup.content[retired_id])

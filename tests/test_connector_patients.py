@@ -409,6 +409,52 @@ def test_a_second_cccd_is_not_added(router: FhirRouter, uid: str) -> None:
     assert [f["code"]["coding"][0]["code"] for f in _flags(router, patient_id)] == ["cccd-differs"]
 
 
+def _write_units(router: FhirRouter, units: list[Mapped]) -> list[dict[str, Any]]:
+    """Several units of one message (the HOSO of a QĐ 130 file): each resolved, then one
+    transaction for all, as the pipeline does."""
+    with system_access("test-patients"), router.ctx.store.write() as conn:
+        entries: list[dict[str, Any]] = []
+        for unit in units:
+            entries += resolve(conn, router, unit, HIS)
+            entries += unit.entries
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        request = FhirRequest("POST", "", parsed_body=bundle, principal=system_principal())
+        response = transaction_in(router, conn, request)
+    assert response.status == 200, response.body
+    answered: list[dict[str, Any]] = orjson.loads(response.body or b"{}")["entry"]
+    return answered
+
+
+def test_units_of_one_message_about_one_new_patient(router: FhirRouter, uid: str) -> None:
+    cccd, bhxh = _cccd("male", 1970), _bhxh()
+    first = _mapped(_facts((CCCD, cccd), (MRN, f"BN-{uid}"), birthDate="1970"))
+    second = _mapped(_facts((BHYT, f"DN464{bhxh}"), (MRN, f"BN-{uid}"), birthDate="1970-01-02"))
+    _write_units(router, [first, second])
+    patient = _one(router, MRN, f"BN-{uid}")
+    assert _keys(patient) == sorted([(CCCD, cccd), (MRN, f"BN-{uid}"), (BHYT, f"DN464{bhxh}"), (BHXH, bhxh)])
+    assert patient["birthDate"] == "1970-01-02"
+    subjects = {
+        o["subject"]["reference"] for o in _get(router, "Observation", subject=f"Patient/{patient['id']}")
+    }
+    assert subjects == {f"Patient/{patient['id']}"}
+    assert len(_get(router, "Observation", subject=f"Patient/{patient['id']}")) == 2
+    assert [f["identifier"][0]["value"] for f in _flags(router, patient["id"])] == ["unmatched"]
+
+
+def test_units_of_one_message_about_one_stored_patient(router: FhirRouter, uid: str) -> None:
+    cccd = _cccd("female", 1999)
+    patient_id = _seed(router, (CCCD, cccd))
+    units = [
+        _mapped(_facts((CCCD, cccd), (MRN, f"BN-{uid}"))),
+        _mapped(_facts((CCCD, cccd), name=[{"family": "Đặng"}])),
+    ]
+    _write_units(router, units)  # one PUT Patient/<id>, not two (a transaction refuses two)
+    patient = _one(router, CCCD, cccd)
+    assert patient["id"] == patient_id and patient["meta"]["versionId"] == "2"
+    assert (MRN, f"BN-{uid}") in _keys(patient) and patient["name"] == [{"family": "Đặng"}]
+    assert len(_get(router, "Observation", subject=f"Patient/{patient_id}")) == 2
+
+
 def test_a_patient_without_identifiers_is_rejected(router: FhirRouter) -> None:
     with (
         pytest.raises(Rejected, match="no identifier"),
