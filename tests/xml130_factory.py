@@ -306,6 +306,11 @@ def episode(index: int = 0, *, drugs: int = 5, lab: int = 6, **overrides: Any) -
                 result.pop(key, None)
             else:
                 result[key] = value
+        elif key == "MA_LK":  # the episode key: every table's rows carry it
+            for table in ("XML2", "XML3", "XML4", "XML5"):
+                for row in result.get(table) or []:
+                    row["MA_LK"] = value
+            x1[key] = value
         else:
             x1[key] = value
     return result

@@ -134,7 +134,7 @@ class Episode:
         self.facility, self.ma_lk, self.problems = facility, ma_lk, problems
         self.system = facility_system("ma-lk", facility)
         self.patient = _uuid(f"patient|{facility}|{ma_lk}")
-        self.encounter = self.full_url("Encounter", ma_lk)
+        self.encounter = self.full_url("Encounter", f"{self.system}|{ma_lk}")  # as put() names it
         self.entries: list[dict[str, Any]] = []
         self.warnings: list[str] = []
         self._at: dict[str, int] = {}  # fullUrl -> its position in entries
