@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
+import os
 import random
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from conftest import LiveServer, make_token
+from conftest import REPO, SHARED, LiveServer, make_token
 
 from connectors import inbox, sources
 from connectors.fhirpull import FORMAT, Poller, PullError
@@ -34,7 +38,7 @@ from connectors.pipeline import Pipeline
 from hub.auth.principal import Role
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
-Action = str | None  # None: forward; "500", "hang", "drop"
+Action = str | None  # None: forward; "500", "busy" (202), "hang", "drop"
 
 
 class _Proxy:
@@ -64,6 +68,12 @@ class _Proxy:
                 if action == "hang":
                     time.sleep(1.5)
                     self.close_connection = True
+                    return
+                if action == "busy":  # an export status that says "still running"
+                    self.send_response(202)
+                    self.send_header("Retry-After", "1")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 if action == "500":
                     self.send_response(500)
@@ -261,6 +271,24 @@ def _pulled_ids(hub: LiveServer, source: Source) -> list[str]:
     return found
 
 
+def _assert_valid(resources: list[dict[str, Any]], folder: Path) -> None:
+    """../shared/tools/validate_fhir.js over these resources (as tests/test_hl7v2_samples.py)."""
+    node = shutil.which("node")
+    assert node, "node is needed for the FHIR validator"
+    path = folder / "pulled.ndjson"
+    path.write_text("\n".join(orjson.dumps(r).decode() for r in resources), encoding="utf-8")
+    done = subprocess.run(
+        [node, str(SHARED / "tools" / "validate_fhir.js"), "--quiet", str(path)],
+        cwd=REPO,
+        env={**os.environ, "FHIRVAL_DIR": str(REPO / ".fhirval")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert f"{len(resources)} valid, 0 invalid" in done.stdout
+
+
 def _origin(source: Source, facility_id: str) -> str:
     return f"{facility_system('message', source.facility_code)}|{facility_id}"
 
@@ -269,7 +297,7 @@ def _origin(source: Source, facility_id: str) -> str:
 
 
 def test_pull_resolves_patients_brings_nothing_twice_and_updates_in_place(
-    hub: LiveServer, facility: Facility
+    hub: LiveServer, facility: Facility, tmp_path: Path
 ) -> None:
     known, new = _cccd(), _cccd()
     with hub.admin_client() as client:  # the citizen is already in the hub (another facility)
@@ -313,6 +341,9 @@ def test_pull_resolves_patients_brings_nothing_twice_and_updates_in_place(
         origin = facility_system("message", source.facility_code)
         pulled = {i["value"] for o in observations for i in o["identifier"] if i["system"] == origin}
         assert pulled == set(first["observations"])
+
+        # What the hub stores (and serves) is valid FHIR R4 for an independent validator.
+        _assert_valid([*patients, *encounters, *observations], tmp_path)
 
         # Nothing changed at the facility: nothing new is stored.
         assert poller.poll_once() == 0
@@ -482,6 +513,46 @@ def test_bulk_resumes_mid_file_after_a_restart(hub: LiveServer, facility: Facili
     _process(hub)
     patient = _search(hub, f"Patient?identifier={CCCD}|{cccd}")
     assert len(_search(hub, f"Observation?subject=Patient/{patient[0]['id']}")) == 6
+
+
+def test_bulk_job_still_running_is_taken_up_by_the_next_poll(hub: LiveServer, facility: Facility) -> None:
+    cccd = _cccd()
+    facility.load_visit(cccd, observations=1)
+    registered = _source(hub, facility, bulk=True)
+    # A poll waits this long for the export; the facility says "still running" once.
+    source = dataclasses.replace(registered, settings={**registered.settings, "bulk_wait_seconds": 0})
+    busy = ["busy"]
+    facility.proxy.plan = lambda method, path: busy.pop() if "$export-status" in path and busy else None
+    with Poller(hub.engine, source) as poller:
+        assert poller.poll_once() == 0
+        job = poller.cursor()["bulk"]["job"]
+        assert job["file"] == 0
+        assert poller.poll_once() == 3  # the same job, finished meanwhile
+        assert len([r for r in facility.proxy.requests if "/$export?" in r]) == 1
+    _process(hub)
+    assert len(_search(hub, f"Patient?identifier={CCCD}|{cccd}")) == 1
+
+
+def test_client_credentials_token_is_fetched_and_renewed(hub: LiveServer, facility: Facility) -> None:
+    cccd = _cccd()
+    facility.load_visit(cccd, observations=1)
+    make_token(facility.server, role=Role.SERVICE, username="his-pull", password="a-long-client-secret-1")
+    registered = _source(hub, facility, bulk=False)
+    settings = {k: v for k, v in registered.settings.items() if k != "token"}
+    settings |= {
+        "token_url": f"http://127.0.0.1:{facility.proxy.port}/auth/token",
+        "client_id": "his-pull",
+        "client_secret": "a-long-client-secret-1",
+    }
+    source = dataclasses.replace(registered, settings=settings)
+    with Poller(hub.engine, source) as poller:
+        assert poller.poll_once() == 3
+        grants = [r for r in facility.proxy.requests if r.startswith("POST /auth/token")]
+        assert len(grants) == 1  # one token for the whole poll
+        facility.load_visit(_cccd(), observations=1)
+        poller._token = "revoked"  # the facility no longer accepts the token it gave
+        assert poller.poll_once() == 3
+        assert len([r for r in facility.proxy.requests if r.startswith("POST /auth/token")]) == 2
 
 
 # --- the format on its own -----------------------------------------------------------------------

@@ -141,7 +141,8 @@ class Poller:
                 return stored + self._walk(state, res_type)
             resumed = False
             bundle = _json(response)
-            resources, walk = [], kept["walk"]
+            walk = kept.setdefault("walk", {"high": kept.get("since"), "seen": dict(seen)})
+            resources = []
             for entry in bundle.get("entry") or []:
                 item = entry.get("resource") if isinstance(entry, dict) else None
                 if not isinstance(item, dict) or (entry.get("search") or {}).get("mode") == "outcome":
