@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from connectors import inbox
 from connectors.identifiers import facility_reference, facility_system
 from connectors.model import Format, Mapped, Rejected, Source, Transient
+from hub.crypto.keys import Keyring
 from hub.db.schema import connector_message, connector_source
 from hub.errors import FhirError
 
@@ -125,9 +126,22 @@ def provenance_id(source: str, control_id: str) -> str:
 
 
 def _db_unreachable(error: BaseException) -> bool:
-    if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)):
+    """Whether an error means the database cannot be used now (the whole batch waits), not
+    that this message made a statement fail (that message alone fails)."""
+    if isinstance(error, (sa.exc.InterfaceError, sa.exc.TimeoutError)):
         return True
-    return isinstance(error, sa.exc.DBAPIError) and bool(error.connection_invalidated)
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, sa.exc.OperationalError):
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        if not isinstance(sqlstate, str):
+            return True  # SQLite (locked, I/O error) and the like
+        # Connection (08), resources: disk, memory, connections (53), operator intervention,
+        # shutdown (57, but not 57014: a statement cancelled), system/I-O errors (58).
+        # Not 54xxx (an index row too large...): that one message's fault, or it would block
+        # the batch forever.
+        return sqlstate[:2] in ("08", "53", "57", "58") and sqlstate != "57014"
+    return False
 
 
 def _retry_batch(error: BaseException) -> bool:
@@ -313,8 +327,7 @@ class Pipeline:
                 if row.ordering_key is not None:
                     stalled.add(row.ordering_key)
                 continue
-            data = inbox.open_raw(ring, row.source, row.raw_sha256, bytes(row.raw))
-            outcome, warnings = self._one(conn, row, source, data)
+            outcome, warnings = self._one(conn, row, source, ring)
             outcome = self._mark(conn, row, outcome, warnings, moment)
             outcome.attempted = True
             outcomes[row.id] = outcome
@@ -322,10 +335,12 @@ class Pipeline:
                 stalled.add(row.ordering_key)
         return outcomes
 
-    def _one(self, conn: sa.Connection, row: Any, source: Source, data: bytes) -> tuple[Outcome, list[str]]:
+    def _one(self, conn: sa.Connection, row: Any, source: Source, ring: Keyring) -> tuple[Outcome, list[str]]:
         """One message in its own SAVEPOINT: its outcome (and the mapping's warnings)."""
         warnings: list[str] = []
         try:
+            # Inside: bytes that cannot be opened (a lost data key) fail this message only.
+            data = inbox.open_raw(ring, row.source, row.raw_sha256, bytes(row.raw))
             with conn.begin_nested():
                 resources = self._write(conn, row, source, data, warnings)
             return Outcome("processed", None, None, False, resources), warnings

@@ -128,6 +128,11 @@ def test_process_ids_writes_one_transaction_with_provenance_and_audit(hub: FhirR
 
     (summary,) = inbox.messages(engine, source=source.name)
     assert summary.state == "processed" and sorted(summary.resources) == sorted(outcome.resources)
+    with engine.connect() as conn:
+        kept = conn.execute(
+            sa.select(connector_message.c.warnings).where(connector_message.c.id == received.id)
+        ).scalar_one()
+    assert kept == ["a warning"]  # the mapping's warnings stay with the message
     # Processed already: its stored outcome, nothing written again.
     again = Pipeline(hub).process_ids([received.id])[received.id]
     assert again.state == "processed" and sorted(again.resources) == sorted(outcome.resources)
@@ -218,6 +223,25 @@ def test_poison_message_dies_without_blocking_the_rest(hub: FhirRouter) -> None:
     # Replayed after a fix (here: still broken), it is retried from attempt 0.
     assert inbox.replay(engine, state="dead", source=source.name) == 1
     assert quick.process_ids([ids[0]])[ids[0]].state == "failed"
+    sources.set_paused(engine, source.name, True)  # the other tests' process_due leave it be
+
+
+def test_a_message_that_cannot_be_opened_fails_alone(hub: FhirRouter) -> None:
+    engine = hub.ctx.store.engine
+    source = _add(hub, "pipe-tampered", code="64030")
+    received = inbox.receive(engine, source, [message("u-1", mrn="mrn-u1"), message("u-2", mrn="mrn-u2")])
+    with engine.connect() as conn, conn.begin():  # u-1's row now holds u-2's ciphertext
+        other = conn.execute(
+            sa.select(connector_message.c.raw).where(connector_message.c.id == received[1].id)
+        ).scalar_one()
+        conn.execute(
+            connector_message.update().where(connector_message.c.id == received[0].id).values(raw=other)
+        )
+    outcomes = Pipeline(hub).process_ids([r.id for r in received])
+    assert outcomes[received[0].id].state == "failed" and "integrity" in (
+        outcomes[received[0].id].error or ""
+    )
+    assert outcomes[received[1].id].state == "processed"
     sources.set_paused(engine, source.name, True)  # the other tests' process_due leave it be
 
 
