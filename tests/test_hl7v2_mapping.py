@@ -27,6 +27,7 @@ from connectors.hl7v2 import FORMAT
 from connectors.hl7v2.ack import ack, ack_for
 from connectors.hl7v2.framing import Deframer, frame, normalize
 from connectors.hl7v2.mapping.common import ts
+from connectors.hl7v2.mapping.oru import STANDALONE_SPECIMEN
 from connectors.identifiers import BHXH, BHYT, CCCD, facility_system
 from connectors.model import Mapped, Rejected, Source
 
@@ -72,7 +73,14 @@ def only(mapped: list[Mapped]) -> Mapped:
 
 
 def resources(m: Mapped, kind: str) -> list[dict[str, Any]]:
-    return [e["resource"] for e in m.entries if e["resource"]["resourceType"] == kind]
+    """The mapped resources of one type, contained ones included."""
+    out = []
+    for entry in m.entries:
+        res = entry["resource"]
+        out += [c for c in res.get("contained", []) if c["resourceType"] == kind]
+        if res["resourceType"] == kind:
+            out.append(res)
+    return out
 
 
 # --- the patient ---------------------------------------------------------------------------
@@ -432,6 +440,8 @@ def test_oru_observations_report_and_specimen() -> None:
     urls = {e["resource"]["identifier"][0]["value"]: e["fullUrl"] for e in m.entries}
     assert [r["reference"] for r in report["result"]] == [urls[v] for v in obs]
     (specimen,) = resources(m, "Specimen")
+    assert specimen["identifier"] == [{"system": filler, "value": "XN-555/MAU-0315-07"}]
+    assert specimen["subject"] == patient_ref
     assert specimen["type"]["coding"][0] == {
         "system": "http://terminology.hl7.org/CodeSystem/v2-0487",
         "code": "SER",
@@ -439,10 +449,15 @@ def test_oru_observations_report_and_specimen() -> None:
     }
     assert specimen["collection"] == {"collectedDateTime": "2024-03-15T07:05:00+07:00"}
     assert specimen["receivedTime"] == "2024-03-15T07:30:00+07:00"
-    assert report["specimen"] == [{"reference": urls[specimen["identifier"][0]["value"]]}]
-    assert glucose["specimen"] == report["specimen"][0]
+    if STANDALONE_SPECIMEN:
+        assert report["specimen"] == [{"reference": urls[specimen["identifier"][0]["value"]]}]
+        assert glucose["specimen"] == report["specimen"][0]
+    else:  # contained in the report, which alone can reference it
+        assert report["specimen"] == [{"reference": "#specimen"}] and specimen["id"] == "specimen"
+        assert "specimen" not in glucose
     # Each entry is a conditional PUT on the identifier it carries.
     for entry in m.entries:
+        assert entry["resource"]["resourceType"] != "Specimen" or STANDALONE_SPECIMEN
         ident = entry["resource"]["identifier"][0]
         assert entry["request"]["method"] == "PUT"
         assert entry["request"]["url"].startswith(

@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime
 
 from connectors.hl7v2.framing import normalize
-from connectors.hl7v2.parse import Encoding, Segment, _encoding_of, _segment, decode
+from connectors.hl7v2.parse import Encoding, Segment, decode, encoding_of, segment_of
 from connectors.model import Rejected
 
 # HL7 table 0357 (message error condition codes) used here.
@@ -64,10 +64,10 @@ def _header(raw: bytes) -> tuple[Segment | None, Encoding]:
     for line in text.split("\r"):
         if line[:3] == "MSH":
             try:
-                enc = _encoding_of(line)
+                enc = encoding_of(line)
             except Rejected:
                 return None, Encoding()
-            return _segment(line, enc, 0), enc
+            return segment_of(line, enc, 0), enc
     return None, Encoding()
 
 

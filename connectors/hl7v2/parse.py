@@ -220,7 +220,7 @@ def decode(raw: bytes) -> str:
     return raw.decode("latin-1")
 
 
-def _encoding_of(header: str) -> Encoding:
+def encoding_of(header: str) -> Encoding:
     """The separators declared by an MSH/FHS/BHS header segment."""
     if len(header) < 4:
         raise Rejected("header segment too short to declare its separators", "MSH-2")
@@ -234,7 +234,8 @@ def _encoding_of(header: str) -> Encoding:
     return Encoding(field_sep, padded[0], padded[1], padded[2], padded[3])
 
 
-def _segment(line: str, enc: Encoding, index: int) -> Segment:
+def segment_of(line: str, enc: Encoding, index: int) -> Segment:
+    """One line as a Segment (MSH/FHS/BHS numbered so seg[n] is MSH-n)."""
     fields = line.split(enc.field)
     name = fields[0].strip().upper()
     if name in ("MSH", "FHS", "BHS"):
@@ -256,7 +257,7 @@ def parse_messages(raw: bytes) -> list[Message]:
     first_header = next((ln for ln in lines if ln[:3] in ("MSH", "FHS", "BHS")), None)
     if first_header is None:
         raise Rejected("not an HL7 v2 message: no MSH segment", "MSH")
-    enc = _encoding_of(first_header)
+    enc = encoding_of(first_header)
     messages: list[Message] = []
     current: list[Segment] = []
     for lineno, line in enumerate(lines):
@@ -264,8 +265,8 @@ def parse_messages(raw: bytes) -> list[Message]:
         if name == "MSH":
             if current:
                 messages.append(Message(current, enc))
-            enc = _encoding_of(line)
-            current = [_segment(line, enc, 0)]
+            enc = encoding_of(line)
+            current = [segment_of(line, enc, 0)]
             continue
         if name in ("FHS", "BHS", "BTS", "FTS"):
             if current:
@@ -279,7 +280,7 @@ def parse_messages(raw: bytes) -> list[Message]:
         if not _SEGMENT_ID.match(line[:3]) or (len(line) > 3 and line[3] != enc.field):
             where = f"{current[-1].name} after segment {len(current)}"
             raise Rejected(f"line {lineno + 1} is not a segment: {line[:20]!r}", where)
-        current.append(_segment(line, enc, len(current)))
+        current.append(segment_of(line, enc, len(current)))
     if current:
         messages.append(Message(current, enc))
     if not messages:

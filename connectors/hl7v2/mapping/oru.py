@@ -5,7 +5,7 @@
 | PID | the patient (``common.patient``); several PATIENT_RESULT groups give several |
 | OBR | DiagnosticReport: identifier OBR-3 filler (else ORC-3, OBR-2 placer, MSH-10+position), code OBR-4, status OBR-25 (table 0123), effective OBR-7, issued OBR-22, NTE -> conclusion, basedOn the order by placer number |
 | OBX | Observation: identifier filler/set id (OBX-4 sub-id)/code, code OBX-3, value by OBX-2 (NM Quantity with a UCUM unit from OBX-6; ST/TX/FT string; CE/CWE/CNE CodeableConcept; SN Quantity with comparator, Range or Ratio; DT/TS/DTM dateTime), referenceRange OBX-7 ("3.5-5.0", "<5", ">10", else text), interpretation OBX-8 (table 0078 -> v3 ObservationInterpretation), status OBX-11 (table 0085), effective OBX-14 else OBR-7, performer OBX-16 and the facility, method OBX-17, NTE -> note |
-| SPM (2.5+) / OBR-15 (2.3-2.4) | Specimen: type SPM-4 / OBR-15.1, collected SPM-17 / OBR-7, received SPM-18 / OBR-14 |
+| SPM (2.5+) / OBR-15 (2.3-2.4) | Specimen: type SPM-4 / OBR-15.1, collected SPM-17 / OBR-7, received SPM-18 / OBR-14; its own entry (conditional PUT) when the store's registry holds Specimen, else contained in the DiagnosticReport |
 
 Every entry is a conditional PUT on its identifier, so a re-sent or corrected result (OBX-11
 "C") updates the same resources.
@@ -37,8 +37,12 @@ from connectors.hl7v2.mapping.common import (
 from connectors.hl7v2.parse import Message, Segment, component
 from connectors.identifiers import facility_system
 from connectors.model import Mapped, PatientFacts, Rejected, Source
+from hub.search.registry import SUPPORTED_RESOURCE_TYPES
 
 UCUM = "http://unitsofmeasure.org"
+# The store indexes (and so resolves conditional PUTs of) only the types of its registry:
+# without Specimen there, the specimen is contained in its DiagnosticReport instead.
+STANDALONE_SPECIMEN = "Specimen" in SUPPORTED_RESOURCE_TYPES
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 _RANGE = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*(?:-|_|–|to)\s*([+-]?\d+(?:\.\d+)?)\s*$")
@@ -164,6 +168,15 @@ class _Context:
         self.mapped = Mapped(msg.message_type, msg.control_id, patients=[], entries=[])
         self.specimens: dict[str, str] = {}  # specimen identifier -> fullUrl
         self.used: set[tuple[str, str]] = set()
+        self._obr_times: dict[int, tuple[str | None, str | None]] = {}
+
+    def obr_times(self, obr: Segment) -> tuple[str | None, str | None]:
+        """OBR-7 (observation time) and OBR-22 (results reported), converted once per OBR."""
+        got = self._obr_times.get(obr.index)
+        if got is None:
+            got = (ts(obr[7], "OBR-7"), instant(obr[22], "OBR-22") if obr[22] else None)
+            self._obr_times[obr.index] = got
+        return got
 
     def unique(self, kind: str, value: str) -> str:
         """``value``, made unique within the message for this resource kind."""
@@ -188,8 +201,9 @@ def _report_key(ctx: _Context, obr: Segment, orc: Segment | None, position: int)
 
 def _specimen(
     ctx: _Context, obr: Segment, spm: Segment | None, filler: str, facts: PatientFacts
-) -> str | None:
-    """The Specimen of SPM (2.5+) or OBR-15 (2.3/2.4), as a fullUrl; None when neither."""
+) -> tuple[str | None, Json | None]:
+    """The Specimen of SPM (2.5+) or OBR-15 (2.3/2.4): (fullUrl of its own entry, None) when
+    the store holds Specimen, else (None, the resource to contain in the report)."""
     code = ctx.source.facility_code
     res: Json = {"resourceType": "Specimen"}
     if spm is not None:
@@ -203,7 +217,7 @@ def _specimen(
     else:
         name = obr.text(15, 1) or obr.text(15, 2)
         if not name:
-            return None
+            return None, None
         key = f"{filler}/{name}"
         kind = cwe(
             obr.reps(15)[0].split(obr.enc.component)[0].replace(obr.enc.subcomponent, obr.enc.component), obr
@@ -211,7 +225,7 @@ def _specimen(
         start, end = ts(obr[7], "OBR-7"), ts(obr[8], "OBR-8")
         received = instant(obr[14], "OBR-14")
     if key in ctx.specimens:
-        return ctx.specimens[key]
+        return ctx.specimens[key], None
     system = facility_system("filler", code)
     res["identifier"] = [{"system": system, "value": key}]
     res["status"] = "available"
@@ -224,10 +238,12 @@ def _specimen(
         res["collection"] = (
             {"collectedPeriod": {"start": start, "end": end}} if end else {"collectedDateTime": start}
         )
+    if not STANDALONE_SPECIMEN:
+        return None, {"id": "specimen", **res}
     url = full_url(ctx.msg.control_id, "Specimen", key)
     ctx.mapped.entries.append(conditional_put(res, system, key, url))
     ctx.specimens[key] = url
-    return url
+    return url, None
 
 
 def _observation(
@@ -263,10 +279,10 @@ def _observation(
         "code": concept,
         "subject": subject(facts),
     }
-    effective = ts(obx[14], f"{where}-14") or ts(obr[7], "OBR-7")
+    effective = ts(obx[14], f"{where}-14") or ctx.obr_times(obr)[0]
     if effective:
         res["effectiveDateTime"] = effective
-    issued = obr[22] and instant(obr[22], "OBR-22")
+    issued = ctx.obr_times(obr)[1]
     if issued:
         res["issued"] = issued
     performers = xcn_field(obx, 16, ctx.source)
@@ -309,10 +325,11 @@ def _observation(
 def _trailing(msg: Message, seg: Segment, name: str) -> list[Segment]:
     """The ``name`` segments right after ``seg`` (NTE after OBR/OBX)."""
     out: list[Segment] = []
-    for nxt in msg.segments[seg.index + 1 :]:
-        if nxt.name != name:
-            break
-        out.append(nxt)
+    segments = msg.segments
+    i = seg.index + 1
+    while i < len(segments) and segments[i].name == name:
+        out.append(segments[i])
+        i += 1
     return out
 
 
@@ -357,7 +374,7 @@ def map_oru(msg: Message, source: Source) -> Mapped:
         code = cwe_field(obr, 4)
         if code is None:
             raise Rejected("universal service identifier (OBR-4) is empty", f"OBR[{position}]-4")
-        specimen = _specimen(ctx, obr, spm, value, facts)
+        specimen, contained = _specimen(ctx, obr, spm, value, facts)
         results = [_observation(ctx, obx, obr, value, facts, specimen) for obx in obxs]
         status_code = obr.text(25).upper()
         report: Json = {
@@ -397,6 +414,9 @@ def map_oru(msg: Message, source: Source) -> Mapped:
         report["performer"] = [facility(source)]
         if specimen:
             report["specimen"] = [{"reference": specimen}]
+        elif contained:
+            report["contained"] = [contained]
+            report["specimen"] = [{"reference": "#specimen"}]
         if results:
             report["result"] = [{"reference": url} for url in results]
         conclusion = "\n".join(n["text"] for n in notes(_trailing(msg, obr, "NTE")))
