@@ -193,9 +193,9 @@ def test_died_and_inpatient_codes() -> None:
 # --- XML2 - XML5 ----------------------------------------------------------------------------------
 
 
-def test_xml2_medication_request_and_dispense() -> None:
+def test_xml2_medication_request_and_statement_of_what_was_given() -> None:
     m = one(f.envelope([f.episode(1)]))
-    assert len(resources(m, "MedicationRequest")) == 5 and len(resources(m, "MedicationDispense")) == 5
+    assert len(resources(m, "MedicationRequest")) == 5 and len(resources(m, "MedicationStatement")) == 5
     request = by_id(m, "MedicationRequest", "XML2/1")
     assert request["status"] == "completed" and request["intent"] == "order"
     medication = request["medicationCodeableConcept"]
@@ -211,20 +211,23 @@ def test_xml2_medication_request_and_dispense() -> None:
     assert request["dispenseRequest"]["quantity"] == {"value": 15, "unit": "Viên"}
     assert request["requester"] == {"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}
     assert request["authoredOn"] == "2025-07-01T09:30:00+07:00"
-    dispense = by_id(m, "MedicationDispense", "XML2/1")
-    assert dispense["authorizingPrescription"] == [{"reference": full_url(m, request)}]
-    assert dispense["whenHandedOver"] == "2025-07-01T10:00:00+07:00" and dispense["quantity"]["value"] == 15
-    # A row without NGAY_TH_YL was ordered, not (yet) given: no dispense.
+    given = by_id(m, "MedicationStatement", "XML2/1")
+    assert given["basedOn"] == [{"reference": full_url(m, request)}] and given["status"] == "completed"
+    assert given["effectiveDateTime"] == "2025-07-01T10:00:00+07:00"
+    assert given["medicationCodeableConcept"] == medication and given["dosage"] == [dosage]
+    assert given["context"] == {"reference": full_url(m, by_id(m, "Encounter", ""))}
+    assert given["note"] == [{"text": "Số lượng: 15 Viên"}]
+    # A row without NGAY_TH_YL was ordered, not (yet) given: no statement.
     ep = f.episode(2)
     ep["XML2"][0]["NGAY_TH_YL"] = ""
     m2 = one(f.envelope([ep]))
-    assert len(resources(m2, "MedicationDispense")) == 4
+    assert len(resources(m2, "MedicationStatement")) == 4
 
 
 def test_xml3_services_and_supplies() -> None:
     m = one(f.envelope([f.episode(1)]))
-    # The exam is a Procedure; the chemistry panel and the ECG have XML4 results, so their
-    # DiagnosticReports stand for them; the syringe is a SupplyDelivery.
+    # The exam is a Procedure (the syringe used in it is its usedCode); the chemistry panel
+    # and the ECG have XML4 results, so their DiagnosticReports stand for them.
     (procedure,) = [p for p in resources(m, "Procedure") if p["identifier"][0]["value"].endswith("XML3/1")]
     assert procedure["code"]["coding"][0]["code"] == f.EXAM_SERVICE
     assert procedure["code"]["text"] == "Khám Nội"
@@ -237,18 +240,17 @@ def test_xml3_services_and_supplies() -> None:
         {"actor": {"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}}
     ]
     assert procedure["reasonCode"][0]["coding"][0] == {"system": ICD10, "code": "I10"}
+    (supply,) = procedure["usedCode"]
+    assert supply["coding"][0]["code"] == f.SUPPLY and supply["text"] == "Bơm tiêm nhựa 5ml x 2 Cái"
     assert len([p for p in resources(m, "Procedure") if "/XML3/" in p["identifier"][0]["value"]]) == 1
-    supply = by_id(m, "SupplyDelivery", "XML3/4")
-    assert supply["patient"] == {"reference": m.patients[0].placeholder}
-    item = supply["suppliedItem"]
-    assert item["itemCodeableConcept"]["coding"][0]["code"] == f.SUPPLY
-    assert item["quantity"] == {"value": 2, "unit": "Cái"}
-    assert supply["occurrenceDateTime"] == "2025-07-01T09:45:00+07:00"
-    # Bed days are costs, not care: no Procedure.
+    assert m.warnings == []
+    # Bed days are costs, not care: no Procedure; a supply used in no mapped service is a warning.
     ep = f.episode(2)
     ep["XML3"][0]["MA_NHOM"] = "15"
-    assert not [
-        p for p in resources(one(f.envelope([ep])), "Procedure") if "/XML3/" in p["identifier"][0]["value"]
+    loose = one(f.envelope([ep]))
+    assert not [p for p in resources(loose, "Procedure") if "/XML3/" in p["identifier"][0]["value"]]
+    assert loose.warnings == [
+        f"XML3: supplies used in no mapped service, not written: {f.SUPPLY} (kept in the inbox)"
     ]
 
 
@@ -284,13 +286,13 @@ def test_xml4_observations_grouped_into_reports() -> None:
 
 def test_xml5_progress_notes() -> None:
     m = one(f.envelope([f.episode(1)]))
-    notes = resources(m, "ClinicalImpression")
-    assert len(notes) == 2
-    first = by_id(m, "ClinicalImpression", "XML5/1")
-    assert first["status"] == "completed"
-    assert first["description"].startswith("Tỉnh, tiếp xúc tốt. HA 160/95 mmHg")
+    first = by_id(m, "Observation", "XML5/1")
+    assert by_id(m, "Observation", "XML5/2")["valueString"].startswith("HA 140/90 mmHg")
+    assert first["status"] == "final" and first["category"][0]["coding"][0]["code"] == "exam"
+    assert first["code"]["coding"][0]["code"] == "11506-3"
+    assert first["valueString"].startswith("Tỉnh, tiếp xúc tốt. HA 160/95 mmHg")
     assert first["effectiveDateTime"] == "2025-07-01T07:45:00+07:00"
-    assert first["assessor"] == {"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}
+    assert first["performer"] == [{"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}]
     assert first["encounter"] == {"reference": full_url(m, by_id(m, "Encounter", ""))}
 
 
@@ -330,19 +332,28 @@ def test_xml0_check_in_creates_an_in_progress_encounter_only_if_none_exists() ->
 
 def test_papers_referral_and_revisit() -> None:
     m = one(f.envelope([full_episode(1)]))
-    discharge = by_id_single(m, "Composition", "XML7")
-    assert discharge["type"]["coding"][0]["code"] == "18842-5" and discharge["title"] == "Giấy ra viện"
+    discharge = by_id(m, "DocumentReference", "XML7")
+    assert discharge["type"]["coding"][0]["code"] == "18842-5" and discharge["description"] == "Giấy ra viện"
     assert discharge["author"] == [
         {"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}, "display": "Trần Văn Bình"}
     ]
-    sections = {s["title"]: s["text"]["div"] for s in discharge["section"]}
-    assert "Tăng huyết áp vô căn" in sections["Chẩn đoán"]
-    assert "Tái khám sau 2 tuần" in sections["Ghi chú, lời dặn"]
-    assert "SO_LUU_TRU: LT" in sections["Thông tin khác"]  # fields of our reading are kept
-    summary = by_id_single(m, "Composition", "XML8")
+    assert discharge["date"] == "2025-07-01T00:00:00+07:00"
+    assert discharge["context"]["encounter"] == [{"reference": full_url(m, by_id(m, "Encounter", ""))}]
+    assert discharge["context"]["period"] == {
+        "start": "2025-07-01T07:30:00+07:00",
+        "end": "2025-07-01T10:15:00+07:00",
+    }
+    (content,) = discharge["content"]
+    assert content["attachment"]["contentType"] == "text/plain; charset=utf-8"
+    text = base64.b64decode(content["attachment"]["data"]).decode("utf-8")
+    assert text.startswith("Giấy ra viện\n")
+    assert "Chẩn đoán: Tăng huyết áp vô căn; Đái tháo đường type 2" in text
+    assert "Ghi chú, lời dặn: Tái khám sau 2 tuần" in text
+    assert "SO_LUU_TRU: LTHS00000001" in text  # fields of our reading are kept
+    summary = by_id(m, "DocumentReference", "XML8")
     assert summary["type"]["coding"][0]["code"] == "34133-9"
-    summary_sections = {s["title"]: s["text"]["div"] for s in summary["section"]}
-    assert "Đỡ" in summary_sections["Kết quả điều trị"]  # the outcome's display, not "2"
+    summary_text = base64.b64decode(summary["content"][0]["attachment"]["data"]).decode("utf-8")
+    assert "Kết quả điều trị: Đỡ" in summary_text  # the outcome's display, not "2"
     assert summary["author"] == [{"reference": f"Organization?identifier={FACILITY}|64001"}]
     referral = by_id(m, "ServiceRequest", "XML13")
     assert referral["code"]["coding"][0]["code"] == "3457005"
@@ -354,11 +365,6 @@ def test_papers_referral_and_revisit() -> None:
     assert appointment["description"] == "Tái khám (giấy hẹn HKHS00000001)"
     urls = [e["request"]["url"] for e in m.entries]
     assert len(urls) == len(set(urls))
-
-
-def by_id_single(m: Mapped, res_type: str, suffix: str) -> dict[str, Any]:
-    (found,) = [r for r in resources(m, res_type) if r["identifier"]["value"] == f"{m.control_id}/{suffix}"]
-    return found
 
 
 def test_unmapped_tables_are_warnings() -> None:
@@ -432,7 +438,7 @@ def test_several_hoso_in_one_file() -> None:
     assert [m.control_id for m in result] == ["640010240700001", "640010240700002", "640010240700003"]
     assert len({m.patients[0].placeholder for m in result}) == 3
     assert len(resources(result[2], "MedicationRequest")) == 7
-    assert len(resources(result[1], "Composition")) == 2
+    assert len(resources(result[1], "DocumentReference")) == 2
     encounters = [by_id(m, "Encounter", "")["subject"]["reference"] for m in result]
     assert encounters == [m.patients[0].placeholder for m in result]
 
@@ -603,8 +609,8 @@ def test_every_mapped_resource_is_valid_fhir(validator: Any, tmp_path: Path) -> 
     types = {r["resourceType"] for r in stored}
     assert types >= {
         "Patient", "Coverage", "Encounter", "Condition", "Procedure", "Observation", "Appointment",
-        "MedicationRequest", "MedicationDispense", "SupplyDelivery", "DiagnosticReport",
-        "ClinicalImpression", "Composition", "ServiceRequest",
+        "MedicationRequest", "MedicationStatement", "DiagnosticReport", "DocumentReference",
+        "ServiceRequest",
     }  # fmt: skip
     path = tmp_path / "xml130.ndjson"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in stored), encoding="utf-8")

@@ -251,6 +251,7 @@ def episode(index: int = 0, *, drugs: int = 5, lab: int = 6, **overrides: Any) -
     supply.update(
         MA_LK=ma_lk,
         STT=str(len(rows3) + 1),
+        MA_DICH_VU=EXAM_SERVICE,  # used in the exam (the vitamin B1 injection)
         MA_VAT_TU=SUPPLY,
         MA_NHOM="10",
         TEN_VAT_TU="Bơm tiêm nhựa 5ml",

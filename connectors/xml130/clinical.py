@@ -9,7 +9,7 @@ Called by: ``connectors.xml130`` (``map_episode``).
 
 from __future__ import annotations
 
-import html
+import base64
 import re
 from typing import Any
 
@@ -40,8 +40,7 @@ def map_tables(ep: Episode, tables: dict[str, list[Row]]) -> None:
     with_results = {r.text("MA_DICH_VU") for r in tables.get("XML4", [])}
     for row in tables.get("XML2", []):
         drug(ep, row)
-    for row in tables.get("XML3", []):
-        service_or_supply(ep, row, with_results)
+    services_and_supplies(ep, tables.get("XML3", []), with_results)
     results(ep, tables.get("XML4", []), services)
     for row in tables.get("XML5", []):
         progress(ep, row)
@@ -101,20 +100,23 @@ def drug(ep: Episode, row: Row) -> None:
     given = row.when("NGAY_TH_YL")
     if given is None:
         return
-    dispense: dict[str, Any] = {
-        "resourceType": "MedicationDispense",
+    # The hub holds no MedicationDispense (hub.search.registry.SUPPORTED_RESOURCE_TYPES): that
+    # the drug was given or handed over is a MedicationStatement based on the order.
+    statement: dict[str, Any] = {
+        "resourceType": "MedicationStatement",
+        "basedOn": [{"reference": request_url}],
         "status": "completed",
         "medicationCodeableConcept": medication,
         "subject": ep.subject(),
         "context": {"reference": ep.encounter},
-        "authorizingPrescription": [{"reference": request_url}],
-        "whenHandedOver": given,
+        "effectiveDateTime": given,
+        "informationSource": facility_reference(ep.facility),
     }
-    if quantity:
-        dispense["quantity"] = quantity
     if dosage:
-        dispense["dosageInstruction"] = [dosage]
-    ep.put(dispense, key)
+        statement["dosage"] = [dosage]
+    if quantity:
+        statement["note"] = [{"text": f"Số lượng: {quantity['value']} {quantity.get('unit', '')}".rstrip()}]
+    ep.put(statement, key)
 
 
 def _quantity(row: Row, value_field: str, unit_field: str) -> dict[str, Any]:
@@ -131,14 +133,52 @@ def _quantity(row: Row, value_field: str, unit_field: str) -> dict[str, Any]:
 # --- XML3: services and supplies -------------------------------------------------------------
 
 
-def service_or_supply(ep: Episode, row: Row, with_results: set[str | None]) -> None:
-    if row.text("MA_VAT_TU"):
-        supply(ep, row)
-        return
+def services_and_supplies(ep: Episode, rows: list[Row], with_results: set[str | None]) -> None:
+    """A Procedure per service row. A supply row names the service it was used in
+    (MA_DICH_VU): it becomes that Procedure's ``usedCode``. The hub holds no SupplyDelivery or
+    ChargeItem (hub.search.registry.SUPPORTED_RESOURCE_TYPES), so a supply used in no mapped
+    service is named in a warning only (its row stays in the inbox)."""
+    used: dict[str, list[dict[str, Any]]] = {}
+    loose: list[str] = []
+    for row in rows:
+        if row.text("MA_VAT_TU"):
+            code, item = _supply(row)
+            target = row.text("MA_DICH_VU")
+            if target:
+                used.setdefault(target, []).append(item)
+            else:
+                loose.append(code)
+    attached: set[str] = set()
+    for row in rows:
+        if not row.text("MA_VAT_TU"):
+            written = service(ep, row, with_results, used)
+            if written is not None:
+                attached.add(written)
+    loose += [c["coding"][0]["code"] for s, items in used.items() if s not in attached for c in items]
+    if loose:
+        ep.warnings.append(
+            f"XML3: supplies used in no mapped service, not written: {', '.join(loose)} (kept in the inbox)"
+        )
+
+
+def _supply(row: Row) -> tuple[str, dict[str, Any]]:
+    code = row.text("MA_VAT_TU") or ""
+    name = row.text("TEN_VAT_TU")
+    quantity = _quantity(row, "SO_LUONG", "DON_VI_TINH")
+    label = name or code
+    if quantity:
+        label = f"{label} x {quantity['value']}{' ' + quantity['unit'] if 'unit' in quantity else ''}"
+    return code, cc(CODE_LISTS["supply"]["system"], code, name, label)
+
+
+def service(
+    ep: Episode, row: Row, with_results: set[str | None], used: dict[str, list[dict[str, Any]]]
+) -> str | None:
+    """The row's Procedure; returns its service code when one was written."""
     code = row.code("MA_DICH_VU", _SERVICE, "a service code (XX.YYYY.ZZZZ)", required=True)
     group = row.text("MA_NHOM") or ""
     if code is None or group in COST_GROUPS or code in with_results:
-        return
+        return None
     name = row.text("TEN_DICH_VU")
     procedure: dict[str, Any] = {
         "resourceType": "Procedure",
@@ -164,29 +204,13 @@ def service_or_supply(ep: Episode, row: Row, with_results: set[str | None]) -> N
     site = row.text("VI_TRI_TH_DVKT")
     if site:
         procedure["bodySite"] = [{"text": site}]
+    if used.get(code):
+        procedure["usedCode"] = used[code]
     notes = notes_of(("Phương pháp vô cảm", row.text("PP_VO_CAM")))
     if notes:
         procedure["note"] = notes
     ep.put(procedure, f"XML3/{row.pos}")
-
-
-def supply(ep: Episode, row: Row) -> None:
-    code = row.text("MA_VAT_TU") or ""
-    name = row.text("TEN_VAT_TU")
-    item: dict[str, Any] = {"itemCodeableConcept": cc(CODE_LISTS["supply"]["system"], code, name, name)}
-    quantity = _quantity(row, "SO_LUONG", "DON_VI_TINH")
-    if quantity:
-        item["quantity"] = quantity
-    delivery: dict[str, Any] = {
-        "resourceType": "SupplyDelivery",
-        "status": "completed",
-        "patient": ep.subject(),
-        "suppliedItem": item,
-    }
-    when = row.when("NGAY_TH_YL") or row.when("NGAY_YL")
-    if when:
-        delivery["occurrenceDateTime"] = when
-    ep.put(delivery, f"XML3/{row.pos}")
+    return code
 
 
 # --- XML4: results ----------------------------------------------------------------------------
@@ -301,34 +325,37 @@ def _number_or_none(value: str) -> int | float | None:
 
 
 def progress(ep: Episode, row: Row) -> None:
+    """An Observation holding the note's text: a clinician's account of the course at a time
+    (the hub holds no ClinicalImpression; an Observation is found by patient, encounter and
+    date, and shows in the patient's timeline and $everything)."""
     text = row.required("DIEN_BIEN_LS")
     if text is None:
         return
-    impression: dict[str, Any] = {
-        "resourceType": "ClinicalImpression",
-        "status": "completed",
+    note: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [cc(OBS_CATEGORY, "exam")],
+        "code": cc(LOINC, "11506-3", "Progress note", "Diễn biến lâm sàng"),
         **ep.context(),
-        "description": text,
     }
     when = row.when("THOI_DIEM_DBLS")
     if when:
-        impression["effectiveDateTime"] = when
-        impression["date"] = when
+        note["effectiveDateTime"] = when
     who = row.codes("NGUOI_THUC_HIEN")
     if who:
-        impression["assessor"] = practitioner(who[0])
+        note["performer"] = [practitioner(p) for p in who]
+    note["valueString"] = text
     notes = notes_of(
         ("Giai đoạn bệnh", row.text("GIAI_DOAN_BENH")),
         ("Hội chẩn", row.text("HOI_CHAN")),
         ("Phẫu thuật", row.text("PHAU_THUAT")),
-        ("Người thực hiện", ", ".join(who[1:]) or None),
     )
     if notes:
-        impression["note"] = notes
-    ep.put(impression, f"XML5/{row.pos}")
+        note["note"] = notes
+    ep.put(note, f"XML5/{row.pos}")
 
 
-# --- XML7 discharge paper, XML8 record summary: a Composition each ---------------------------
+# --- XML7 discharge paper, XML8 record summary: a DocumentReference each ---------------------
 
 _PAPERS: dict[str, tuple[str, str, str, list[tuple[str, str]]]] = {
     # kind: (table, LOINC code, title, [(field, section title)])
@@ -362,43 +389,55 @@ _PAPERS: dict[str, tuple[str, str, str, list[tuple[str, str]]]] = {
 _PAPER_SKIP = frozenset({"MA_LK", "STT", "DU_PHONG", "MA_TTDV", "MA_BS", "TEN_BS", "NGAY_CT", "MA_LOAI_KCB"})
 
 
-def _div(text: str) -> dict[str, str]:
-    return {
-        "status": "generated",
-        "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><p>{html.escape(text)}</p></div>',
-    }
-
-
 def paper(ep: Episode, row: Row, kind: str) -> None:
+    """A DocumentReference carrying the paper as text (a heading per field), typed by LOINC,
+    in the episode's context: readable as the document it is. (The hub holds no
+    Composition: hub.search.registry.SUPPORTED_RESOURCE_TYPES.)"""
     table, loinc, title, fields = _PAPERS[kind]
-    sections = []
+    lines = [title, ""]
     known = {f for f, _ in fields}
     for field, heading in fields:
         value = row.text(field)
         if field == "KET_QUA_DTRI" and value:
             value = listed("ket_qua_dtri", value)[1].get("display", value)
         if value:
-            sections.append({"title": heading, "text": _div(value)})
+            lines.append(f"{heading}: {value}")
     others = [f"{k}: {v}" for k, v in row.values.items() if v and k not in known and k not in _PAPER_SKIP]
     if others:  # fields of our unconfirmed reading of the table: kept, not lost
-        sections.append({"title": "Thông tin khác", "text": _div("; ".join(others))})
+        lines += ["", "Thông tin khác:", *others]
     doctor = row.text("MA_BS")
     author = practitioner(doctor, row.text("TEN_BS")) if doctor else facility_reference(ep.facility)
-    composition: dict[str, Any] = {
-        "resourceType": "Composition",
-        "status": "final",
-        "type": cc(LOINC, loinc, text=title),
-        **ep.context(),
-        "date": row.when("NGAY_CT") or row.when("NGAY_RA") or row.when("NGAY_VAO") or "",
-        "author": [author],
-        "title": title,
-        "custodian": facility_reference(ep.facility),
-    }
-    if not composition["date"]:
+    dated = row.when("NGAY_CT") or row.when("NGAY_RA") or row.when("NGAY_VAO")
+    if dated is None:
         row.required("NGAY_CT")
-    if sections:
-        composition["section"] = sections
-    ep.put(composition, table)
+    document: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "docStatus": "final",
+        "type": cc(LOINC, loinc, text=title),
+        "subject": ep.subject(),
+        "author": [author],
+        "custodian": facility_reference(ep.facility),
+        "description": title,
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain; charset=utf-8",
+                    "language": "vi",
+                    "title": title,
+                    "data": base64.b64encode("\n".join(lines).encode("utf-8")).decode("ascii"),
+                }
+            }
+        ],
+    }
+    if dated is not None:
+        document["date"] = dated if "T" in dated else f"{dated}T00:00:00+07:00"  # an instant
+    context: dict[str, Any] = {"encounter": [{"reference": ep.encounter}]}
+    period = {k: v for k, v in (("start", row.when("NGAY_VAO")), ("end", row.when("NGAY_RA"))) if v}
+    if period:
+        context["period"] = period
+    document["context"] = context
+    ep.put(document, table)
 
 
 # --- XML13 referral -------------------------------------------------------------------------

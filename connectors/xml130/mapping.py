@@ -7,16 +7,19 @@ Owns: what each table becomes, in one readable place per table (the code lists a
   (ICD-9-CM); body weight and blood group Observations; an Appointment for NGAY_TAI_KHAM.
 - XML0 check-in: an in-progress Encounter, created only when none exists (ifNoneExist), so
   a late check-in never reopens a closed episode; XML1 completes it (same identifier).
-- XML2 drugs: MedicationRequest per row, MedicationDispense when NGAY_TH_YL says it was given.
+- XML2 drugs: MedicationRequest per row; a MedicationStatement (based on it) when NGAY_TH_YL
+  says the drug was given or handed over.
 - XML3: Procedure per service row (not the cost lines of bed days and transport, and not the
-  services whose results XML4 carries: their DiagnosticReport stands for them);
-  SupplyDelivery per supply row (what was used for the patient, not its price).
+  services whose results XML4 carries: their DiagnosticReport stands for them); a supply row
+  is the ``usedCode`` of the service it names (MA_DICH_VU).
 - XML4: Observation per indicator, a DiagnosticReport per MA_DICH_VU holding them.
-- XML5: ClinicalImpression per progress row (a clinician's assessment of the course at a
-  time: it has a description, an assessor and a time, where an Observation would need an
-  invented code and would show up among measurements).
-- XML7 discharge paper / XML8 record summary: a Composition (typed LOINC sections with text,
-  readable as a document). XML13 referral: ServiceRequest. XML14 re-visit: Appointment.
+- XML5: an Observation per progress row (LOINC 11506-3, the text as its value): found by
+  patient, encounter and date, in the timeline and $everything.
+- XML7 discharge paper / XML8 record summary: a DocumentReference with the paper as text
+  (LOINC 18842-5 / 34133-9). XML13 referral: ServiceRequest. XML14 re-visit: Appointment.
+The hub holds and indexes the types of ``hub.search.registry.SUPPORTED_RESOURCE_TYPES``
+only; MedicationDispense, SupplyDelivery, ChargeItem, ClinicalImpression and Composition are
+not among them (a conditional write needs the identifier search), hence the choices above.
 Every entry is a conditional PUT on an identifier derived from MA_LK under the facility's
 "ma-lk" system (value ``<MA_LK>/<table>/<STT or code>``; the Encounter's is MA_LK itself), so
 the same file written again changes nothing and a corrected re-export updates in place.
@@ -159,8 +162,7 @@ class Episode:
         extra = resource.get("identifier", [])  # more identifiers the resource carries
         resource = {
             "resourceType": res_type,
-            # A Composition's identifier is a single Identifier.
-            "identifier": identifier if res_type == "Composition" else [identifier, *extra],
+            "identifier": [identifier, *extra],
             **{k: v for k, v in resource.items() if k not in ("resourceType", "identifier")},
         }
         full_url = self.full_url(res_type, f"{system}|{value}")
