@@ -11,7 +11,8 @@ Settings of a ``fhir-pull`` source: ``base_url``; ``token`` (a static bearer tok
 ``token_url`` + ``client_id`` + ``client_secret`` (OAuth2 client credentials, HTTP Basic);
 ``types`` (the resource types; Patient is always pulled, first); ``page_size`` (50); ``bulk``
 (absent: when the CapabilityStatement offers ``$export``; ``true``; ``false``);
-``overlap_seconds`` (5); ``timeout`` (30); ``bulk_wait_seconds`` (60).
+``overlap_seconds`` (5); ``timeout`` (30); ``bulk_wait_seconds`` (60). The token is sent only to
+the origin of ``base_url`` (a next link or an export file elsewhere gets none).
 
 Two ways, one rule: **a page is stored before the cursor moves past it**, so a restart
 resumes where the last stored page ended and loses nothing; a page fetched twice (a crash
@@ -41,7 +42,7 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import orjson
@@ -253,7 +254,7 @@ class Poller:
     def _read_file(self, state: dict[str, Any], job: dict[str, Any], output: dict[str, Any]) -> int:
         res_type, skip = str(output["type"]), int(job["line"])
         stored, chunk, offset, line_no = 0, [], skip, 0
-        headers = self._auth_headers()
+        headers = self._auth_headers(str(output["url"]))
         headers["Accept"] = "application/fhir+ndjson"
         try:
             with self.client.stream("GET", str(output["url"]), headers=headers) as response:
@@ -339,7 +340,7 @@ class Poller:
         accept_codes: tuple[int, ...] = (),
     ) -> httpx.Response:
         for attempt in (1, 2):
-            sent = {"Accept": FHIR_JSON, **self._auth_headers(), **(headers or {})}
+            sent = {"Accept": FHIR_JSON, **self._auth_headers(url), **(headers or {})}
             try:
                 response = self.client.request(method, url, headers=sent)
             except httpx.HTTPError as error:
@@ -361,7 +362,11 @@ class Poller:
             body = response.read()[:300].decode("utf-8", "replace")
             raise PullError(f"{response.request.method} {response.request.url}: {status} {body}")
 
-    def _auth_headers(self) -> dict[str, str]:
+    def _auth_headers(self, url: str) -> dict[str, str]:
+        """The bearer token, for the facility's own server only: a next link or a file URL
+        elsewhere (storage that signs its own URLs) never receives it."""
+        if _origin(url) != _origin(self.base):
+            return {}
         settings = self.source.settings
         if settings.get("token_url") and time.time() >= self._token_expires:
             try:
@@ -378,6 +383,11 @@ class Poller:
             # Renewed a minute early, so a page is not refused halfway through a walk.
             self._token_expires = time.time() + float(grant.get("expires_in", 300)) - 60
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:
