@@ -384,7 +384,9 @@ class Pipeline:
             for entry in entries:
                 if "resource" in entry and not entry.get("fullUrl"):
                     entry["fullUrl"] = f"urn:uuid:{uuid.uuid4()}"
-            entries.append(_provenance_entry(row, source, units, entries))
+            provenance = _provenance_entry(row, source, units, entries)
+            if provenance is not None:  # None: nothing written that it could name
+                entries.append(provenance)
             bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
             request = FhirRequest("POST", "", parsed_body=bundle, principal=access.principal)
             response = transaction_in(self.router, conn, request)
@@ -469,7 +471,7 @@ def _fallback_patients(unit: Mapped) -> list[dict[str, Any]]:
 
 def _provenance_entry(
     row: Any, source: Source, units: list[Mapped], entries: list[dict[str, Any]]
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     control_id = row.control_id or (units[0].control_id if units else None) or row.raw_sha256
     message_type = row.message_type or (units[0].message_type if units else "message")
     # What the message says: its patients and its mapped entries. Not what the hub adds on
@@ -477,13 +479,18 @@ def _provenance_entry(
     # that must not change when the message is processed again.
     carried = {facts.placeholder for unit in units for facts in unit.patients}
     carried.update(str(entry.get("fullUrl")) for unit in units for entry in unit.entries)
-    targets = [
-        {"reference": entry["fullUrl"]}
+    written = [
+        entry
         for entry in entries
-        if entry.get("fullUrl") in carried
-        and "resource" in entry
-        and entry.get("request", {}).get("method") in ("POST", "PUT", "PATCH")
+        if "resource" in entry and entry.get("request", {}).get("method") in ("POST", "PUT", "PATCH")
     ]
+    # Provenance.target is 1..*: a message that carries nothing itself (only what resolution
+    # added) names what was written.
+    targets = [{"reference": e["fullUrl"]} for e in written if e.get("fullUrl") in carried] or [
+        {"reference": e["fullUrl"]} for e in written
+    ]
+    if not targets:
+        return None
     recorded = inbox.utc(row.received_at).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     prov_id = provenance_id(source.name, control_id)
     provenance: dict[str, Any] = {

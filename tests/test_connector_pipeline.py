@@ -267,6 +267,46 @@ def test_order_is_kept_per_patient(hub: FhirRouter) -> None:
     assert observation["valueQuantity"]["value"] == 3.0 and observation["meta"]["versionId"] == "3"
 
 
+def test_concurrent_workers_process_each_message_once(hub: FhirRouter) -> None:
+    import threading
+
+    engine = hub.ctx.store.engine
+    source = _add(hub, "pipe-concurrent", code="64031")
+    feed = [
+        message(
+            f"w-{n}",
+            mrn=f"mrn-w{n % 6}",
+            observations=[{"id": "w-obs-" + str(n % 6), "code": "2345-7", "value": n}],
+        )
+        for n in range(36)
+    ]
+    ids = [r.id for r in inbox.receive(engine, source, feed)]
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _drain(Pipeline(hub, batch_size=4), rounds=40)
+        except BaseException as error:  # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    _drain(Pipeline(hub))  # what a worker left waiting behind another's batch
+    assert set(_state(hub, ids)) == {"processed"}
+    for patient_no in range(6):
+        (patient,) = _search(
+            hub, "Patient", identifier=f"{facility_system('mrn', '64031')}|mrn-w{patient_no}"
+        )
+        (observation,) = _search(hub, "Observation", subject=f"Patient/{patient['id']}")
+        # The patient's last message wins: order per patient held across workers.
+        assert observation["valueQuantity"]["value"] == 30 + patient_no
+        assert observation["meta"]["versionId"] == "6"  # one version per message, none twice
+
+
 def test_paused_source_is_stored_but_not_processed(hub: FhirRouter) -> None:
     engine = hub.ctx.store.engine
     source = _add(hub, "pipe-paused", code="64026")
