@@ -41,6 +41,8 @@ ERROR_CODES: dict[str, str] = {
 }
 _WHERE = re.compile(r"^([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\.(\d+))?)?")
 _DEFAULT_VERSION = "2.5"
+# MSH-18 values (table 0211) whose text is not UTF-8.
+_CHARSETS = {"ASCII": "ascii", "8859/1": "latin-1", "8859/15": "iso8859-15", "": "utf-8"}
 _SEQUENCE = itertools.count(1)
 _PREFIX = f"{os.getpid() % 100000:05d}"
 
@@ -168,7 +170,9 @@ def ack(
         else:
             # ERR-2 location, ERR-3 code, ERR-4 severity, ERR-8 user message.
             segments.append(f.join(["ERR", "", location, cwe, "E", "", "", "", message]))
-    return "\r".join(segments).encode("utf-8") + b"\r"
+    # Answer in the sender's character set (MSH-18); UTF-8 when it names none.
+    charset = _CHARSETS.get(msh.text(18).upper(), "utf-8") if msh else "utf-8"
+    return ("\r".join(segments) + "\r").encode(charset, errors="replace")
 
 
 def ack_for(raw: bytes, rejected: Rejected | None) -> bytes:

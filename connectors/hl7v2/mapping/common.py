@@ -154,6 +154,8 @@ def ts(value: str, where: str, *, date_only: bool = False) -> str | None:
         return date
     if int(hour) > 23 or int(minute or 0) > 59 or int(second or 0) > 59:
         raise Rejected(f"{raw!r} is not a time", where)
+    if offset and (int(offset[1:3]) > 14 or int(offset[3:]) > 59):
+        raise Rejected(f"{raw!r} has no valid UTC offset", where)
     tz = f"{offset[:3]}:{offset[3:]}" if offset else DEFAULT_OFFSET
     if tz in ("+00:00", "-00:00"):
         tz = "Z" if offset != "-0000" else "+00:00"
