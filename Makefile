@@ -7,6 +7,9 @@ PYTHON      ?= python3
 HUB          = $(VENV)/bin/hub
 PYTEST       = $(VENV)/bin/pytest
 PG_TEST_URL ?= postgresql://postgres@127.0.0.1:5432/hub_test
+# The PostgreSQL run is the production set-up: connectors' arq workers over this Redis
+# (tests/test_connector_workers.py; each run uses a queue of its own).
+REDIS_TEST_URL ?= redis://127.0.0.1:6379/0
 FHIRVAL      = .fhirval/node_modules/@medplum/core
 PACKAGES     = hub consent connectors telehealth
 LOGS         = var/test-logs
@@ -47,7 +50,7 @@ test-sqlite: setup validator
 	$(PYTEST) -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-postgres: setup validator
-	HUB_TEST_DATABASE_URL=$(PG_TEST_URL) $(PYTEST) -q -p no:cacheprovider $(PYTEST_ARGS)
+	HUB_TEST_DATABASE_URL=$(PG_TEST_URL) HUB_TEST_REDIS_URL=$(REDIS_TEST_URL) $(PYTEST) -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Lint: ruff (rules and format) everywhere, mypy --strict on the packages ([tool.mypy] in
 # pyproject.toml). The tests are ruff-checked only.

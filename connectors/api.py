@@ -30,6 +30,7 @@ import base64
 import dataclasses
 import hmac
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
     from hub.settings import Settings
 
 TAG = "connectors"
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+MAX_ID = 2**63 - 1  # BIGINT
 MAX_LIMIT = 1000
 METRICS_SUBJECT = "metrics-scraper"
 
@@ -114,15 +117,32 @@ def _state(value: str | None) -> str | None:
     return value or None
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
     body = await request.body()
     try:
         parsed = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _error(400, "invalid", "The body must be a JSON object") from None
     if not isinstance(parsed, dict):
         raise _error(400, "invalid", "The body must be a JSON object")
+    if _has_nul(parsed):  # PostgreSQL text cannot hold NUL, and no name or setting has one
+        raise _error(400, "invalid", "The body contains a NUL character")
     return parsed
+
+
+def _known_name(name: str) -> bool:
+    """Could be a source's name (anything else is not one: 404 without a query)."""
+    return _NAME.fullmatch(name) is not None
 
 
 def source_from_json(body: dict[str, Any]) -> Source:
@@ -242,6 +262,8 @@ def mount_connector_routes(
             return Response(error.outcome_bytes(), error.status, media_type=FHIR_JSON)
 
     def statuses_for(principal: Principal, name: str | None = None) -> list[Any]:
+        if name is not None and not _known_name(name):
+            return []
         if principal.role is Role.ADMIN:
             return list(inbox.status(engine, name))
         if principal.role is not Role.FACILITY_ADMIN:
@@ -253,7 +275,7 @@ def mount_connector_routes(
         return [s for s in inbox.status(engine, name) if _plain(s).get("name") in own]
 
     def existing(name: str) -> Source:
-        source = sources.get(engine, name)
+        source = sources.get(engine, name) if _known_name(name) else None
         if source is None:
             raise _error(404, "not-found", f"No connector source named {name!r}")
         return source
@@ -302,9 +324,9 @@ def mount_connector_routes(
             ids = body.get("ids")
             if ids is not None and (
                 not isinstance(ids, list)
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_ID for i in ids)
             ):
-                raise _error(400, "invalid", "ids must be a list of integers")
+                raise _error(400, "invalid", "ids must be a list of message ids (positive integers)")
             state = body.get("state")
             source = body.get("source")
             if not isinstance(state, (str, type(None))) or not isinstance(source, (str, type(None))):
@@ -335,6 +357,8 @@ def mount_connector_routes(
             def work(who: Principal) -> Response:
                 require_admin(who)
                 try:
+                    if not _known_name(name):
+                        raise KeyError(name)
                     source = sources.set_paused(engine, name, paused)
                 except KeyError:
                     raise _error(404, "not-found", f"No connector source named {name!r}") from None
@@ -364,7 +388,7 @@ def mount_connector_routes(
             require_admin(who)
             state = _state(query.get("state"))
             limit = _int(query.get("limit"), "limit", low=1, high=MAX_LIMIT) or 100
-            before_id = _int(query.get("before_id"), "before_id", low=1)
+            before_id = _int(query.get("before_id"), "before_id", low=1, high=MAX_ID)
             existing(name)
             rows = inbox.messages(engine, source=name, state=state, limit=limit, before_id=before_id)
             listed = [_plain(row) for row in rows]
@@ -424,7 +448,8 @@ def mount_connector_routes(
             return system_principal(METRICS_SUBJECT)
         return principal_of(request)
 
-    @app.get("/metrics", tags=[TAG], summary="Prometheus metrics of the connectors")
+    # Not in the OpenAPI document: Prometheus text, not a JSON API.
+    @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
         def work(who: Principal) -> Response:
             if who.role is not Role.ADMIN:

@@ -247,6 +247,7 @@ def messages(
 @app.command("serve")
 def serve(
     listen: bool = typer.Option(True, "--listen/--no-listen", help="Run the MLLP listeners"),
+    source: list[str] = typer.Option([], "--source", help="Listen for these sources only (repeatable)"),
 ) -> None:
     """Run the MLLP listeners of every hl7v2-mllp source and, without REDIS_URL, the
     in-process worker (processing, retries, folder and FHIR pull intake), until Ctrl-C."""
@@ -257,7 +258,7 @@ def serve(
     router = build_router(settings)
 
     async def main() -> None:
-        runtime = ConnectorRuntime(router, settings, listen=listen)
+        runtime = ConnectorRuntime(router, settings, listen=listen, only=source or None)
         await runtime.start()
         for server in runtime.servers:
             console.print(f"MLLP {server.source.name} on {server.host}:{server.port}")

@@ -195,9 +195,9 @@ class Runner:
             from arq.connections import RedisSettings, create_pool
 
             assert self.redis_url is not None
-            self._redis = await create_pool(
-                RedisSettings.from_dsn(self.redis_url), default_queue_name=self.queue_name
-            )
+            redis_settings = RedisSettings.from_dsn(self.redis_url)
+            redis_settings.conn_retries = 0  # Redis down: no ACK now, the sender retries
+            self._redis = await create_pool(redis_settings, default_queue_name=self.queue_name)
         return self._redis
 
     async def close(self) -> None:
@@ -508,7 +508,7 @@ async def start_listeners(
     router: FhirRouter, settings: Settings, runner: Runner, sources: list[Source] | None = None
 ) -> list[MllpServer]:
     """An MLLP listener per unpaused hl7v2-mllp source (at its ``port``; its ``host`` or
-    MLLP_HOST; its own TLS files or MLLP_TLS_CERT/KEY)."""
+    MLLP_HOST; its own TLS files (``certfile``, ``keyfile``) or MLLP_TLS_CERT/KEY)."""
     from connectors import sources as registry
     from connectors.mllp import MllpServer
 
@@ -526,7 +526,10 @@ async def start_listeners(
                 source,
                 runner,
                 host=str(source.settings.get("host") or settings.mllp_host),
-                ssl_context=None if source.settings.get("tls_cert") else hub_tls,
+                # Its own certfile wins; "tls": false keeps it plain even with MLLP_TLS_CERT.
+                ssl_context=None
+                if source.settings.get("certfile") or source.settings.get("tls") is False
+                else hub_tls,
             )
             await server.start()
             servers.append(server)
@@ -541,10 +544,18 @@ class ConnectorRuntime:
     """The connectors' part of a serving process: the in-process worker (without REDIS_URL,
     unless CONNECTOR_WORKERS is 0) and, when asked, the MLLP listeners."""
 
-    def __init__(self, router: FhirRouter, settings: Settings, *, listen: bool | None = None) -> None:
+    def __init__(
+        self,
+        router: FhirRouter,
+        settings: Settings,
+        *,
+        listen: bool | None = None,
+        only: list[str] | None = None,
+    ) -> None:
         self.router = router
         self.settings = settings
         self.listen = settings.connectors_listen if listen is None else listen
+        self.only = only  # listen for these sources only (default: every hl7v2-mllp source)
         self.workers: list[InProcessWorker] = []
         self.servers: list[MllpServer] = []
         self.runner: Runner | None = None
@@ -564,7 +575,13 @@ class ConnectorRuntime:
                 worker.start()
         if self.listen:
             self.runner = Runner.for_settings(self.router, self.settings)
-            self.servers = await start_listeners(self.router, self.settings, self.runner)
+            chosen = None
+            if self.only is not None:
+                from connectors import sources as registry
+
+                found = await asyncio.to_thread(registry.all_sources, self.router.ctx.store.engine)
+                chosen = [s for s in found if s.name in self.only]
+            self.servers = await start_listeners(self.router, self.settings, self.runner, chosen)
 
     def wake(self) -> None:
         """New messages were stored (an upload): let an in-process worker take them now."""
