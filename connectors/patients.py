@@ -94,6 +94,11 @@ _MAX_HOPS = 3  # replaced-by links followed from a retired record to its survivo
 # the stored one, and fields it lacks are kept.
 _OWN_FIELDS = frozenset({"resourceType", "id", "meta", "identifier", "link", "birthDate", "extension"})
 
+# Fields the first writer sets and later messages do not change: every facility a citizen
+# visits names itself as the managing organization, and a record flipping between them
+# would gain a version per message.
+_KEPT_FIELDS = frozenset({"managingOrganization"})
+
 IdentKey = tuple[str, str]  # (system, value as the index compares it)
 
 
@@ -468,7 +473,8 @@ def _combine(
     base: dict[str, Any], incoming: dict[str, Any], skip: set[IdentKey], links: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """``base`` (changed in place and returned) updated by ``incoming``: identifiers united
-    (but those in ``skip``), every other field the message gives replacing the base's,
+    (but those in ``skip``), every other field the message gives replacing the base's
+    (but ``_KEPT_FIELDS``),
     extensions by url, links united, a less precise birth date never replacing a full one."""
     out = base
     identifiers = list(out.get("identifier") or [])
@@ -482,6 +488,8 @@ def _combine(
     if identifiers:
         out["identifier"] = _with_bhxh(identifiers)
     for name, value in incoming.items():
+        if name in _KEPT_FIELDS and out.get(name):
+            continue
         if name not in _OWN_FIELDS and value not in (None, "", [], {}):
             out[name] = copy.deepcopy(value)
     birth = incoming.get("birthDate")

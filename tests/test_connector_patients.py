@@ -244,10 +244,15 @@ def test_cccd_match_updates_the_record(router: FhirRouter, uid: str) -> None:
         gender="male",
         birthDate="1962-03-04",
         telecom=[{"system": "phone", "value": "0905120001"}],
+        managingOrganization={"display": "BVĐK tỉnh Gia Lai"},
     )
     mrn = f"BN-{uid}"
     facts = _facts(
-        (CCCD, cccd), (MRN, mrn), name=[{"family": "Trần", "given": ["Văn", "Nam", "B"]}], birthDate="1962"
+        (CCCD, cccd),
+        (MRN, mrn),
+        name=[{"family": "Trần", "given": ["Văn", "Nam", "B"]}],
+        birthDate="1962",
+        managingOrganization={"display": "TTYT Chư Sê"},
     )
     answered = _write(router, _mapped(facts))
     patient = _one(router, CCCD, cccd)
@@ -257,6 +262,7 @@ def test_cccd_match_updates_the_record(router: FhirRouter, uid: str) -> None:
     assert patient["birthDate"] == "1962-03-04"  # a year never replaces a full date
     assert patient["telecom"] == [{"system": "phone", "value": "0905120001"}]  # kept
     assert patient["gender"] == "male"
+    assert patient["managingOrganization"] == {"display": "BVĐK tỉnh Gia Lai"}  # the first one stays
     assert _tags(patient) == set()
     assert _flags(router, patient_id) == []
     assert _observation_subject(router, answered) == f"Patient/{patient_id}"
