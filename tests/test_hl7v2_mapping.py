@@ -87,7 +87,7 @@ def resources(m: Mapped, kind: str) -> list[dict[str, Any]]:
 
 
 def test_vietnamese_patient_from_pid() -> None:
-    m = only(FORMAT.map(adt("A01"), SOURCE))
+    m = only(FORMAT.map(adt("A01", "NK1|1|Trần^Thị Hoa|MTH^Mẹ^HL70063||0912345678^PRN^CP"), SOURCE))
     (facts,) = m.patients
     p = facts.resource
     assert facts.placeholder.startswith("urn:uuid:")
@@ -120,6 +120,25 @@ def test_vietnamese_patient_from_pid() -> None:
         {"system": "email", "value": "an.nguyen@example.vn", "use": "home"},
     ]
     assert p["managingOrganization"]["reference"] == ORG
+    # NK1: the next of kin (người thân), family name first in its own component too.
+    assert p["contact"] == [
+        {
+            "relationship": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/v2-0063",
+                            "code": "MTH",
+                            "display": "Mẹ",
+                        }
+                    ],
+                    "text": "Mẹ",
+                }
+            ],
+            "name": {"text": "Trần Thị Hoa", "family": "Trần", "given": ["Thị", "Hoa"]},
+            "telecom": [{"system": "phone", "value": "0912345678", "use": "mobile"}],
+        }
+    ]
 
 
 def test_peek_reads_msh_and_strongest_identifier() -> None:

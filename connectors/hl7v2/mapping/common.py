@@ -175,6 +175,12 @@ def instant(value: str, where: str) -> str | None:
 
 # --- names, addresses, telecom -------------------------------------------------------------
 
+# HL7 table 0063 (relationship), for NK1-3 codes sent without their coding system.
+RELATIONSHIP_CODES = frozenset(
+    {"ASC", "BRO", "CGV", "CHD", "DEP", "DOM", "EMC", "EME", "EMR", "EXF", "FCH", "FND", "FTH"}
+    | {"GCH", "GRD", "GRP", "MGR", "MTH", "NCH", "NON", "OAD", "OTH", "OWN", "PAR", "SCH", "SEL"}
+    | {"SIB", "SIS", "SPO", "TRA", "UNK", "WRD"}
+)
 _NAME_USE = {
     "L": "official",
     "D": "usual",
@@ -514,8 +520,44 @@ def patient(msg: Message, source: Source, pid: Segment | None = None) -> Patient
             if marital in {"A", "D", "I", "L", "M", "P", "S", "T", "U", "W"}
             else {"text": pid.text(16, 2) or marital}
         )
+    contacts = [c for nk1 in _next_of_kin(msg, pid) if (c := _contact(nk1))]
+    if contacts:
+        resource["contact"] = contacts
     resource["managingOrganization"] = facility(source)
     return PatientFacts(placeholder=full_url(msg.control_id, "Patient", pid.index), resource=resource)
+
+
+def _next_of_kin(msg: Message, pid: Segment) -> list[Segment]:
+    """The NK1 segments of this PID's group (up to the next PID)."""
+    out: list[Segment] = []
+    for seg in msg.segments[pid.index + 1 :]:
+        if seg.name == "PID":
+            break
+        if seg.name == "NK1":
+            out.append(seg)
+    return out
+
+
+def _contact(nk1: Segment) -> Json | None:
+    """NK1 (next of kin: người thân) as Patient.contact: relationship NK1-3 (table 0063),
+    name NK1-2, phone NK1-5/NK1-6, address NK1-4."""
+    contact: Json = {}
+    relationship = cwe_field(nk1, 3)
+    if relationship:
+        for coding in relationship.get("coding", []):
+            if "system" not in coding and coding["code"] in RELATIONSHIP_CODES:
+                coding["system"] = "http://terminology.hl7.org/CodeSystem/v2-0063"
+        contact["relationship"] = [relationship]
+    names = xpns(nk1, 2)
+    if names:
+        contact["name"] = names[0]
+    telecom = xtns(nk1, 5, 6)
+    if telecom:
+        contact["telecom"] = telecom
+    address = next((a for rep in nk1.reps(4) if (a := xad(rep, nk1))), None)
+    if address:
+        contact["address"] = address
+    return contact if ("name" in contact or "telecom" in contact) else None
 
 
 def subject(facts: PatientFacts) -> Json:
