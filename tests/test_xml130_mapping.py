@@ -407,6 +407,13 @@ def test_quirks_map_to_the_same_entries(quirks: tuple[str, ...], one_line: bool)
     assert FORMAT.peek(odd_raw) == FORMAT.peek(f.envelope([full_episode(1)]))
 
 
+def test_a_utf16_file_with_its_byte_order_mark() -> None:
+    raw = f.envelope([f.episode(1)])
+    utf16 = raw.decode("utf-8").encode("utf-16")  # BOM first, the declaration still says utf-8
+    assert utf16[:2] in (b"\xff\xfe", b"\xfe\xff")
+    assert one(utf16).entries == one(raw).entries
+
+
 def test_partial_birth_dates() -> None:
     assert (
         one(f.envelope([f.episode(1)], quirks=["partial-birth"])).patients[0].resource["birthDate"] == "1985"
