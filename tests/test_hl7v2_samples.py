@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 from collections import Counter
@@ -313,3 +314,34 @@ def test_mapped_samples_are_stored_once(http: httpx.Client, uid: str) -> None:
     assert len(enc["entry"]) == 1
     org_id = put.json()["id"]
     assert enc["entry"][0]["resource"]["serviceProvider"]["reference"] == f"Organization/{org_id}"
+
+
+def test_damaged_samples_are_refused_never_crash() -> None:
+    """Truncated, cut or scrambled copies of every mappable sample either map or raise
+    ``Rejected`` (stored as rejected, answered with AE/AR): any other exception would be
+    taken for a transient failure and retried until dead-lettered."""
+    rnd = random.Random(11)
+    outcomes: Counter[str] = Counter()
+    for name in sorted(MAPS):
+        raw = (SAMPLES / name).read_bytes()
+        for k in range(24):
+            damaged = bytearray(raw)
+            where = rnd.randrange(len(damaged))
+            if k % 4 == 0:
+                del damaged[where:]
+            elif k % 4 == 1:
+                for _ in range(6):
+                    damaged[rnd.randrange(len(damaged))] = rnd.choice(b"|^~\\&\r\n09AZ \x00\xff")
+            elif k % 4 == 2:
+                del damaged[where : where + rnd.randrange(1, 60)]
+            else:
+                damaged[where:where] = bytes(rnd.choice(b"|^~&\\") for _ in range(rnd.randrange(1, 6)))
+            try:
+                FORMAT.peek(bytes(damaged))
+                FORMAT.map(bytes(damaged), SOURCE)
+                outcomes["mapped"] += 1
+            except Rejected as err:
+                assert err.reason
+                outcomes["refused"] += 1
+                ack_for(bytes(damaged), err)  # and the sender can be told
+    assert outcomes["mapped"] and outcomes["refused"]
