@@ -95,9 +95,11 @@ def test_process_ids_writes_one_transaction_with_provenance_and_audit(hub: FhirR
             {"id": "b1-k", "code": "2823-3", "value": 4.1},
         ],
     )
-    (received,) = inbox.receive(engine, source, [body])
-    outcomes = Pipeline(hub).process_ids([received.id])
+    # With another patient's message in the same batch (one database transaction).
+    received, neighbour = inbox.receive(engine, source, [body, message("b-2", mrn="mrn-b2")])
+    outcomes = Pipeline(hub).process_ids([received.id, neighbour.id])
     outcome = outcomes[received.id]
+    assert outcomes[neighbour.id].state == "processed"
     assert outcome.state == "processed" and outcome.error is None, outcome
     # (a new patient also gets connectors.patients' review Flag)
     types = sorted(r.split("/")[0] for r in outcome.resources if not r.startswith("Flag/"))
@@ -125,8 +127,12 @@ def test_process_ids_writes_one_transaction_with_provenance_and_audit(hub: FhirR
     ]
     assert len(writes) == 1
     assert writes[0]["action"] == "E"
+    # It describes this message's resources only, not its neighbour's in the same batch.
+    named = orjson.dumps(writes[0]).decode()
+    assert all(r in named for r in outcome.resources if r.startswith("Patient/"))
+    assert not any(r in named for r in outcomes[neighbour.id].resources)
 
-    (summary,) = inbox.messages(engine, source=source.name)
+    summary = next(m for m in inbox.messages(engine, source=source.name) if m.id == received.id)
     assert summary.state == "processed" and sorted(summary.resources) == sorted(outcome.resources)
     with engine.connect() as conn:
         kept = conn.execute(
