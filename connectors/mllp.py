@@ -13,14 +13,16 @@ listener's connections, and which ACK a sender gets:
   sends it again, and ``inbox.receive`` recognises the resend as a duplicate, so a message
   is stored and processed once however often it comes.
 
-Two stages, each one task: the *receiver* takes every message waiting on any connection
-(up to ``batch_size``) and stores them with ONE ``inbox.receive`` (one database
-transaction); the *processor* takes every received batch waiting and runs ONE
-``runner.process(ids)`` (one write transaction, a SAVEPOINT per message). Receipt of the
-next batch overlaps processing of this one; processing stays one batch at a time, so a
-patient's earlier message is final before a later one of the same patient is processed.
-A connection sends one message and waits for its ACK (what MLLP senders do): many
-connections make the batches.
+Two stages: the *receiver* (one task) takes every message waiting on any connection (up
+to ``batch_size``) and stores them with ONE ``inbox.receive`` (one database transaction);
+then each received message goes to a *lane* chosen by its ordering key (the patient), and
+each lane's *processor* takes everything waiting in it and runs ONE ``runner.process(ids)``
+(one write transaction, a SAVEPOINT per message). Receipt of the next batch overlaps
+processing; lanes run side by side (PostgreSQL: ``lanes`` transactions at once, so the
+database's round trips overlap; SQLite has one writer: one lane), and within a lane one
+batch at a time, so a patient's earlier message is final before a later one of the same
+patient is processed. A connection sends one message and waits for its ACK (what MLLP
+senders do): many connections make the batches.
 
 Calls: ``connectors.inbox.receive`` (in a thread), a ``Runner`` (``connectors.worker.Runner``,
 or ``PipelineRunner`` here: ``connectors.pipeline.Pipeline.process_ids`` in a thread),
@@ -37,6 +39,7 @@ import contextvars
 import logging
 import ssl
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +63,7 @@ DEFAULT_HOST = "0.0.0.0"  # noqa: S104  (a listener for facilities on the networ
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 IDLE_SECONDS = 300.0  # a connection silent this long is closed (senders reconnect)
 BATCH_SIZE = 200
+LANES = 4  # processing transactions at once (PostgreSQL); SQLite: 1
 
 START_BLOCK = 0x0B
 END_BLOCK = 0x1C
@@ -82,9 +86,9 @@ class PipelineRunner:
     """``Pipeline.process_ids`` in a thread of this process (no Redis). Its own thread, not
     the loop's default executor, which other work in the process may fill."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, *, threads: int = LANES) -> None:
         self.pipeline = pipeline
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mllp-process")
+        self._thread = ThreadPoolExecutor(threads, thread_name_prefix="mllp-process")
 
     async def process(self, ids: list[int]) -> dict[int, Outcome]:
         return await _in_thread(self._thread, self.pipeline.process_ids, ids)
@@ -151,6 +155,7 @@ class MllpServer:
         batch_size: int = BATCH_SIZE,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         idle_seconds: float = IDLE_SECONDS,
+        lanes: int | None = None,
     ) -> None:
         if source.kind != "hl7v2-mllp":
             raise ValueError(f"source {source.name!r} is {source.kind}, not hl7v2-mllp")
@@ -166,7 +171,10 @@ class MllpServer:
         self.stats = ListenerStats()
         self._server: asyncio.Server | None = None
         self._incoming: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._received: asyncio.Queue[list[_Pending]] = asyncio.Queue()
+        if lanes is None:
+            lanes = 1 if engine.dialect.name == "sqlite" else LANES
+        self.lanes = max(1, lanes)
+        self._lanes: list[asyncio.Queue[list[_Pending]]] = [asyncio.Queue() for _ in range(self.lanes)]
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[Any]] = set()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"mllp-receive-{source.name}")
@@ -176,7 +184,10 @@ class MllpServer:
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._receiver(), name=f"mllp-receive-{self.source.name}"),
-            asyncio.create_task(self._processor(), name=f"mllp-process-{self.source.name}"),
+            *(
+                asyncio.create_task(self._processor(lane), name=f"mllp-process-{self.source.name}-{n}")
+                for n, lane in enumerate(self._lanes)
+            ),
         ]
         self._server = await asyncio.start_server(
             self._connection, self.host, self.port, ssl=self.ssl_context, limit=_READ_CHUNK
@@ -289,18 +300,22 @@ class MllpServer:
                 log.exception("MLLP %s: inbox.receive failed", self.source.name)
                 self._down(batch, f"receipt failed: {exc!r}")
                 continue
-            to_process: list[_Pending] = []
+            lanes: list[list[_Pending]] = [[] for _ in self._lanes]
             for pending, row in zip(batch, received, strict=True):
                 pending.id = row.id
                 if row.state in ("queued", "failed", "processing"):
-                    to_process.append(pending)
+                    key = row.peek.ordering_key if row.peek is not None else None
+                    # One patient, one lane (its order kept); no patient: any lane.
+                    lane = zlib.crc32(key.encode()) if key is not None else row.id
+                    lanes[lane % self.lanes].append(pending)
                 elif row.state == "rejected":  # refused at peek (or earlier)
                     where, unsupported = self._why_refused(pending.raw)
                     self._answer(pending, row.state, row.error, where, unsupported=unsupported)
                 else:  # a resend of a message already final
                     self._answer(pending, row.state, row.error, None, unsupported=False)
-            if to_process:
-                self._received.put_nowait(to_process)
+            for queue, pendings in zip(self._lanes, lanes, strict=True):
+                if pendings:
+                    queue.put_nowait(pendings)
 
     def _why_refused(self, raw: bytes) -> tuple[str | None, bool]:
         """Where a message refused at receipt is wrong, and whether its type is unsupported
@@ -316,11 +331,11 @@ class MllpServer:
             return None, False
         return None, False
 
-    # stage 2: processing, one runner call (one write transaction) per batch
+    # stage 2: processing, one runner call (one write transaction) per lane's batch
 
-    async def _processor(self) -> None:
+    async def _processor(self, lane: asyncio.Queue[list[_Pending]]) -> None:
         while True:
-            batches = await _take(self._received, self.batch_size)
+            batches = await _take(lane, self.batch_size)
             batch = [p for b in batches for p in b]
             ids = [p.id for p in batch if p.id is not None]
             try:
