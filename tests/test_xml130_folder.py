@@ -243,3 +243,21 @@ def test_a_file_the_mapping_refuses_is_rejected_with_the_field(hub: FhirRouter, 
     outcome = Pipeline(hub).process_ids([received.id])[received.id]
     assert outcome.state == "rejected" and outcome.where == "HOSO[1]/XML1/NGAY_SINH", outcome
     assert "not a birth date" in (outcome.error or "")
+
+
+def test_two_episodes_of_one_patient_in_one_file(hub: FhirRouter, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    source = _source(hub, "xml-same-patient", folder)
+    first, second = f.episode(71), f.episode(72)
+    for field in ("MA_BN", "SO_CCCD", "MA_THE_BHYT"):
+        second["XML1"][field] = first["XML1"][field]
+    _drop(folder, "two.xml", f.envelope([first, second]))
+    (received,) = watch(hub.ctx.store.engine, source)
+    outcome = Pipeline(hub).process_ids([received.id])[received.id]
+    assert outcome.state == "processed", outcome
+    (patient,) = _search(hub, "Patient", identifier=f"{CCCD}|{first['XML1']['SO_CCCD']}")
+    assert len(_search(hub, "Encounter", subject=f"Patient/{patient['id']}")) == 2
+    (coverage,) = _search(
+        hub, "Coverage", identifier=f"https://ehealth-hub.vn/sid/bhyt|{first['XML1']['MA_THE_BHYT']}"
+    )
+    assert coverage["beneficiary"] == {"reference": f"Patient/{patient['id']}"}

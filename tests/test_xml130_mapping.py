@@ -623,3 +623,14 @@ def test_every_mapped_resource_is_valid_fhir(validator: Any, tmp_path: Path) -> 
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in stored), encoding="utf-8")
     code, output = validator(path)
     assert code == 0 and last_line(output).startswith(f"{len(stored)} valid, 0 invalid"), output[-6000:]
+
+
+def test_a_resource_two_episodes_share_is_written_once() -> None:
+    first, second = f.episode(1), f.episode(2)
+    second["XML1"]["MA_THE_BHYT"] = first["XML1"]["MA_THE_BHYT"]
+    result = mapped(f.envelope([first, second]))
+    coverages = [c for m in result for c in resources(m, "Coverage")]
+    assert len(coverages) == 1 and coverages[0]["beneficiary"] == {
+        "reference": result[1].patients[0].placeholder
+    }
+    assert len({e["fullUrl"] for m in result for e in m.entries}) == sum(len(m.entries) for m in result)

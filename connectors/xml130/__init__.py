@@ -93,6 +93,7 @@ class Xml130Format:
             if mapped is not None:
                 out.append(mapped)
         problems.raise_if_any()
+        _one_entry_per_resource(out)
         if not out:
             raise Rejected(
                 "no HOSO holds XML1 or XML0: nothing to map", "GIAMDINHHS/THONGTINHOSO/DANHSACHHOSO"
@@ -135,6 +136,21 @@ def _map_hoso(hoso: envelope.Hoso, facility: str, problems: Problems, keys: set[
         map_xml0(ep, tables["XML0"][0])
     clinical.map_tables(ep, tables)
     return Mapped(MESSAGE_TYPE, ma_lk, [facts], ep.entries, warnings=ep.warnings)
+
+
+def _one_entry_per_resource(units: list[Mapped]) -> None:
+    """The pipeline writes every unit of a file in one transaction: a resource two episodes
+    share (the Coverage of a patient's BHYT card) is written once, as the later episode has
+    it. Two conditional PUTs of one resource in one Bundle would each create it. Its fullUrl
+    names it (made from its type and identifier), so references to it still resolve."""
+    last: dict[str, int] = {}
+    for n, unit in enumerate(units):
+        for entry in unit.entries:
+            last[entry["fullUrl"]] = n
+    if len(last) == sum(len(u.entries) for u in units):
+        return
+    for n, unit in enumerate(units):
+        unit.entries = [e for e in unit.entries if last[e["fullUrl"]] == n]
 
 
 def _ordering_key(row: Row | None, facility: str | None) -> str | None:
