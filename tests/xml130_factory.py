@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from typing import Any
 from xml.sax.saxutils import escape
 
+from connectors.identifiers import CCCD_PROVINCES
+
 # Each table: (root, list element, row element); None list/row: the root is the record.
 ROOTS: dict[str, tuple[str, str | None, str | None]] = {
     "XML0": ("CHI_TIEU_TRANG_THAI_KCB", "DSACH_TRANG_THAI_KCB", "TRANG_THAI_KCB"),
@@ -115,8 +117,13 @@ def _ma_lk(index: int) -> str:
 
 
 def _cccd(index: int) -> str:
-    # 064 (Gia Lai), 1 (born 1900s, female), 85 (1985), serial.
-    return f"064185{index % 1_000_000:06d}"
+    # 064 (Gia Lai; another registration province per million), 1 (born in the 1900s,
+    # female), 85 (1985), serial: distinct for distinct indexes, consistent with the record.
+    province = "064" if index < 1_000_000 else _PROVINCES[(index // 1_000_000) % len(_PROVINCES)]
+    return f"{province}185{index % 1_000_000:06d}"
+
+
+_PROVINCES = sorted(CCCD_PROVINCES - {"064"})
 
 
 def _bhyt(index: int) -> str:
