@@ -183,8 +183,22 @@ def test_dotless_icd10_codes_and_secondary_lists() -> None:
 
 
 def test_died_and_inpatient_codes() -> None:
-    m = one(f.envelope([f.episode(1, MA_LOAI_KCB="03", KET_QUA_DTRI="5", MA_LOAI_RV="1", MA_NOI_DI="64010")]))
+    m = one(
+        f.envelope(
+            [
+                f.episode(
+                    1,
+                    MA_LOAI_KCB="03",
+                    KET_QUA_DTRI="5",
+                    MA_LOAI_RV="1",
+                    MA_NOI_DI="64010",
+                    MA_KHOA="K01;K26",
+                )
+            ]
+        )
+    )
     encounter = by_id(m, "Encounter", "")
+    assert [c["code"] for c in encounter["serviceType"]["coding"]] == ["K01", "K26"]
     assert encounter["class"]["code"] == "IMP"
     assert [c["code"] for c in encounter["hospitalization"]["dischargeDisposition"]["coding"]] == ["1", "exp"]
     assert encounter["hospitalization"]["origin"] == {"identifier": {"system": FACILITY, "value": "64010"}}
@@ -538,7 +552,7 @@ def test_broken_files_are_refused_where_they_break(raw: bytes, where: str, reaso
         (f.episode(1, MA_PTTT_QT="AB.1"), "HOSO[1]/XML1/MA_PTTT_QT", "not an ICD-9-CM"),
         (f.episode(1, MA_THE_BHYT="DN46464"), "HOSO[1]/XML1/MA_THE_BHYT", "not a BHYT card code"),
         (f.episode(1, CAN_NANG="58,5"), "HOSO[1]/XML1/CAN_NANG", "decimals use '.'"),
-        (f.episode(1, KET_QUA_DTRI="9"), "HOSO[1]/XML1/KET_QUA_DTRI", "not a treatment outcome"),
+        (f.episode(1, KET_QUA_DTRI="6"), "HOSO[1]/XML1/KET_QUA_DTRI", "not a treatment outcome"),
         (f.episode(1, MA_CSKCB="79001"), "HOSO[1]/XML1/MA_CSKCB", "not this source's facility"),
         (f.episode(1, HO_TEN=""), "HOSO[1]/XML1/HO_TEN", "is required"),
         (f.episode(1, MA_LK="64001,2"), "HOSO[1]/XML1/MA_LK", "one of , | $"),

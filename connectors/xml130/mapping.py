@@ -338,7 +338,7 @@ def map_xml1(ep: Episode, row: Row) -> None:
     if outcome is not None:
         system, entry = listed("ket_qua_dtri", outcome)
         if not entry:
-            row.bad("KET_QUA_DTRI", f"{outcome!r} is not a treatment outcome code (1-8)")
+            row.bad("KET_QUA_DTRI", f"{outcome!r} is not a treatment outcome code (1-5, 7, 8)")
         else:
             encounter["extension"] = [
                 {
@@ -363,9 +363,9 @@ def _encounter_kind(row: Row) -> dict[str, Any]:
     }
     if code is not None:
         out["type"] = [coded("ma_loai_kcb", code)]
-    department = row.text("MA_KHOA")
-    if department is not None:
-        out["serviceType"] = coded("ma_khoa", department)
+    departments = row.codes("MA_KHOA")  # one, or several separated by ";"
+    if departments:
+        out["serviceType"] = {"coding": [coded("ma_khoa", d)["coding"][0] for d in departments]}
     return out
 
 
