@@ -394,6 +394,7 @@ def _check_inbox(url: str, source: str, expected: int) -> None:
 
 def run_xml130(args: argparse.Namespace, url: str) -> None:
     try:
+        from xml130_factory import FACILITY as XML_FACILITY
         from xml130_factory import envelope, episode
     except ImportError:
         print("\nQĐ 130: tests/xml130_factory.py not found: skipped")
@@ -407,7 +408,7 @@ def run_xml130(args: argparse.Namespace, url: str) -> None:
     router = build_router(Settings(database_url=url))
     engine = router.ctx.store.engine
     source = sources.add(
-        router, Source(f"bench-xml-{uuid.uuid4().hex[:6]}", "64020", "TTYT Chư Sê", "district", "xml130")
+        router, Source(f"bench-xml-{uuid.uuid4().hex[:6]}", XML_FACILITY, "TTYT Chư Sê", "district", "xml130")
     )
     pipeline = Pipeline(router)
     base = int(time.time()) % 100_000 * 1000

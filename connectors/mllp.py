@@ -27,8 +27,8 @@ senders do): many connections make the batches.
 Calls: ``connectors.inbox.receive`` (in a thread), a ``Runner`` (``connectors.worker.Runner``,
 or ``PipelineRunner`` here: ``connectors.pipeline.Pipeline.process_ids`` in a thread),
 ``connectors.hl7v2.ack`` (ACK building) and ``connectors.hl7v2.framing`` (normalisation).
-Called by: ``hub connectors serve`` and ``hub serve`` (``start_listeners``), the tests and
-``bench/connectors.py``.
+Called by: ``connectors.worker.start_listeners`` (``hub connectors serve``, ``hub serve``
+with CONNECTORS_LISTEN), the tests and ``bench/connectors.py``.
 """
 
 from __future__ import annotations
@@ -472,21 +472,3 @@ def tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
     key = settings.get("keyfile")
     context.load_cert_chain(Path(cert), Path(key) if key else None)
     return context
-
-
-async def start_listeners(
-    engine: sa.Engine, sources: Iterable[Source], runner: Runner, **options: Any
-) -> list[MllpServer]:
-    """One started listener per unpaused ``hl7v2-mllp`` source (``hub connectors serve``)."""
-    servers: list[MllpServer] = []
-    try:
-        for source in sources:
-            if source.kind == "hl7v2-mllp" and not source.paused:
-                server = MllpServer(engine, source, runner, **options)
-                await server.start()
-                servers.append(server)
-    except BaseException:
-        for server in servers:
-            await server.stop()
-        raise
-    return servers

@@ -36,6 +36,7 @@ from connectors.identifiers import CCCD, facility_system
 from connectors.mllp import MllpServer, Runner
 from connectors.model import Source
 from connectors.pipeline import Pipeline
+from connectors.worker import Runner as WorkerRunner
 from hub.rest import FhirRouter
 
 FACILITY = "64010"
@@ -123,23 +124,9 @@ class Listener:
         self.loop.close()
 
 
-class PipelineThreadRunner:
-    """The in-process runner: ``connectors.worker.Runner`` when present (the contract's),
-    else ``Pipeline.process_ids`` in a thread."""
-
-    def __init__(self, router: FhirRouter, **options: Any) -> None:
-        pipeline = Pipeline(router, **options)
-        try:
-            from connectors.worker import Runner as WorkerRunner
-        except ImportError:  # pragma: no cover
-            from connectors.mllp import PipelineRunner
-
-            self.runner: Runner = PipelineRunner(pipeline)
-        else:
-            self.runner = WorkerRunner(pipeline)
-
-    async def process(self, ids: list[int]) -> dict[int, Any]:
-        return await self.runner.process(ids)
+def PipelineThreadRunner(router: FhirRouter, **options: Any) -> WorkerRunner:  # noqa: N802
+    """The in-process runner ``hub connectors serve`` uses without Redis."""
+    return WorkerRunner(Pipeline(router, **options))
 
 
 def exchange(client: hl7.client.MLLPClient, message: bytes) -> bytes:
