@@ -43,6 +43,7 @@ import signal
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -232,7 +233,9 @@ class Intake:
         ]
         self._sources_read = now
         names = {s.name for s in self._sources}
-        self._pollers = {k: v for k, v in self._pollers.items() if k in names}
+        for name in [n for n in self._pollers if n not in names]:  # removed or paused
+            with contextlib.suppress(Exception):
+                self._pollers.pop(name).close()
 
     def poll(self, *, force: bool = False) -> int:
         """Poll every source whose interval has passed (all of them with ``force``); returns
@@ -247,11 +250,31 @@ class Intake:
             default = FOLDER_INTERVAL_SECONDS if source.kind == "xml130" else PULL_INTERVAL_SECONDS
             self._due[source.name] = now + float(source.settings.get("interval", default))
             try:
-                with system_access(f"connectors-intake-{source.name}"):
-                    received += self._poll_one(source)
+                with self._only_here(source) as mine, system_access(f"connectors-intake-{source.name}"):
+                    if mine:
+                        received += self._poll_one(source)
             except Exception:  # noqa: BLE001  (one source's trouble never stops the others)
                 log.exception("intake of source %s failed", source.name)
         return received
+
+    @contextlib.contextmanager
+    def _only_here(self, source: Source) -> Iterator[bool]:
+        """Whether this process may poll the source now: on PostgreSQL a session advisory
+        lock per source, so two processes (uvicorn workers, arq workers whose cron ticks
+        overlap a long poll) never read one folder or one FHIR server at once."""
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        import sqlalchemy as sa
+
+        key = sa.func.hashtext(f"hub-connector-intake:{source.name}")
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            locked = bool(conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar())
+            try:
+                yield locked
+            finally:
+                if locked:
+                    conn.execute(sa.select(sa.func.pg_advisory_unlock(key)))
 
     def _poll_one(self, source: Source) -> int:
         if source.kind == "xml130":

@@ -32,7 +32,7 @@ from test_mllp import adt_a01, cccd, code_of, oru_r01, send
 from connectors import inbox, sources
 from connectors.model import Source, Transient
 from connectors.pipeline import Pipeline
-from connectors.worker import ConnectorRuntime, InProcessWorker, Runner
+from connectors.worker import ConnectorRuntime, InProcessWorker, Intake, Runner
 from hub.app_factory import build_router
 from hub.rest import FhirRouter
 from hub.settings import Settings
@@ -164,6 +164,78 @@ def test_in_process_worker_polls_an_xml130_folder(router: FhirRouter, tmp_path: 
     assert message.message_type == "XML130"
 
 
+@pytest.mark.skipif(not os.environ.get("HUB_TEST_DATABASE_URL"), reason="PostgreSQL's advisory locks")
+def test_one_process_at_a_time_polls_a_source(router: FhirRouter, tmp_path: Path) -> None:
+    import sqlalchemy as sa
+    from xml130_factory import envelope, episode
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    source = sources.add(
+        router,
+        Source(f"wk-{uuid.uuid4().hex[:10]}", "64001", "F", "district", "xml130", {"folder": str(folder)}),
+    )
+    file = folder / "HS.xml"
+    file.write_bytes(envelope([episode(78)]))
+    os.utime(file, (time.time() - 60, time.time() - 60))  # settled: ready to take
+    intake = Intake(router.ctx.store.engine)
+    key = sa.func.hashtext(f"hub-connector-intake:{source.name}")
+    with router.ctx.store.engine.connect() as other:  # another process polling this source
+        assert other.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar()
+        assert intake.poll(force=True) == 0 and file.exists()
+        other.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+        other.commit()
+    assert intake.poll(force=True) == 1 and not file.exists()
+
+
+def _hub(*args: str, **env: str) -> subprocess.Popen[bytes]:
+    """A ``hub`` subprocess with the test run's keys and the given environment."""
+    environment = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    environment.update(auth_env())
+    environment.update(env)
+    hub = Path(sys.executable).parent / "hub"
+    return subprocess.Popen(
+        [str(hub), *args], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+        raise AssertionError("did not stop on SIGINT") from None
+
+
+def _url(router: FhirRouter) -> str:
+    return router.ctx.store.engine.url.render_as_string(hide_password=False)
+
+
+def test_cli_serve_listens_and_processes_in_process(router: FhirRouter) -> None:
+    port = _free_port()
+    source = _source(router, port=port, host="127.0.0.1")
+    process = _hub("connectors", "serve", "--source", source.name, DATABASE_URL=_url(router))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, (
+                    process.stdout.read().decode(errors="replace") if process.stdout else ""
+                )
+                time.sleep(0.1)
+        feed = _feed(2)
+        assert [code_of(send(port, message)) for message in feed] == ["AA"] * len(feed)
+        assert set(_states(router, source).values()) == {"processed"}
+    finally:
+        code = _stop(process)
+    assert code == 0
+
+
 # --- arq --------------------------------------------------------------------------------------
 
 
@@ -174,31 +246,16 @@ def queue() -> str:
 
 @pytest.fixture()
 def arq_worker(router: FhirRouter, queue: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``hub connectors worker`` in a subprocess on this run's queue and database."""
+    """``hub connectors worker`` (two processes) on this run's queue and database."""
     assert REDIS_URL
-    env = {
-        **os.environ,
-        **auth_env(),
-        "DATABASE_URL": router.ctx.store.engine.url.render_as_string(hide_password=False),
-        "REDIS_URL": REDIS_URL,
-        "CONNECTORS_QUEUE": queue,
-    }
-    hub = Path(sys.executable).parent / "hub"
-    process = subprocess.Popen(
-        [str(hub), "connectors", "worker", "--processes", "1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process = _hub(
+        "connectors", "worker", "--processes", "2",
+        DATABASE_URL=_url(router), REDIS_URL=REDIS_URL, CONNECTORS_QUEUE=queue,
+    )  # fmt: skip
     try:
         yield process
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        assert _stop(process) == 0
 
 
 @needs_redis
