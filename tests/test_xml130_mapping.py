@@ -19,7 +19,7 @@ from test_output_validity import last_line, validator  # noqa: F401  (the valida
 from connectors.identifiers import BHXH, BHYT, CCCD, FACILITY, facility_system
 from connectors.model import Mapped, Rejected, Source
 from connectors.xml130 import FORMAT
-from connectors.xml130.mapping import PRACTITIONER_SYSTEM
+from connectors.xml130.episode import PRACTITIONER_SYSTEM
 
 SOURCE = Source("bv-test-xml", f.FACILITY, "Bệnh viện test", "provincial", "xml130", {})
 MA_LK_SYSTEM = facility_system("ma-lk", f.FACILITY)

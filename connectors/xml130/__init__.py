@@ -8,7 +8,7 @@ span a file: the facility of the file is the source's, every row belongs to its 
 (MA_LK), row numbers (STT) are unique per table. A file with any field error is refused
 as a whole, every error named ("HOSO[1]/XML2[3]/SO_LUONG: ...").
 Calls: ``connectors.xml130.envelope`` (reading), ``.fields`` (rows), ``.mapping`` and
-``.clinical`` (FHIR), ``connectors.identifiers``.
+``.clinical`` (FHIR), ``.episode``, ``connectors.identifiers``.
 Called by: ``connectors.pipeline`` (``format_for("xml130")``), ``connectors.inbox``
 (peek on receipt), ``connectors.xml130.folder`` and the upload API (through the inbox).
 """
@@ -18,8 +18,9 @@ from __future__ import annotations
 from connectors.identifiers import BHXH, CCCD, facility_system, parse_bhyt
 from connectors.model import Mapped, Peek, Rejected, Source
 from connectors.xml130 import clinical, envelope
+from connectors.xml130.episode import Episode
 from connectors.xml130.fields import Problems, Row
-from connectors.xml130.mapping import Episode, map_xml0, map_xml1, patient_facts, patient_row, unmapped
+from connectors.xml130.mapping import map_xml0, map_xml1, patient_facts, patient_row, unmapped
 
 __all__ = ["FORMAT", "Xml130Format"]
 

@@ -3,8 +3,9 @@ XML5 progress notes, XML7/XML8 papers, XML13 referral, XML14 re-visit. One funct
 
 Owns: what each of these tables becomes (the choices are listed in
 ``connectors.xml130.mapping``'s docstring, with XML1 and XML0).
-Calls: ``connectors.xml130.mapping`` (``Episode``, code lists, coding helpers).
-Called by: ``connectors.xml130`` (``map_episode``).
+Calls: ``connectors.xml130.episode`` (``Episode``, code lists, coding helpers),
+``connectors.xml130.mapping`` (the re-visit Appointment, shared with XML1).
+Called by: ``connectors.xml130`` (``map_tables``, per HOSO).
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import re
 from typing import Any
 
 from connectors.identifiers import facility_reference
-from connectors.xml130.fields import Row
-from connectors.xml130.mapping import (
+from connectors.xml130.episode import (
     CODE_LISTS,
     COST_GROUPS,
     LOINC,
     OBS_CATEGORY,
     SNOMED,
     Episode,
-    appointment,
     cc,
     coded,
     facility_ref,
@@ -31,6 +30,8 @@ from connectors.xml130.mapping import (
     notes_of,
     practitioner,
 )
+from connectors.xml130.fields import Row
+from connectors.xml130.mapping import appointment
 
 _SERVICE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._\-]{0,49}")
 

@@ -1,7 +1,8 @@
-"""QĐ 130 episode -> FHIR: the patient, and the episode's entries, one function per table.
+"""QĐ 130 episode -> FHIR: the patient, XML1 and XML0 (the other tables are in
+``connectors.xml130.clinical``); what every table becomes is listed here.
 
-Owns: what each table becomes, in one readable place per table (the code lists are data in
-``fhir/xml130/code-lists.json``):
+Owns: the patient's facts, the XML1 and XML0 mappings (the code lists are data in
+``fhir/xml130/code-lists.json``). Every table, one function each:
 - XML1 ``TONG_HOP``: the patient's facts; Coverage per BHYT card; the Encounter (MA_LK);
   a Condition per MA_BENH_CHINH / MA_BENH_KT (ICD-10); a Procedure per MA_PTTT_QT
   (ICD-9-CM); body weight and blood group Observations; an Appointment for NGAY_TAI_KHAM.
@@ -23,39 +24,36 @@ not among them (a conditional write needs the identifier search), hence the choi
 Every entry is a conditional PUT on an identifier derived from MA_LK under the facility's
 "ma-lk" system (value ``<MA_LK>/<table>/<STT or code>``; the Encounter's is MA_LK itself), so
 the same file written again changes nothing and a corrected re-export updates in place.
-Calls: ``connectors.identifiers``, ``connectors.xml130.fields``.
+Calls: ``connectors.identifiers``, ``connectors.xml130.episode`` (``Episode``, code lists),
+``connectors.xml130.fields``.
 Called by: ``connectors.xml130`` (``FORMAT.map``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from connectors.identifiers import BHXH, BHYT, CCCD, FACILITY, facility_reference, facility_system, parse_bhyt
 from connectors.model import PatientFacts
-from connectors.xml130.fields import Problems, Row
-
-CODE_LISTS: dict[str, Any] = json.loads(
-    (Path(__file__).resolve().parents[2] / "fhir" / "xml130" / "code-lists.json").read_text("utf-8")
+from connectors.xml130.episode import (
+    CODE_LISTS,
+    ID_DOCUMENT_SYSTEM,
+    LOINC,
+    OBS_CATEGORY,
+    REGISTERED_FACILITY,
+    UCUM,
+    Episode,
+    cc,
+    coded,
+    facility_ref,
+    icd10,
+    listed,
+    notes_of,
 )
-HUB = "https://ehealth-hub.vn"
-# A practising-certificate number (MA_BAC_SI, NGUOI_THUC_HIEN, MA_BS_DOC_KQ) is national.
-PRACTITIONER_SYSTEM = f"{HUB}/sid/cchn"
-ID_DOCUMENT_SYSTEM = f"{HUB}/sid/giay-to-tuy-than"  # SO_CCCD that is not a 12-digit CCCD
-REGISTERED_FACILITY = f"{HUB}/fhir/StructureDefinition/coverage-registered-facility"
-UCUM = "http://unitsofmeasure.org"
-LOINC = "http://loinc.org"
-SNOMED = "http://snomed.info/sct"
-OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+from connectors.xml130.fields import Row
 
-_ICD10 = re.compile(r"[A-Z][0-9]{2}(\.[0-9A-Z]{1,4})?[*†+]?")
 _ICD9 = re.compile(r"[0-9]{2}(\.[0-9]{1,2})?")
-_SAFE = re.compile(r"[^,|$\\]{1,100}")  # an identifier value a token search can hold as is
 _UNMAPPED = {
     "XML6": "HIV/AIDS care",
     "XML9": "birth certificate",
@@ -64,128 +62,6 @@ _UNMAPPED = {
     "XML12": "medical assessment",
     "XML15": "TB treatment",
 }
-COST_GROUPS = frozenset({"12", "14", "15", "16"})  # transport and bed days: costs, not care
-
-
-def cc(system: str, code: str, display: str | None = None, text: str | None = None) -> dict[str, Any]:
-    coding: dict[str, Any] = {"system": system, "code": code}
-    if display:
-        coding["display"] = display
-    concept: dict[str, Any] = {"coding": [coding]}
-    if text:
-        concept["text"] = text
-    return concept
-
-
-def listed(name: str, code: str) -> tuple[str, dict[str, Any]]:
-    """(system, entry) of a code in a code list (entry {} when the list lacks it)."""
-    table = CODE_LISTS[name]
-    return table["system"], table.get("codes", {}).get(code, {})
-
-
-def coded(name: str, code: str, text: str | None = None) -> dict[str, Any]:
-    system, entry = listed(name, code)
-    return cc(system, code, entry.get("display"), text)
-
-
-def practitioner(code: str, display: str | None = None) -> dict[str, Any]:
-    """A logical reference: the hub holds no Practitioner for every certificate number."""
-    ref: dict[str, Any] = {"identifier": {"system": PRACTITIONER_SYSTEM, "value": code}}
-    if display:
-        ref["display"] = display
-    return ref
-
-
-def facility_ref(code: str) -> dict[str, Any]:
-    return {"identifier": {"system": FACILITY, "value": code}}
-
-
-def notes_of(*parts: tuple[str, str | None]) -> list[dict[str, str]]:
-    return [{"text": f"{label}: {value}" if label else value} for label, value in parts if value]
-
-
-def icd10(row: Row, name: str, value: str) -> str | None:
-    code = value.strip().upper()
-    if "." not in code and len(code) > 3 and code[:3].isalnum():
-        code = f"{code[:3]}.{code[3:]}"  # the dotless form some HIS write: J069 -> J06.9
-    if not _ICD10.fullmatch(code):
-        row.bad(name, f"{value!r} is not an ICD-10 code")
-        return None
-    return code
-
-
-def _uuid(name: str) -> str:
-    """A ``urn:uuid:`` made from ``name`` (the same name, the same uuid: a file mapped twice
-    gives the same Bundle); cheaper than uuid.uuid5, which builds UUID objects."""
-    h = hashlib.sha1(name.encode()).hexdigest()
-    return f"urn:uuid:{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
-
-
-_VARIANT = {c: "89ab"[int(c, 16) % 4] for c in "0123456789abcdef"}
-_PLAIN = re.compile(r"[A-Za-z0-9._~:/\-]*")
-
-
-def _quoted(text: str) -> str:
-    """URL-encoded for a conditional URL (``parse_qsl`` on the hub's side)."""
-    return text if _PLAIN.fullmatch(text) else quote(text, safe=":/")
-
-
-class Episode:
-    """The entries of one HOSO under construction: identifiers, fullUrls, references."""
-
-    def __init__(self, facility: str, ma_lk: str, problems: Problems) -> None:
-        self.facility, self.ma_lk, self.problems = facility, ma_lk, problems
-        self.system = facility_system("ma-lk", facility)
-        self.patient = _uuid(f"patient|{facility}|{ma_lk}")
-        self.encounter = self.full_url("Encounter", f"{self.system}|{ma_lk}")  # as put() names it
-        self.entries: list[dict[str, Any]] = []
-        self.warnings: list[str] = []
-        self._at: dict[str, int] = {}  # fullUrl -> its position in entries
-
-    def full_url(self, res_type: str, value: str) -> str:
-        return _uuid(f"{res_type}|{self.system}|{value}")
-
-    def put(
-        self,
-        resource: dict[str, Any],
-        suffix: str | None,
-        *,
-        system: str | None = None,
-        if_none: bool = False,
-    ) -> str:
-        """Add ``resource`` as a conditional PUT (or a create if none exists) on its identifier
-        ``<MA_LK>/<suffix>`` (MA_LK itself when suffix is None, or a value under ``system``)."""
-        res_type = resource["resourceType"]
-        value = self.ma_lk if suffix is None else (suffix if system else f"{self.ma_lk}/{suffix}")
-        system = system or self.system
-        identifier = {"system": system, "value": value}
-        extra = resource.get("identifier", [])  # more identifiers the resource carries
-        resource = {
-            "resourceType": res_type,
-            "identifier": [identifier, *extra],
-            **{k: v for k, v in resource.items() if k not in ("resourceType", "identifier")},
-        }
-        full_url = self.full_url(res_type, f"{system}|{value}")
-        query = f"identifier={_quoted(system)}|{_quoted(value)}"
-        request = (
-            {"method": "POST", "url": res_type, "ifNoneExist": query}
-            if if_none
-            else {"method": "PUT", "url": f"{res_type}?{query}"}
-        )
-        entry = {"fullUrl": full_url, "resource": resource, "request": request}
-        if full_url in self._at:  # the same resource again (XML14 after NGAY_TAI_KHAM): last wins
-            self.entries[self._at[full_url]] = entry
-        else:
-            self._at[full_url] = len(self.entries)
-            self.entries.append(entry)
-        return full_url
-
-    def subject(self) -> dict[str, str]:
-        return {"reference": self.patient}
-
-    def context(self) -> dict[str, Any]:
-        return {"subject": self.subject(), "encounter": {"reference": self.encounter}}
-
 
 # --- the patient (XML1, or XML0 when the episode has no XML1 yet) ---------------------------
 
