@@ -1,15 +1,17 @@
 """Processing of inbox messages: map, resolve the patient, write one FHIR transaction each.
 
 Owns: the formats known by name (``FORMATS``, ``format_for``, ``register_format``), how due
-messages are claimed (PostgreSQL ``FOR UPDATE SKIP LOCKED`` in the processing transaction, so
-a killed worker's transaction aborts and its rows are free again; SQLite has one writer),
-the order kept per ordering key (only the oldest pending message of a key runs; rejected
-and dead ones do not block), group commit (one write transaction per batch, a SAVEPOINT per
-message), the Provenance of each message, and the outcome of each attempt: ``processed``,
-``rejected`` (``Rejected``, or a 4xx from the store: permanent), ``failed`` (anything else:
-retried after ``2^attempts`` seconds, at most 10 minutes) and ``dead`` after
-``inbox.MAX_ATTEMPTS`` failures. A database that cannot be reached rolls the whole batch
-back and raises ``Transient``: nothing is marked, nothing may be acknowledged.
+messages are claimed (a short committed claim: PostgreSQL ``FOR UPDATE SKIP LOCKED`` so
+concurrent workers take disjoint rows, state ``processing``, the attempt counted, a lease;
+then the batch's write transaction, which processes only rows still carrying its claim), the
+order kept per ordering key (only the oldest pending message of a key runs; rejected and dead
+ones do not block), group commit (one write transaction per batch, a SAVEPOINT per message),
+the Provenance of each message, and the outcome of each attempt: ``processed``, ``rejected``
+(``Rejected``, or a 4xx from the store: permanent), ``failed`` (anything else: retried after
+``2^attempts`` seconds, at most 10 minutes) and ``dead`` after ``inbox.MAX_ATTEMPTS``
+attempts, including attempts whose process died (a message that kills its worker dies, it
+does not loop). A database that cannot be reached rolls the whole batch back and raises
+``Transient``: nothing is marked processed, nothing may be acknowledged.
 Each message's transaction runs as its own named system access
 (``system:connector-<source>``), so its AuditEvent describes only that message's resources.
 Calls: ``connectors.inbox`` (raw bytes, states), ``connectors.sources`` (via the table), the
@@ -27,9 +29,10 @@ import importlib
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -55,6 +58,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # --- formats ------------------------------------------------------------------------------
 
@@ -99,6 +103,12 @@ def format_for(name: str) -> Format:
 # --- outcomes -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Claim:
+    id: int
+    lease: datetime  # the lease_until written when claimed: the claim's token
+
+
 @dataclass
 class Outcome:
     state: str
@@ -110,6 +120,7 @@ class Outcome:
 
 
 RETRY_CAP_SECONDS = 600.0
+LEASE_SECONDS = 60.0  # a batch takes seconds; a claim older than this was abandoned
 # Store answers that say "not now" rather than "never": a conflict with a concurrent write,
 # a timeout, a rate limit.
 _TRANSIENT_STATUSES = frozenset({408, 409, 429})
@@ -159,6 +170,7 @@ class Pipeline:
         batch_size: int = 50,
         retry_base_seconds: float = 1.0,
         max_attempts: int = inbox.MAX_ATTEMPTS,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.router = router
         self.store = router.ctx.store
@@ -167,33 +179,39 @@ class Pipeline:
         # Backoff after the n-th failure: retry_base_seconds * 2^n, capped (tests use 0).
         self.retry_base_seconds = retry_base_seconds
         self.max_attempts = max_attempts
+        # How long a claim is left alone by process_due before it counts as abandoned.
+        self.lease_seconds = lease_seconds
         self._postgres = self.engine.dialect.name == "postgresql"
 
     # --- entry points ---------------------------------------------------------------------
 
     def process_ids(self, ids: list[int]) -> dict[int, Outcome]:
-        """Process exactly these messages, if still due, in one transaction; the outcome of
-        each (a message already final gives its stored outcome; one that must wait for an
-        earlier message of its key, or whose source is paused, its current state)."""
+        """Process exactly these messages, if still due; the outcome of each (a message
+        already final gives its stored outcome; one that must wait for an earlier message of
+        its key, or whose source is paused, its current state). A message another call
+        claimed and left without an outcome (its process died, or the database went away
+        mid-batch) is taken over at once: a sender resending it needs its ACK now."""
         if not ids:
             return {}
         wanted = sorted(set(ids))
-        return self._with_retries(lambda conn: self._process_ids(conn, wanted))
+        claims, outcomes = self._claim(lambda conn, moment: self._candidates_by_id(conn, wanted, moment))
+        outcomes.update(self._process(claims))
+        return outcomes
 
     def process_due(self, limit: int | None = None) -> int:
         """Claim and process up to ``limit`` (default: the batch size) due messages; how many
-        were processed (whatever their outcome)."""
+        got an outcome (whatever it is)."""
         size = limit if limit is not None else self.batch_size
-        outcomes = self._with_retries(lambda conn: self._process_due(conn, size))
-        # Claimed rows that had to wait (an earlier message of their key) are not counted.
+        claims, outcomes = self._claim(lambda conn, moment: self._candidates_due(conn, size, moment))
+        outcomes.update(self._process(claims))
+        # Rows that had to wait (an earlier message of their key) are not counted.
         return sum(1 for outcome in outcomes.values() if outcome.attempted)
 
-    def _with_retries(self, work: Any) -> dict[int, Outcome]:
+    def _with_retries(self, work: Callable[[sa.Connection], _T]) -> _T:
         for attempt in range(_BATCH_RETRIES):
             try:
                 with self.store.write() as conn:
-                    result: dict[int, Outcome] = work(conn)
-                return result
+                    return work(conn)
             except sa.exc.DBAPIError as error:
                 if _retry_batch(error) and attempt + 1 < _BATCH_RETRIES:
                     log.info("connector batch retried after %s", error.orig)
@@ -206,6 +224,15 @@ class Pipeline:
         raise Transient("the batch kept conflicting with concurrent writers")  # pragma: no cover
 
     # --- claiming -------------------------------------------------------------------------
+    #
+    # Two short steps. The claim (its own committed transaction) marks the rows
+    # "processing", counts the attempt and sets lease_until, which is also the claim's token.
+    # Processing (the batch's write transaction) locks the rows again and handles only those
+    # still carrying its token. So a process that dies, or loses its database, mid-batch
+    # leaves its rows "processing" with the attempt counted: a message that kills every
+    # worker that tries it goes dead after max_attempts instead of being retried forever,
+    # and rows taken over a second time are claimed one at a time, so its neighbours in the
+    # batch are not dragged down with it.
 
     def _due(self, table: Any, moment: datetime) -> sa.ColumnElement[bool]:
         return sa.or_(
@@ -214,13 +241,25 @@ class Pipeline:
             sa.and_(table.c.state == "processing", table.c.lease_until < moment),
         )
 
-    def _process_due(self, conn: sa.Connection, limit: int) -> dict[int, Outcome]:
-        moment = inbox.now()
+    def _claim(
+        self, candidates: Callable[[sa.Connection, datetime], tuple[list[Any], dict[int, Outcome]]]
+    ) -> tuple[list[_Claim], dict[int, Outcome]]:
+        def work(conn: sa.Connection) -> tuple[list[_Claim], dict[int, Outcome]]:
+            moment = inbox.now()
+            rows, outcomes = candidates(conn, moment)
+            claims = self._take(conn, rows, outcomes, moment)
+            return claims, outcomes
+
+        return self._with_retries(work)
+
+    def _candidates_due(
+        self, conn: sa.Connection, limit: int, moment: datetime
+    ) -> tuple[list[Any], dict[int, Outcome]]:
         m = connector_message
         earlier = m.alias("earlier")
         active_sources = sa.select(connector_source.c.name).where(connector_source.c.paused.is_(False))
         # Coarse in SQL: no earlier pending message of the key that is not due itself (that
-        # one waits, so this one must). The exact check, after locking, is _runnable's.
+        # one waits, so this one must). The exact check is _runnable's.
         blocked = (
             sa.select(earlier.c.id)
             .where(
@@ -242,26 +281,26 @@ class Pipeline:
             .order_by(m.c.id)
             .limit(limit)
         )
-        if self._postgres:
+        if self._postgres:  # concurrent claims take disjoint rows, never waiting
             query = query.with_for_update(skip_locked=True, of=m)
         ids = [int(row.id) for row in conn.execute(query)]
-        if not ids:
-            return {}
-        rows = self._rows(conn, ids, lock=False)
-        return self._run(conn, rows, moment)
+        return (self._rows(conn, ids, lock=False) if ids else []), {}
 
-    def _process_ids(self, conn: sa.Connection, ids: list[int]) -> dict[int, Outcome]:
-        moment = inbox.now()
+    def _candidates_by_id(
+        self, conn: sa.Connection, ids: list[int], moment: datetime
+    ) -> tuple[list[Any], dict[int, Outcome]]:
+        # PostgreSQL: wait for a batch processing them to commit, then see their outcome.
         rows = self._rows(conn, ids, lock=self._postgres)
         outcomes: dict[int, Outcome] = {}
         due = []
         for row in rows:
-            if row.state in inbox.FINAL_STATES or not self._is_due(row, moment):
-                outcomes[row.id] = _stored_outcome(row)
-            else:
+            if self._is_due(row, moment) or row.state == "processing":
+                # "processing" here is nobody's batch in progress (that one holds the row's
+                # lock, or on SQLite the database's): a claim left without an outcome.
                 due.append(row)
-        outcomes.update(self._run(conn, due, moment))
-        return outcomes
+            else:
+                outcomes[row.id] = _stored_outcome(row)
+        return due, outcomes
 
     def _is_due(self, row: Any, moment: datetime) -> bool:
         if row.state == "queued":
@@ -272,12 +311,59 @@ class Pipeline:
             return row.lease_until is None or inbox.utc(row.lease_until) < moment
         return False
 
+    def _take(
+        self, conn: sa.Connection, rows: list[Any], outcomes: dict[int, Outcome], moment: datetime
+    ) -> list[_Claim]:
+        """Claim the rows that may run now; the others get their current state as outcome
+        (or "dead": claimed max_attempts times without an outcome)."""
+        if not rows:
+            return []
+        sources = _sources(conn, {row.source for row in rows})
+        runnable = self._runnable(conn, rows)
+        eligible = []
+        for row in rows:
+            source = sources.get(row.source)
+            if source is None or source.paused or row.id not in runnable:
+                outcomes[row.id] = _stored_outcome(row)
+            else:
+                eligible.append(row)
+        # Left without an outcome more than once: one at a time, so only the culprit (a
+        # message that kills its worker) keeps losing attempts.
+        repeated = [row for row in eligible if row.state == "processing" and int(row.attempts) >= 2]
+        if repeated:
+            for row in eligible:
+                if row is not repeated[0]:
+                    outcomes[row.id] = _stored_outcome(row)
+            eligible = [repeated[0]]
+        lease = moment + timedelta(seconds=self.lease_seconds)
+        claims = []
+        for row in eligible:
+            if row.state == "processing" and int(row.attempts) >= self.max_attempts:
+                error = f"{row.attempts} attempts ended without an outcome (the worker stopped or lost the database)"
+                conn.execute(
+                    connector_message.update()
+                    .where(connector_message.c.id == row.id)
+                    .values(
+                        state="dead", error=error, error_where=None, lease_until=None, processed_at=moment
+                    )
+                )
+                outcomes[row.id] = Outcome("dead", error, None, False, [], attempted=True)
+            else:
+                claims.append(_Claim(int(row.id), lease))
+        if claims:
+            conn.execute(
+                connector_message.update()
+                .where(connector_message.c.id.in_([claim.id for claim in claims]))
+                .values(state="processing", attempts=connector_message.c.attempts + 1, lease_until=lease)
+            )
+        return claims
+
     def _rows(self, conn: sa.Connection, ids: list[int], *, lock: bool) -> list[Any]:
         m = connector_message.c
         rows: list[Any] = []
         for start in range(0, len(ids), 500):
             query = sa.select(connector_message).where(m.id.in_(ids[start : start + 500])).order_by(m.id)
-            if lock:  # process_ids waits for a worker holding them, then sees them final
+            if lock:
                 query = query.with_for_update(of=connector_message)
             rows.extend(conn.execute(query).all())
         return sorted(rows, key=lambda row: row.id)
@@ -307,23 +393,59 @@ class Pipeline:
 
     # --- processing -----------------------------------------------------------------------
 
-    def _run(self, conn: sa.Connection, rows: list[Any], moment: datetime) -> dict[int, Outcome]:
-        if not rows:
+    def _process(self, claims: list[_Claim]) -> dict[int, Outcome]:
+        if not claims:
             return {}
+        tokens = {claim.id: claim.lease for claim in claims}
+        try:
+            return self._with_retries(lambda conn: self._run(conn, tokens))
+        except Transient:
+            self._release(tokens)
+            raise
+
+    def _release(self, tokens: dict[int, datetime]) -> None:
+        """Best effort after the database went away mid-batch: give the claims back (attempt
+        not counted). Failing that, they are taken over when their lease ends, or at once by
+        process_ids."""
+        try:
+            with self.store.write() as conn:
+                for row_id, lease in tokens.items():
+                    self._unclaim(conn, row_id, lease)
+        except Exception:  # noqa: BLE001  (still unreachable: the lease covers it)
+            log.info("connector claims not released (database still unavailable)")
+
+    def _unclaim(self, conn: sa.Connection, row_id: int, lease: datetime) -> None:
+        m = connector_message
+        conn.execute(
+            m.update()
+            .where(m.c.id == row_id, m.c.state == "processing", m.c.lease_until == lease)
+            .values(state="queued", attempts=m.c.attempts - 1, lease_until=None)
+        )
+
+    def _run(self, conn: sa.Connection, tokens: dict[int, datetime]) -> dict[int, Outcome]:
+        moment = inbox.now()
+        rows = self._rows(conn, sorted(tokens), lock=self._postgres)
         sources = _sources(conn, {row.source for row in rows})
-        runnable = self._runnable(conn, rows)
         ring = self.store.keys()
         stalled: set[str] = set()  # keys whose earlier message in this batch did not finish
         outcomes: dict[int, Outcome] = {}
         for row in rows:
+            mine = (
+                row.state == "processing"
+                and row.lease_until is not None
+                and inbox.utc(row.lease_until) == tokens[row.id]
+            )
+            if not mine:  # taken over meanwhile (our claim outlived its lease, or process_ids)
+                outcomes[row.id] = _stored_outcome(row)
+                continue
             source = sources.get(row.source)
             if (
                 source is None
                 or source.paused
-                or row.id not in runnable
                 or (row.ordering_key is not None and row.ordering_key in stalled)
             ):
-                outcomes[row.id] = _stored_outcome(row)
+                self._unclaim(conn, row.id, tokens[row.id])
+                outcomes[row.id] = Outcome("queued", row.error, row.error_where, False, [])
                 if row.ordering_key is not None:
                     stalled.add(row.ordering_key)
                 continue
@@ -406,8 +528,7 @@ class Pipeline:
             "warnings": warnings or None,
         }
         if outcome.state == "failed":
-            attempts = int(row.attempts) + 1
-            values["attempts"] = attempts
+            attempts = int(row.attempts)  # this one included (counted when claimed)
             if attempts >= self.max_attempts:
                 values["state"] = "dead"
                 outcome = Outcome("dead", outcome.error, outcome.where, False, [])

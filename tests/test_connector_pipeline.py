@@ -364,7 +364,7 @@ _KILLED_WORKER = textwrap.dedent(
             raise SystemExit(1)
 
     register_format(Stuck())
-    Pipeline(build_router(Settings(database_url=sys.argv[1]))).process_due()
+    Pipeline(build_router(Settings(database_url=sys.argv[1])), lease_seconds=2).process_due()
     """
 )
 
@@ -397,12 +397,80 @@ def test_worker_killed_mid_batch_loses_nothing(hub: FhirRouter) -> None:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
-    assert _state(hub, ids) == ["queued"] * 4
+    # Its claim stays until its lease ends (2 s here), with the attempt counted...
+    assert _state(hub, ids) == ["processing"] * 4
     deadline = time.monotonic() + 30
     while _state(hub, ids) != ["processed"] * 4 and time.monotonic() < deadline:
         _drain(Pipeline(hub))  # the killed transaction's locks go once PostgreSQL notices
         time.sleep(0.2)
     assert _state(hub, ids) == ["processed"] * 4
+    # ...then another worker took them over: nothing lost, each processed once.
+    assert {m.attempts for m in inbox.messages(engine, source=source.name)} == {2}
+    for n in range(4):
+        (patient,) = _search(hub, "Patient", identifier=f"{facility_system('mrn', '64028')}|mrn-k{n}")
+        assert len(_search(hub, "Observation", subject=f"Patient/{patient['id']}")) == 1
+
+
+_CRASHING_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+    from test_connector_inbox import TestFormat
+    from connectors.pipeline import Pipeline
+    from hub.app_factory import build_router
+    from hub.settings import Settings
+
+    class Crashing(TestFormat):
+        def map(self, raw, source):
+            if b'"crash"' in raw:
+                os._exit(3)  # the process dies mid-batch (OOM kill, segfault...)
+            return super().map(raw, source)
+
+    from connectors.pipeline import register_format
+    register_format(Crashing())
+    pipeline = Pipeline(build_router(Settings(database_url=sys.argv[1])), lease_seconds=0, max_attempts=3)
+    pipeline.process_due()
+    """
+)
+
+
+def test_a_message_that_kills_its_worker_goes_dead_and_spares_its_batch(hub: FhirRouter) -> None:
+    engine = hub.ctx.store.engine
+    _drain(Pipeline(hub, retry_base_seconds=0))  # nothing of the other tests left due
+    source = _add(hub, "pipe-crash", code="64032")
+    crash, *others = [
+        r.id
+        for r in inbox.receive(
+            engine,
+            source,
+            [
+                message("c-0", mrn="mrn-c0", note="crash"),
+                message("c-1", mrn="mrn-c1"),
+                message("c-2", mrn="mrn-c2"),
+            ],
+        )
+    ]
+    url = engine.url.render_as_string(hide_password=False)
+    codes = []
+    for _ in range(6):
+        done = subprocess.run(
+            [sys.executable, "-c", _CRASHING_WORKER, url],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            timeout=120,
+        )
+        codes.append(done.returncode)
+        assert done.returncode in (0, 3), done.stderr.decode()[-3000:]
+        if _state(hub, [crash]) == ["dead"]:
+            break
+    # Three claims died with their process; the fourth finds it claimed 3 times: dead.
+    assert codes == [3, 3, 3, 0]
+    (dead,) = inbox.messages(engine, source=source.name, state="dead")
+    assert dead.id == crash and dead.attempts == 3 and "without an outcome" in (dead.error or "")
+    # Its batch neighbours lost two attempts with it, then went on alone.
+    _drain(Pipeline(hub, lease_seconds=0))
+    assert _state(hub, others) == ["processed", "processed"]
 
 
 def test_stored_resources_pass_the_fhir_validator(hub: FhirRouter, tmp_path: Path) -> None:
