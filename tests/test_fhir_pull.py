@@ -28,14 +28,16 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import REPO, SHARED, LiveServer, make_token
+from conftest import REPO, SHARED, LiveServer, _copy_database, make_token
 
 from connectors import inbox, sources
 from connectors.fhirpull import FORMAT, Poller, PullError
 from connectors.identifiers import CCCD, facility_system
 from connectors.model import Rejected, Source, Transient
 from connectors.pipeline import Pipeline
+from hub.app_factory import build_router
 from hub.auth.principal import Role
+from hub.settings import Settings
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 Action = str | None  # None: forward; "500", "busy" (202), "hang", "drop"
@@ -214,9 +216,20 @@ def hub(fresh_database_url) -> Iterator[LiveServer]:  # type: ignore[no-untyped-
         yield server
 
 
+@pytest.fixture(scope="module")
+def facility_template(fresh_database_url) -> str:  # type: ignore[no-untyped-def]
+    """One migrated, empty facility database; each test's facility is a copy (faster than
+    migrating one per test). Never served itself."""
+    return str(fresh_database_url("fhirpull_fac"))
+
+
 @pytest.fixture()
-def facility(fresh_database_url, request: pytest.FixtureRequest) -> Iterator[Facility]:  # type: ignore[no-untyped-def]
-    site = Facility(fresh_database_url(f"fhirpull_fac_{request.node.name[5:25].lower()}"))
+def facility(
+    facility_template: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Facility]:
+    site = Facility(
+        _copy_database(facility_template, f"fhirpull_fac_{request.node.name[5:25].lower()}", tmp_path_factory)
+    )
     yield site
     site.close()
 
@@ -449,6 +462,44 @@ def test_unreachable_facility_is_transient(hub: LiveServer) -> None:
         poller.poll_once()
 
 
+def test_the_hubs_own_worker_pulls_at_the_source_interval(fresh_database_url, facility: Facility) -> None:  # type: ignore[no-untyped-def]
+    """No hand-driven polls: ``hub serve``'s in-process worker pulls and processes by itself."""
+    cccd = _cccd()
+    visit = facility.load_visit(cccd, observations=2)
+    url = fresh_database_url("fhirpull_worker")
+    settings = {"base_url": facility.base, "token": facility.token, "types": ["Encounter", "Observation"]}
+    source = Source(
+        "fac-worker",
+        _code(),
+        "Trạm y tế",
+        "commune",
+        "fhir-pull",
+        {**settings, "interval": 0.5, "bulk": False},
+    )
+    router = build_router(Settings(database_url=url))
+    sources.add(router, source)  # before the hub starts, so its worker sees it at once
+    router.ctx.store.engine.dispose()
+    with LiveServer(url) as hub:
+
+        def observations() -> int:
+            patients = _search(hub, f"Patient?identifier={CCCD}|{cccd}")
+            return len(_search(hub, f"Observation?subject=Patient/{patients[0]['id']}")) if patients else 0
+
+        _wait_for(lambda: observations() == 2)
+        facility.client.post(
+            "Observation", json=_heart_rate(visit["patient"], visit["encounter"], 99), headers=FHIR_JSON
+        )
+        _wait_for(lambda: observations() == 3)
+        assert {r.state for r in _rows(hub, source)} == {"processed"}
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the pull did not arrive in time"
+        time.sleep(0.2)
+
+
 # --- Bulk $export path ---------------------------------------------------------------------------
 
 
@@ -527,6 +578,8 @@ def test_bulk_job_still_running_is_taken_up_by_the_next_poll(hub: LiveServer, fa
         assert poller.poll_once() == 0
         job = poller.cursor()["bulk"]["job"]
         assert job["file"] == 0
+        with facility.server.client(facility.token) as puller:  # the job is its requester's
+            _wait_for(lambda: puller.get(job["status"]).status_code == 200)
         assert poller.poll_once() == 3  # the same job, finished meanwhile
         assert len([r for r in facility.proxy.requests if "/$export?" in r]) == 1
     _process(hub)
