@@ -31,7 +31,7 @@ import pytest
 from conftest import REPO, SHARED, LiveServer, _copy_database, make_token
 
 from connectors import inbox, sources
-from connectors.fhirpull import FORMAT, Poller, PullError
+from connectors.fhirpull import FORMAT, Poller, PullError, pull_order
 from connectors.identifiers import CCCD, facility_system
 from connectors.model import Rejected, Source, Transient
 from connectors.pipeline import Pipeline
@@ -677,6 +677,16 @@ def test_map_skips_what_the_hub_does_not_take_and_links_what_it_cannot_reach() -
     assert content["specimen"] == {
         "reference": "https://elsewhere.example/fhir/Specimen/s1"
     }  # another server's
+
+
+def test_pull_order_puts_targets_before_what_refers_to_them() -> None:
+    assert pull_order(["Flag", "DiagnosticReport", "Observation", "Encounter"]) == [
+        "Patient",
+        "Encounter",
+        "Observation",
+        "DiagnosticReport",
+        "Flag",
+    ]
 
 
 def test_peek_names_page_chunk_and_bundle_and_refuses_garbage() -> None:

@@ -68,9 +68,38 @@ SKIPPED: dict[str, str] = {
     "Binary": "no identifier to make it idempotent",
 }
 
-# Types pulled first, in this order, so conditional references to them resolve (see above);
-# the rest follow in the order the source's settings list them.
-_FIRST = ("Patient", "Organization", "Location", "Practitioner", "PractitionerRole", "Encounter")
+# Types pulled first, in this order, so that the usual references point to a type pulled
+# before (conditional references resolve: Observation.encounter, .basedOn; DiagnosticReport
+# .result; MedicationDispense.authorizingPrescription); the rest follow in the order the
+# source's settings list them. Where the arrow points back (Encounter.diagnosis -> Condition)
+# the reference stays logical.
+_FIRST = (
+    "Patient",
+    "Organization",
+    "Location",
+    "Practitioner",
+    "PractitionerRole",
+    "RelatedPerson",
+    "Encounter",
+    "EpisodeOfCare",
+    "Condition",
+    "AllergyIntolerance",
+    "Medication",
+    "MedicationRequest",
+    "ServiceRequest",
+    "Specimen",
+    "Procedure",
+    "Observation",
+    "DiagnosticReport",
+    "ImagingStudy",
+    "MedicationDispense",
+    "MedicationAdministration",
+    "MedicationStatement",
+    "Immunization",
+    "CarePlan",
+    "DocumentReference",
+    "Composition",
+)
 _REFERENCE = re.compile(r"^([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 _KEPT_META = ("security", "tag")  # consent labels travel; versions and sources are the hub's own
 
