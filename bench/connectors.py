@@ -466,7 +466,7 @@ def main() -> None:
         "--batch-size", type=int, default=200, help="listener group commit: most messages per batch"
     )
     parser.add_argument(
-        "--lanes", type=int, help="listener processing lanes (default: 4 PostgreSQL, 1 SQLite)"
+        "--lanes", type=int, help="listener processing lanes (default: connectors.mllp.LANES)"
     )
     parser.add_argument("--xml130", type=int, default=0, metavar="EPISODES", help="QĐ 130 episodes; 0: skip")
     parser.add_argument("--episodes-per-file", type=int, default=1)

@@ -18,9 +18,8 @@ to ``batch_size``) and stores them with ONE ``inbox.receive`` (one database tran
 then each received message goes to a *lane* chosen by its ordering key (the patient), and
 each lane's *processor* takes everything waiting in it and runs ONE ``runner.process(ids)``
 (one write transaction, a SAVEPOINT per message). Receipt of the next batch overlaps
-processing; lanes run side by side (PostgreSQL: ``lanes`` transactions at once, so the
-database's round trips overlap; SQLite has one writer: one lane), and within a lane one
-batch at a time, so a patient's earlier message is final before a later one of the same
+processing; lanes run side by side (``lanes`` transactions at once, so the database's
+round trips overlap; default one, see ``LANES``), and within a lane one batch at a time, so a patient's earlier message is final before a later one of the same
 patient is processed. A connection sends one message and waits for its ACK (what MLLP
 senders do): many connections make the batches.
 
@@ -63,7 +62,12 @@ DEFAULT_HOST = "0.0.0.0"  # noqa: S104  (a listener for facilities on the networ
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 IDLE_SECONDS = 300.0  # a connection silent this long is closed (senders reconnect)
 BATCH_SIZE = 200
-LANES = 4  # processing transactions at once (PostgreSQL); SQLite: 1
+# Processing transactions at once. 1 by default: measured (bench/connectors.py, PostgreSQL)
+# more lanes gain nothing today, because every message's transaction takes the advisory lock
+# of its conditional reference to the facility's Organization (hub.rest.transaction locks
+# every condition up front) and holds it to the batch's commit, so lanes of one facility
+# wait for each other. Raise it when conditional references no longer lock.
+LANES = 1
 
 START_BLOCK = 0x0B
 END_BLOCK = 0x1C
@@ -86,7 +90,7 @@ class PipelineRunner:
     """``Pipeline.process_ids`` in a thread of this process (no Redis). Its own thread, not
     the loop's default executor, which other work in the process may fill."""
 
-    def __init__(self, pipeline: Pipeline, *, threads: int = LANES) -> None:
+    def __init__(self, pipeline: Pipeline, *, threads: int = 4) -> None:
         self.pipeline = pipeline
         self._thread = ThreadPoolExecutor(threads, thread_name_prefix="mllp-process")
 
@@ -171,9 +175,7 @@ class MllpServer:
         self.stats = ListenerStats()
         self._server: asyncio.Server | None = None
         self._incoming: asyncio.Queue[_Pending] = asyncio.Queue()
-        if lanes is None:
-            lanes = 1 if engine.dialect.name == "sqlite" else LANES
-        self.lanes = max(1, lanes)
+        self.lanes = max(1, lanes or LANES)
         self._lanes: list[asyncio.Queue[list[_Pending]]] = [asyncio.Queue() for _ in range(self.lanes)]
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[Any]] = set()

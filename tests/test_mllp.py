@@ -290,7 +290,14 @@ def test_framing_quirks_bom_lf_missing_final_cr_and_pipelined_messages(
     assert len(search(http, "/Observation", subject=f"Patient/{patient['id']}")) == 2
 
 
-def test_many_connections_make_group_commits(listener: Listener, http: httpx.Client) -> None:
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_many_connections_make_group_commits(router: FhirRouter, http: httpx.Client, lanes: int) -> None:
+    source = new_source(router)
+    with Listener(router.ctx.store.engine, source, PipelineThreadRunner(router), lanes=lanes) as listener:
+        _group_commits(listener, http)
+
+
+def _group_commits(listener: Listener, http: httpx.Client) -> None:
     tag = uuid.uuid4().hex[:8]
     patients = [cccd() for _ in range(8)]
 
