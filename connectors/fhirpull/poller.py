@@ -155,6 +155,9 @@ class Poller:
                     walk["seen"][version] = updated
                 if version not in seen:
                     resources.append(item)
+            if walk["high"] is not None:  # only the overlap window is kept: the cursor stays small
+                floor = _parse(walk["high"]) - self.overlap
+                walk["seen"] = {k: v for k, v in walk["seen"].items() if _parse(v) >= floor}
             following = next(
                 (li.get("url") for li in bundle.get("link", []) if li.get("relation") == "next"), None
             )
@@ -162,11 +165,7 @@ class Poller:
                 stored += 1
             if following is None:
                 kept.pop("next", None)
-                high = walk["high"]
-                kept["since"] = high
-                if high is not None:
-                    floor = _parse(high) - self.overlap
-                    kept["seen"] = {k: v for k, v in walk["seen"].items() if _parse(v) >= floor}
+                kept["since"], kept["seen"] = walk["high"], walk["seen"]
                 kept.pop("walk", None)
             else:
                 kept["next"] = following
