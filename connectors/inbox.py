@@ -418,14 +418,17 @@ def status(engine: sa.Engine, source: str | None = None) -> list[SourceStatus]:
         for row in conn.execute(counts):
             by_state.setdefault(row.source, {})[row.state] = int(row.n)
         by_time = {row.source: row for row in conn.execute(times)}
-        errors: dict[str, Any] = {}
-        for row in source_rows:
-            errors[row.name] = conn.execute(
-                sa.select(m.error, m.error_where, m.processed_at, m.received_at)
-                .where(m.source == row.name, m.error.is_not(None))
-                .order_by(m.id.desc())
-                .limit(1)
-            ).first()
+        latest = sa.select(sa.func.max(m.id)).where(m.error.is_not(None)).group_by(m.source)
+        if source is not None:
+            latest = latest.where(m.source == source)
+        errors: dict[str, Any] = {
+            row.source: row
+            for row in conn.execute(
+                sa.select(m.source, m.error, m.error_where, m.processed_at, m.received_at).where(
+                    m.id.in_(latest.scalar_subquery())
+                )
+            )
+        }
     result = []
     for row in source_rows:
         states = {name: by_state.get(row.name, {}).get(name, 0) for name in STATES}

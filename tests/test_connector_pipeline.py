@@ -428,7 +428,8 @@ _CRASHING_WORKER = textwrap.dedent(
 
     from connectors.pipeline import register_format
     register_format(Crashing())
-    pipeline = Pipeline(build_router(Settings(database_url=sys.argv[1])), lease_seconds=0, max_attempts=3)
+    lease = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    pipeline = Pipeline(build_router(Settings(database_url=sys.argv[1])), lease_seconds=lease, max_attempts=3)
     pipeline.process_due()
     """
 )
@@ -499,3 +500,30 @@ def test_stored_resources_pass_the_fhir_validator(hub: FhirRouter, tmp_path: Pat
         timeout=300,
     )
     assert done.returncode == 0 and f"{len(bodies)} valid, 0 invalid" in done.stdout, done.stdout[-3000:]
+
+
+def test_process_ids_takes_over_an_abandoned_claim_at_once(hub: FhirRouter) -> None:
+    """The MLLP path: a sender resends a message whose worker died; it must not wait for the
+    lease (here an hour) to get its ACK."""
+    engine = hub.ctx.store.engine
+    _drain(Pipeline(hub, retry_base_seconds=0))
+    source = _add(hub, "pipe-takeover", code="64033")
+    ids = [
+        r.id
+        for r in inbox.receive(
+            engine, source, [message("t-0", mrn="mrn-t0", note="crash"), message("t-1", mrn="mrn-t1")]
+        )
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASHING_WORKER, engine.url.render_as_string(hide_password=False), "3600"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr.decode()[-3000:]
+    assert _state(hub, ids) == ["processing", "processing"]
+    assert Pipeline(hub).process_due() == 0  # a worker leaves a live lease alone
+    outcomes = Pipeline(hub).process_ids(ids)  # (this process's mapper does not crash)
+    assert [outcomes[i].state for i in ids] == ["processed", "processed"]
+    assert {m.attempts for m in inbox.messages(engine, source=source.name)} == {2}
