@@ -92,7 +92,7 @@ def format_for(name: str) -> Format:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        if error.name is not None and module_name.startswith(error.name):
+        if error.name == module_name:
             raise LookupError(f"format {name!r}: module {module_name} is not installed") from None
         raise
     fmt: Format = module.FORMAT
