@@ -261,6 +261,24 @@ def mount_connector_routes(
         except FhirError as error:
             return Response(error.outcome_bytes(), error.status, media_type=FHIR_JSON)
 
+    async def authenticated(request: Request) -> Principal | Response:
+        """Who calls, before a body is read: an anonymous caller gets only the 401."""
+        try:
+            return await run_in_threadpool(principal_of, request)
+        except _Unauthenticated as error:
+            answer_401 = unauthorized(error.error)
+            return Response(answer_401.body, 401, headers=answer_401.headers, media_type=FHIR_JSON)
+
+    async def admin_json(request: Request) -> tuple[Principal | Response, dict[str, Any] | FhirError]:
+        """The caller and, for a hub admin only, the JSON body (or why it is refused)."""
+        who = await authenticated(request)
+        if isinstance(who, Response) or who.role is not Role.ADMIN:
+            return who, {}
+        try:
+            return who, await _json_body(request)
+        except FhirError as error:
+            return who, error
+
     def statuses_for(principal: Principal, name: str | None = None) -> list[Any]:
         if name is not None and not _known_name(name):
             return []
@@ -287,19 +305,14 @@ def mount_connector_routes(
     @app.post("/connectors", tags=[TAG], summary="Register (or with replace=true change) a source")
     async def add_source(request: Request) -> Response:
         replace = request.query_params.get("replace", "false").lower() in ("1", "true", "yes")
-        try:
-            body = await _json_body(request)
-        except FhirError as error:
-            bad = error
-
-            def refuse(who: Principal) -> Response:
-                require_admin(who)
-                raise bad
-
-            return await answer(request, "add", "C", refuse)
+        who, body = await admin_json(request)
+        if isinstance(who, Response):
+            return who
 
         def work(who: Principal) -> Response:
             require_admin(who)
+            if isinstance(body, FhirError):
+                raise body
             source = source_from_json(body)
             try:
                 with system_access("connectors-add"):
@@ -308,14 +321,13 @@ def mount_connector_routes(
                 raise _error(400, "invalid", str(error).strip("'\"")) from None
             return _json(201 if not replace else 200, source_json(stored))
 
-        return await answer(request, "add", "C", work)
+        return await answer(request, "add", "C", work, principal=lambda _request: who)
 
     @app.post("/connectors/replay", tags=[TAG], summary="Queue messages again (by id or filter)")
     async def replay(request: Request) -> Response:
-        try:
-            body: dict[str, Any] | FhirError = await _json_body(request)
-        except FhirError as error:
-            body = error
+        who, body = await admin_json(request)
+        if isinstance(who, Response):
+            return who
 
         def work(who: Principal) -> Response:
             require_admin(who)
@@ -340,7 +352,7 @@ def mount_connector_routes(
             runtime.wake()
             return _json(200, {"replayed": count})
 
-        return await answer(request, "replay", "E", work)
+        return await answer(request, "replay", "E", work, principal=lambda _request: who)
 
     @app.get("/connectors/{name}", tags=[TAG], summary="Status of one connector source")
     async def one_status(request: Request, name: str) -> Response:
@@ -406,12 +418,9 @@ def mount_connector_routes(
         status_code=202,
     )
     async def upload_xml130(request: Request, name: str) -> Response:
-        # Who it is before the body is read: an anonymous caller gets only the 401.
-        try:
-            who_first = await run_in_threadpool(principal_of, request)
-        except _Unauthenticated as error:
-            answer_401 = unauthorized(error.error)
-            return Response(answer_401.body, 401, headers=answer_401.headers, media_type=FHIR_JSON)
+        who_first = await authenticated(request)
+        if isinstance(who_first, Response):
+            return who_first
         body = await request.body() if who_first.role is Role.ADMIN else b""
 
         def work(who: Principal) -> Response:

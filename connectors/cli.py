@@ -258,7 +258,7 @@ def serve(
     router = build_router(settings)
 
     async def main() -> None:
-        runtime = ConnectorRuntime(router, settings, listen=listen, only=source or None)
+        runtime = ConnectorRuntime(router, settings, listen=listen, only=source or None, tolerate_busy=False)
         await runtime.start()
         for server in runtime.servers:
             console.print(f"MLLP {server.source.name} on {server.host}:{server.port}")

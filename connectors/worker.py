@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import multiprocessing
 import signal
@@ -528,7 +529,12 @@ def mllp_ssl(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def start_listeners(
-    router: FhirRouter, settings: Settings, runner: Runner, sources: list[Source] | None = None
+    router: FhirRouter,
+    settings: Settings,
+    runner: Runner,
+    sources: list[Source] | None = None,
+    *,
+    tolerate_busy: bool = False,
 ) -> list[MllpServer]:
     """An MLLP listener per unpaused hl7v2-mllp source (at its ``port``; its ``host`` or
     MLLP_HOST; its own TLS files (``certfile``, ``keyfile``) or MLLP_TLS_CERT/KEY)."""
@@ -554,7 +560,15 @@ async def start_listeners(
                 if source.settings.get("certfile") or source.settings.get("tls") is False
                 else hub_tls,
             )
-            await server.start()
+            try:
+                await server.start()
+            except OSError as error:
+                await server.stop()  # its stages started before the bind failed
+                if not (tolerate_busy and error.errno == errno.EADDRINUSE):
+                    raise
+                # `hub serve --workers N`: the first process to bind a port serves it.
+                log.info("MLLP port %s of %s is served by another process", server.port, source.name)
+                continue
             servers.append(server)
     except BaseException:
         for server in servers:
@@ -574,11 +588,14 @@ class ConnectorRuntime:
         *,
         listen: bool | None = None,
         only: list[str] | None = None,
+        tolerate_busy: bool = True,
     ) -> None:
         self.router = router
         self.settings = settings
         self.listen = settings.connectors_listen if listen is None else listen
         self.only = only  # listen for these sources only (default: every hl7v2-mllp source)
+        # A port another process of `hub serve --workers N` holds is skipped, not an error.
+        self.tolerate_busy = tolerate_busy
         self.workers: list[InProcessWorker] = []
         self.servers: list[MllpServer] = []
         self.runner: Runner | None = None
@@ -604,7 +621,9 @@ class ConnectorRuntime:
 
                 found = await asyncio.to_thread(registry.all_sources, self.router.ctx.store.engine)
                 chosen = [s for s in found if s.name in self.only]
-            self.servers = await start_listeners(self.router, self.settings, self.runner, chosen)
+            self.servers = await start_listeners(
+                self.router, self.settings, self.runner, chosen, tolerate_busy=self.tolerate_busy
+            )
 
     def wake(self) -> None:
         """New messages were stored (an upload): let an in-process worker take them now."""
