@@ -459,7 +459,11 @@ def _transaction_in(
             current = entry
             if entry.resource is not None:
                 rewrite(entry.resource, resolver)
-        bulk = [e for e in ordered if e.method == "POST" and e.index in targets.assigned]
+        bulk = [
+            e
+            for e in ordered
+            if (e.method == "POST" and e.index in targets.assigned) or (e.method == "PUT" and e.assigned)
+        ]
         try:
             responses.update(_create_all(router, conn, request, bulk, targets))
         except FhirError as error:
@@ -495,11 +499,11 @@ def _create_all(
     for entry in posts:
         assert entry.resource is not None
         res_type = entry.resource_type
-        if entry.resource.get("resourceType") != res_type or "/" in entry.path:
+        if entry.resource.get("resourceType") != res_type or ("/" in entry.path and not entry.assigned):
             raise bad_request(
                 f"Bundle.entry[{entry.index}]: POST {entry.url} with a {entry.resource.get('resourceType')}"
             )
-        bodies.append((entry.resource, targets.assigned[entry.index]))
+        bodies.append((entry.resource, entry.assigned or targets.assigned[entry.index]))
     stored = router.ctx.store.create_many(conn, bodies)
     entry_requests = [_entry_request(e, request) for e in posts]
     return {
