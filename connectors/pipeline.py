@@ -38,11 +38,12 @@ import orjson
 import sqlalchemy as sa
 
 from connectors import inbox
-from connectors.identifiers import facility_reference, facility_system
+from connectors.identifiers import FACILITY, facility_reference, facility_system
 from connectors.model import Format, Mapped, Rejected, Source, Transient
 from hub.crypto.keys import Keyring
 from hub.db.schema import connector_message, connector_source
 from hub.errors import FhirError
+from hub.store.references import rewrite
 
 if TYPE_CHECKING:
     from hub.rest.router import FhirRouter
@@ -426,6 +427,7 @@ class Pipeline:
         moment = inbox.now()
         rows = self._rows(conn, sorted(tokens), lock=self._postgres)
         sources = _sources(conn, {row.source for row in rows})
+        facilities = self._facility_ids(conn, list(sources.values()))
         ring = self.store.keys()
         stalled: set[str] = set()  # keys whose earlier message in this batch did not finish
         outcomes: dict[int, Outcome] = {}
@@ -449,7 +451,7 @@ class Pipeline:
                 if row.ordering_key is not None:
                     stalled.add(row.ordering_key)
                 continue
-            outcome, warnings = self._one(conn, row, source, ring)
+            outcome, warnings = self._one(conn, row, source, ring, facilities.get(source.facility_code))
             outcome = self._mark(conn, row, outcome, warnings, moment)
             outcome.attempted = True
             outcomes[row.id] = outcome
@@ -457,14 +459,37 @@ class Pipeline:
                 stalled.add(row.ordering_key)
         return outcomes
 
-    def _one(self, conn: sa.Connection, row: Any, source: Source, ring: Keyring) -> tuple[Outcome, list[str]]:
+    def _facility_ids(self, conn: sa.Connection, batch_sources: list[Source]) -> dict[str, str]:
+        """The id of each facility's Organization (added with its source). Mappings name it
+        by a conditional reference, which a transaction resolves under an advisory lock held
+        to the batch's commit: every batch of a facility would wait for the one before."""
+        from consent.context import serving, system_access_for
+        from hub.search import engine as search_engine
+
+        found: dict[str, str] = {}
+        with serving(system_access_for("connector-pipeline")):
+            for code in sorted({source.facility_code for source in batch_sources}):
+                ids = search_engine.find_ids(
+                    conn,
+                    self.router.ctx.registry,
+                    "Organization",
+                    [("identifier", f"{FACILITY}|{code}")],
+                    self.router.ctx.base_url,
+                )
+                if len(ids) == 1:  # else left to the transaction (412 when ambiguous)
+                    found[code] = ids[0]
+        return found
+
+    def _one(
+        self, conn: sa.Connection, row: Any, source: Source, ring: Keyring, facility_id: str | None
+    ) -> tuple[Outcome, list[str]]:
         """One message in its own SAVEPOINT: its outcome (and the mapping's warnings)."""
         warnings: list[str] = []
         try:
             # Inside: bytes that cannot be opened (a lost data key) fail this message only.
             data = inbox.open_raw(ring, row.source, row.raw_sha256, bytes(row.raw))
             with conn.begin_nested():
-                resources = self._write(conn, row, source, data, warnings)
+                resources = self._write(conn, row, source, data, warnings, facility_id)
             return Outcome("processed", None, None, False, resources), warnings
         except Rejected as error:
             return Outcome("rejected", error.reason, error.where, error.unsupported), warnings
@@ -484,7 +509,13 @@ class Pipeline:
             return Outcome("failed", f"{type(error).__name__}: {error}"[:2000], None, False), warnings
 
     def _write(
-        self, conn: sa.Connection, row: Any, source: Source, data: bytes, warnings: list[str]
+        self,
+        conn: sa.Connection,
+        row: Any,
+        source: Source,
+        data: bytes,
+        warnings: list[str],
+        facility_id: str | None,
     ) -> list[str]:
         """Map the message and write it as one transaction with its Provenance; the
         resources written ("Type/id")."""
@@ -509,6 +540,8 @@ class Pipeline:
             provenance = _provenance_entry(row, source, units, entries)
             if provenance is not None:  # None: nothing written that it could name
                 entries.append(provenance)
+            if facility_id is not None:
+                _name_facility(entries, source.facility_code, facility_id)
             bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
             request = FhirRequest("POST", "", parsed_body=bundle, principal=access.principal)
             response = transaction_in(self.router, conn, request)
@@ -560,6 +593,19 @@ def _sources(conn: sa.Connection, names: set[str]) -> dict[str, Source]:
         )
         for row in rows
     }
+
+
+def _name_facility(entries: list[dict[str, Any]], code: str, facility_id: str) -> None:
+    """The facility's conditional reference made literal (see Pipeline._facility_ids)."""
+    conditional = facility_reference(code)["reference"]
+    literal = f"Organization/{facility_id}"
+
+    def resolve(reference: str) -> str | None:
+        return literal if reference == conditional else None
+
+    for entry in entries:
+        if isinstance(entry.get("resource"), dict):
+            rewrite(entry["resource"], resolve)
 
 
 def _stored_outcome(row: Any) -> Outcome:
