@@ -201,7 +201,10 @@ def test_died_and_inpatient_codes() -> None:
     assert [c["code"] for c in encounter["serviceType"]["coding"]] == ["K01", "K26"]
     assert encounter["class"]["code"] == "IMP"
     assert [c["code"] for c in encounter["hospitalization"]["dischargeDisposition"]["coding"]] == ["1", "exp"]
-    assert encounter["hospitalization"]["origin"] == {"identifier": {"system": FACILITY, "value": "64010"}}
+    assert encounter["hospitalization"]["origin"] == {
+        "type": "Organization",
+        "identifier": {"system": FACILITY, "value": "64010"},
+    }
 
 
 # --- XML2 - XML5 ----------------------------------------------------------------------------------
@@ -223,7 +226,10 @@ def test_xml2_medication_request_and_statement_of_what_was_given() -> None:
         "display": "Uống",
     }
     assert request["dispenseRequest"]["quantity"] == {"value": 15, "unit": "Viên"}
-    assert request["requester"] == {"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}
+    assert request["requester"] == {
+        "type": "Practitioner",
+        "identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR},
+    }
     assert request["authoredOn"] == "2025-07-01T09:30:00+07:00"
     given = by_id(m, "MedicationStatement", "XML2/1")
     assert given["basedOn"] == [{"reference": full_url(m, request)}] and given["status"] == "completed"
@@ -251,7 +257,7 @@ def test_xml3_services_and_supplies() -> None:
         "end": "2025-07-01T07:50:00+07:00",
     }
     assert procedure["performer"] == [
-        {"actor": {"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}}
+        {"actor": {"type": "Practitioner", "identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}}
     ]
     assert procedure["reasonCode"][0]["coding"][0] == {"system": ICD10, "code": "I10"}
     (supply,) = procedure["usedCode"]
@@ -275,7 +281,9 @@ def test_xml4_observations_grouped_into_reports() -> None:
     assert glucose["valueQuantity"] == {"value": 7.8, "unit": "mmol/L"}
     assert glucose["category"][0]["coding"][0]["code"] == "laboratory"
     assert glucose["effectiveDateTime"] == "2025-07-01T09:15:00+07:00"
-    assert glucose["performer"] == [{"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.READER}}]
+    assert glucose["performer"] == [
+        {"type": "Practitioner", "identifier": {"system": PRACTITIONER_SYSTEM, "value": f.READER}}
+    ]
     assert glucose["note"] == [{"text": "Kết luận: Tăng glucose máu"}]
     assert by_id(m, "Observation", "XML4/3")["valueQuantity"] == {"value": 88, "unit": "umol/L"}
     assert by_id(m, "Observation", "XML4/9")["valueString"] == "Âm tính"
@@ -306,7 +314,9 @@ def test_xml5_progress_notes() -> None:
     assert first["code"]["coding"][0]["code"] == "11506-3"
     assert first["valueString"].startswith("Tỉnh, tiếp xúc tốt. HA 160/95 mmHg")
     assert first["effectiveDateTime"] == "2025-07-01T07:45:00+07:00"
-    assert first["performer"] == [{"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}]
+    assert first["performer"] == [
+        {"type": "Practitioner", "identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}
+    ]
     assert first["encounter"] == {"reference": full_url(m, by_id(m, "Encounter", ""))}
 
 
@@ -349,7 +359,11 @@ def test_papers_referral_and_revisit() -> None:
     discharge = by_id(m, "DocumentReference", "XML7")
     assert discharge["type"]["coding"][0]["code"] == "18842-5" and discharge["description"] == "Giấy ra viện"
     assert discharge["author"] == [
-        {"identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}, "display": "Trần Văn Bình"}
+        {
+            "type": "Practitioner",
+            "identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR},
+            "display": "Trần Văn Bình",
+        }
     ]
     assert discharge["date"] == "2025-07-01T00:00:00+07:00"
     assert discharge["context"]["encounter"] == [{"reference": full_url(m, by_id(m, "Encounter", ""))}]
@@ -371,7 +385,9 @@ def test_papers_referral_and_revisit() -> None:
     assert summary["author"] == [{"reference": f"Organization?identifier={FACILITY}|64001"}]
     referral = by_id(m, "ServiceRequest", "XML13")
     assert referral["code"]["coding"][0]["code"] == "3457005"
-    assert referral["performer"] == [{"identifier": {"system": FACILITY, "value": "52001"}}]
+    assert referral["performer"] == [
+        {"type": "Organization", "identifier": {"system": FACILITY, "value": "52001"}}
+    ]
     assert [c["coding"][0]["code"] for c in referral["reasonCode"]] == ["I10", "E11.9", "E78.5"]
     assert referral["requisition"] == {"value": "CTHS00000001"}
     # NGAY_TAI_KHAM and XML14 are one re-visit: one Appointment, XML14's details.

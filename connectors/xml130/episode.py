@@ -62,14 +62,18 @@ def coded(name: str, code: str, text: str | None = None) -> dict[str, Any]:
 
 def practitioner(code: str, display: str | None = None) -> dict[str, Any]:
     """A logical reference: the hub holds no Practitioner for every certificate number."""
-    ref: dict[str, Any] = {"identifier": {"system": PRACTITIONER_SYSTEM, "value": code}}
+    # "type" says it names no patient: the compartment needs no lookup of the identifier.
+    ref: dict[str, Any] = {
+        "type": "Practitioner",
+        "identifier": {"system": PRACTITIONER_SYSTEM, "value": code},
+    }
     if display:
         ref["display"] = display
     return ref
 
 
 def facility_ref(code: str) -> dict[str, Any]:
-    return {"identifier": {"system": FACILITY, "value": code}}
+    return {"type": "Organization", "identifier": {"system": FACILITY, "value": code}}
 
 
 def notes_of(*parts: tuple[str, str | None]) -> list[dict[str, str]]:
