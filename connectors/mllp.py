@@ -141,6 +141,9 @@ class ListenerStats:
     largest_batch: int = 0
     too_large: int = 0
     last_error: str | None = None
+    # MSH-4 (sending facility) as senders wrote it, with how many messages named it: the
+    # source stays the listener's whatever a message says, but an operator sees who sends.
+    sending_facilities: dict[str, int] = field(default_factory=dict)
 
 
 class MllpServer:
@@ -262,6 +265,7 @@ class MllpServer:
                     return
                 self.stats.messages += 1
                 pending = _Pending(normalize(raw), asyncio.get_running_loop().create_future())
+                self._record_sender(pending.raw, peer)
                 self._incoming.put_nowait(pending)
                 try:
                     ack = await pending.done
@@ -281,6 +285,22 @@ class MllpServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _record_sender(self, raw: bytes, peer: object) -> None:
+        facility = _sending_facility(raw)
+        seen = self.stats.sending_facilities
+        if facility not in seen and len(seen) < 100:  # bounded: a sender cannot grow it
+            if facility != self.source.facility_code:
+                log.warning(
+                    "MLLP %s: %s sends as MSH-4 %r, not facility %s (stored as this source's)",
+                    self.source.name,
+                    peer,
+                    facility,
+                    self.source.facility_code,
+                )
+            seen[facility] = 0
+        if facility in seen:
+            seen[facility] += 1
 
     # stage 1: receipt, one inbox transaction per batch
 
@@ -392,6 +412,17 @@ class MllpServer:
     def _fail_waiting(self, queue: asyncio.Queue[_Pending]) -> None:
         while not queue.empty():
             self._down([queue.get_nowait()], "listener stopped")
+
+
+def _sending_facility(raw: bytes) -> str:
+    """MSH-4's first component, read without parsing the message ("" when there is none)."""
+    if not raw.startswith(b"MSH") or len(raw) < 8:
+        return ""
+    field_sep, component_sep = raw[3:4], raw[4:5]
+    fields = raw.split(b"\r", 1)[0].split(field_sep)
+    if len(fields) < 4:
+        return ""
+    return fields[3].split(component_sep)[0].decode("utf-8", "replace")[:64]
 
 
 async def _take(queue: asyncio.Queue[_T], limit: int) -> list[_T]:

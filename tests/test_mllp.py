@@ -228,6 +228,8 @@ def test_adt_then_oru_stored_once_even_when_the_feed_is_sent_again(
         (f"A{tag}", "processed"),
         (f"O{tag}", "processed"),
     ]
+    # MSH-4 is recorded as sent; the source stays the listener's.
+    assert listener.server.stats.sending_facilities == {FACILITY: 4}
 
 
 def test_poison_messages_are_refused_and_never_block_the_ones_behind(
