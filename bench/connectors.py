@@ -81,7 +81,17 @@ def drop_database(backend: str) -> None:
 # --- the listener process ------------------------------------------------------------------------
 
 
-def serve(url: str, source_name: str, batch_size: int, lanes: int | None) -> None:
+class ReceiptOnly:
+    """``--receipt-only``: a runner that processes nothing and answers "processed", so the
+    run measures the listener and the durable receipt alone (the messages stay queued)."""
+
+    async def process(self, ids: list[int]) -> dict[int, Any]:
+        from connectors.pipeline import Outcome
+
+        return {i: Outcome("processed", None, None, False, []) for i in ids}
+
+
+def serve(url: str, source_name: str, batch_size: int, lanes: int | None, receipt_only: bool) -> None:
     """``--serve``: a listener on a free port; prints "PORT n", runs until stdin closes, then
     prints its statistics as one JSON line."""
     from connectors import sources
@@ -96,7 +106,7 @@ def serve(url: str, source_name: str, batch_size: int, lanes: int | None) -> Non
     source = sources.add(
         router, Source(source_name, FACILITY, "BVĐK tỉnh Gia Lai", "provincial", "hl7v2-mllp")
     )
-    runner = Runner(Pipeline(router))
+    runner: Any = ReceiptOnly() if receipt_only else Runner(Pipeline(router))
 
     async def run() -> dict[str, Any]:
         server = MllpServer(
@@ -317,6 +327,7 @@ def run_hl7(args: argparse.Namespace, url: str, env: dict[str, str], work: Path)
             "--batch-size",
             str(args.batch_size),
             *(["--lanes", str(args.lanes)] if args.lanes else []),
+            *(["--receipt-only"] if args.receipt_only else []),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -346,7 +357,8 @@ def run_hl7(args: argparse.Namespace, url: str, env: dict[str, str], work: Path)
     stats = json.loads(server.stdout.readline() or b"{}")
     server.wait(timeout=60)
     sent = len(latencies)
-    print("\nHL7 v2 over MLLP (ADT^A01 + ORU^R01 per patient, ACK after commit)")
+    what = "RECEIPT ONLY: stored in the inbox, not processed" if args.receipt_only else "ACK after commit"
+    print(f"\nHL7 v2 over MLLP (ADT^A01 + ORU^R01 per patient, {what})")
     print(f"  messages: {sent} over {len(per_connection)} connections; ACKs {dict(codes)}")
     print(f"  throughput: {sent / seconds:,.0f} messages/s ({seconds:.1f} s)")
     print(
@@ -369,7 +381,8 @@ def run_hl7(args: argparse.Namespace, url: str, env: dict[str, str], work: Path)
             f"  baseline {name.replace('_per_s', '')} of the same bytes: {rate:,.0f} messages/s"
             f" (hub = {sent / seconds / rate:.1%} of it)"
         )
-    _check_inbox(url, source_name, sent + len(warm) * 2)
+    if not args.receipt_only:
+        _check_inbox(url, source_name, sent + len(warm) * 2)
     if spy is not None:
         summarize_py_spy(spy_out)
 
@@ -468,6 +481,11 @@ def main() -> None:
     parser.add_argument(
         "--lanes", type=int, help="listener processing lanes (default: connectors.mllp.LANES)"
     )
+    parser.add_argument(
+        "--receipt-only",
+        action="store_true",
+        help="no processing: the listener and inbox.receive alone (ACK AA after the receipt commits)",
+    )
     parser.add_argument("--xml130", type=int, default=0, metavar="EPISODES", help="QĐ 130 episodes; 0: skip")
     parser.add_argument("--episodes-per-file", type=int, default=1)
     parser.add_argument("--xml-batch", type=int, default=20, help="QĐ 130 files per receive/process batch")
@@ -477,7 +495,7 @@ def main() -> None:
     parser.add_argument("--source", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.source, args.batch_size, args.lanes)
+        serve(args.serve, args.source, args.batch_size, args.lanes, args.receipt_only)
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench-connectors-"))
