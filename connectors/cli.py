@@ -27,10 +27,11 @@ console = Console()
 
 
 def _engine() -> Any:
-    from hub.db.engine import create_engine
+    """The configured database with its keyring: the commands that change the inbox write an
+    AuditEvent, which is sealed and blind-indexed with the database's keys."""
+    from hub.cli import _engine as configured_engine
 
-    settings = get_settings()
-    return create_engine(settings.database_url, echo=settings.sql_echo)
+    return configured_engine()
 
 
 def _setting(pairs: list[str]) -> dict[str, Any]:
