@@ -30,8 +30,8 @@ the mapped entries reference (the transaction rewrites those references):
 - every Flag is a ``PUT Flag/<id>`` whose id is derived from what it is about and whose
   patient, so processing a message again adds no second Flag (``_flags``). The Patient is
   tagged with each reason too: ``Patient?_tag=<record-review>|unmatched`` is the review
-  queue (Flag has no search parameters in the hub's registry; ``$everything`` and the
-  Patient compartment include the Flags).
+  queue of records, ``Flag?identifier=<record-review>|unmatched`` (or ``Flag?patient=``)
+  that of the flags; ``$everything`` and the Patient compartment include them.
 
 Merges (``Mapped.merges``): the retired Patient gets ``active: false`` and a ``replaced-by``
 link to the survivor, the survivor a ``replaces`` link. References to the retired record
@@ -61,7 +61,7 @@ from hub.search import engine as search_engine
 if TYPE_CHECKING:
     from hub.rest.router import FhirRouter
 
-__all__ = ["FLAG_KEY", "MRN_PREFIX", "OTHER_RECORD", "REVIEW", "resolve"]
+__all__ = ["FLAG_KEY", "MRN_PREFIX", "OTHER_RECORD", "REVIEW", "begin_message", "resolve"]
 
 # meta.tag and Flag.code of what review work must look at.
 REVIEW = "https://ehealth-hub.vn/CodeSystem/record-review"
@@ -174,6 +174,14 @@ class _Memo:
 
 
 _MEMO = "connectors.patients.memo"
+
+
+def begin_message(conn: sa.Connection) -> None:
+    """The next ``resolve`` calls on ``conn`` are another message's: its patients are not
+    those of the units resolved so far. For a caller that resolves several messages in one
+    transaction (the pipeline's combined units) before writing any; without it the memo
+    lasts as long as the caller's innermost open transaction."""
+    conn.info.pop(_MEMO, None)
 
 
 def _memo(conn: sa.Connection) -> _Memo:
@@ -563,8 +571,10 @@ def _patient_entry(found: _Resolved) -> dict[str, Any]:
 def _flags(found: _Resolved) -> list[dict[str, Any]]:
     """The Flags of what the resolution found, as ``PUT Flag/<id>`` of an id derived from
     what each flag is about: writing the message again (or a concurrent message about the
-    same new patient) writes the same Flag, a no-op, instead of a second one. (A conditional
-    create cannot serve: the search registry holds no parameter for Flag.)"""
+    same new patient) writes the same Flag, a no-op, instead of a second one. Flag is
+    searchable now, but a conditional create would not serve better: a new Patient's id is
+    not known when the entry is built, so its criteria would still have to name the keyed
+    identifier hash this id is made of, and it would cost a search and a lock per flag."""
     assert found.wanted is not None
     if found.id is not None:
         subject = {"reference": f"Patient/{found.id}"}
