@@ -61,6 +61,16 @@ DEFAULT_PORT = 2575
 DEFAULT_HOST = "0.0.0.0"  # noqa: S104  (a listener for facilities on the network)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 IDLE_SECONDS = 300.0  # a connection silent this long is closed (senders reconnect)
+# A message must arrive whole this long after its start block: a sender trickling bytes
+# (slow loris) is never idle, so the idle limit alone would hold its buffer forever.
+MESSAGE_SECONDS = 120.0
+# Open connections per listener: each may buffer up to max_message_bytes, so this bounds the
+# listener's memory (a HIS keeps one to a few; more are a misconfigured or hostile peer).
+MAX_CONNECTIONS = 256
+# Bytes all of a listener's connections may hold in partial messages at once (each one up to
+# max_message_bytes): many large senders at once are cut off (no ACK: they resend later)
+# before they exhaust the process's memory.
+MAX_BUFFERED_BYTES = 256 * 1024 * 1024
 BATCH_SIZE = 200
 # Processing transactions at once. 1 by default: measured (bench/connectors.py, PostgreSQL)
 # more lanes gain nothing today, because every message's transaction takes the advisory lock
@@ -140,6 +150,9 @@ class ListenerStats:
     batches: int = 0
     largest_batch: int = 0
     too_large: int = 0
+    too_slow: int = 0  # cut off: a message not whole within message_seconds
+    refused: int = 0  # connections closed at once: max_connections were open
+    over_budget: int = 0  # cut off (no ACK): the listener's buffers held max_buffered_bytes
     last_error: str | None = None
     # MSH-4 (sending facility) as senders wrote it, with how many messages named it: the
     # source stays the listener's whatever a message says, but an operator sees who sends.
@@ -163,6 +176,9 @@ class MllpServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         idle_seconds: float = IDLE_SECONDS,
         lanes: int | None = None,
+        message_seconds: float = MESSAGE_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
+        max_buffered_bytes: int = MAX_BUFFERED_BYTES,
     ) -> None:
         if source.kind != "hl7v2-mllp":
             raise ValueError(f"source {source.name!r} is {source.kind}, not hl7v2-mllp")
@@ -175,6 +191,9 @@ class MllpServer:
         self.batch_size = batch_size
         self.max_message_bytes = max_message_bytes
         self.idle_seconds = idle_seconds
+        self.message_seconds = message_seconds
+        self.max_connections = max_connections
+        self._budget = _Budget(max_buffered_bytes)
         self.stats = ListenerStats()
         self._server: asyncio.Server | None = None
         self._incoming: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -235,11 +254,24 @@ class MllpServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        peer = writer.get_extra_info("peername")
+        if len(self._connections) >= self.max_connections:
+            # Refused before anything is read: idle or hostile connections cannot pile up
+            # buffers, and the ones already open (the facility's own) keep being served.
+            self.stats.refused += 1
+            log.warning(
+                "MLLP %s: %d connections open, refusing %s", self.source.name, self.max_connections, peer
+            )
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
         self._connections.add(task)
         self.stats.connections += 1
         self.stats.open_connections += 1
-        peer = writer.get_extra_info("peername")
-        frames = _FrameReader(reader, self.max_message_bytes, self.idle_seconds)
+        frames = _FrameReader(
+            reader, self.max_message_bytes, self.idle_seconds, self.message_seconds, self._budget
+        )
         try:
             while True:
                 try:
@@ -261,6 +293,24 @@ class MllpServer:
                     )
                     await writer.drain()
                     return
+                except _OverBudget:
+                    self.stats.over_budget += 1
+                    log.warning(
+                        "MLLP %s: buffers full (%d bytes), closing %s without an ACK",
+                        self.source.name,
+                        self._budget.limit,
+                        peer,
+                    )
+                    return
+                except _TooSlow:
+                    self.stats.too_slow += 1
+                    log.warning(
+                        "MLLP %s: message from %s not whole within %.0f s: closing",
+                        self.source.name,
+                        peer,
+                        self.message_seconds,
+                    )
+                    return
                 if raw is None:  # the sender closed, or was idle too long
                     return
                 self.stats.messages += 1
@@ -280,6 +330,7 @@ class MllpServer:
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.info("MLLP %s: connection from %s lost: %s", self.source.name, peer, exc)
         finally:
+            frames.release()
             self.stats.open_connections -= 1
             self._connections.discard(task)
             writer.close()
@@ -443,19 +494,56 @@ class _TooLarge(Exception):
         self.head = head  # the start of the message, for the AE's MSH
 
 
+class _TooSlow(Exception):
+    """A message was not whole within ``message_seconds`` of its start block."""
+
+
+class _OverBudget(Exception):
+    """The listener's connections together hold ``max_buffered_bytes`` already."""
+
+
+@dataclass
+class _Budget:
+    """Bytes buffered by all of one listener's connections (one event loop: no lock)."""
+
+    limit: int
+    used: int = 0
+
+
 class _FrameReader:
     """Frames from a stream: bytes before a start block (stray CR/LF, keep-alives) are
     skipped, a message ends at the end block, and the CR after it may be missing."""
 
-    def __init__(self, reader: asyncio.StreamReader, limit: int, idle_seconds: float) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        limit: int,
+        idle_seconds: float,
+        message_seconds: float = MESSAGE_SECONDS,
+        budget: _Budget | None = None,
+    ) -> None:
         self.reader = reader
+        self.budget = budget if budget is not None else _Budget(MAX_BUFFERED_BYTES)
+        self.accounted = 0  # of self.buffer, counted in the budget
         self.limit = limit
         self.idle_seconds = idle_seconds
+        self.message_seconds = message_seconds
         self.buffer = bytearray()
+
+    def _account(self) -> None:
+        self.budget.used += len(self.buffer) - self.accounted
+        self.accounted = len(self.buffer)
+
+    def release(self) -> None:
+        """The connection ends: its buffer leaves the budget."""
+        self.buffer.clear()
+        self._account()
 
     async def next(self) -> bytes | None:
         start = -1
         scanned = 0
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # set when a message has begun
         while True:
             if start < 0:
                 start = self.buffer.find(START_BLOCK)
@@ -464,6 +552,8 @@ class _FrameReader:
                 else:
                     del self.buffer[:start]
                     start, scanned = 0, 1
+            if start == 0 and deadline is None:
+                deadline = loop.time() + self.message_seconds
             if start == 0:
                 end = self.buffer.find(END_BLOCK, scanned)
                 if end - 1 > self.limit or (end < 0 and len(self.buffer) - 1 > self.limit):
@@ -478,13 +568,25 @@ class _FrameReader:
                     del self.buffer[:drop]
                     return message
                 scanned = len(self.buffer)
+            wait = self.idle_seconds
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise _TooSlow
+                wait = min(wait, left)
             try:
-                chunk = await asyncio.wait_for(self.reader.read(_READ_CHUNK), self.idle_seconds)
+                chunk = await asyncio.wait_for(self.reader.read(_READ_CHUNK), wait)
             except TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise _TooSlow from None
                 return None
             if not chunk:
                 return None
+            self._account()
+            if self.budget.used + len(chunk) > self.budget.limit:
+                raise _OverBudget
             self.buffer += chunk
+            self._account()
 
 
 # --- TLS and start-up --------------------------------------------------------------------

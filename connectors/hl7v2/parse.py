@@ -27,6 +27,16 @@ _SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _HEX = re.compile(r"^[0-9A-Fa-f]+$")
 
 
+def masked(value: str, limit: int = 24) -> str:
+    """``value`` as an error message may show it: its shape, not its content (digits as 9,
+    letters as A, other characters kept), at most ``limit`` characters. Error texts are not
+    sealed (inbox ``error``, ACK ERR-8, logs): a misplaced CCCD, name, phone, birth date or
+    result value must not be written there in the clear, while "9999-99-99 is not a date"
+    still tells the sender what is wrong with its format."""
+    shape = "".join("9" if c.isdigit() else "A" if c.isalpha() else c for c in value[:limit])
+    return shape + ("…" if len(value) > limit else "")
+
+
 @dataclass(frozen=True)
 class Encoding:
     """MSH-1 and MSH-2: the separators this message uses."""
@@ -279,7 +289,7 @@ def parse_messages(raw: bytes) -> list[Message]:
             raise Rejected(f"segment {name!r} outside a message of the batch", name)
         if not _SEGMENT_ID.match(line[:3]) or (len(line) > 3 and line[3] != enc.field):
             where = f"{current[-1].name} after segment {len(current)}"
-            raise Rejected(f"line {lineno + 1} is not a segment: {line[:20]!r}", where)
+            raise Rejected(f"line {lineno + 1} is not a segment: {masked(line, 20)!r}", where)
         current.append(segment_of(line, enc, len(current)))
     if current:
         messages.append(Message(current, enc))

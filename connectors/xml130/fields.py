@@ -21,6 +21,13 @@ TZ = "+07:00"
 _DECIMAL = re.compile(r"-?\d+(\.\d+)?")
 
 
+def masked(value: str, limit: int = 24) -> str:
+    """``value`` as an error message may show it: its shape, not its content (digits as 9,
+    letters as A, other characters kept), at most ``limit`` characters."""
+    shape = "".join("9" if c.isdigit() else "A" if c.isalpha() else c for c in value[:limit])
+    return shape + ("…" if len(value) > limit else "")
+
+
 class Problems:
     """The field errors of one file, collected so a sender sees them all at once."""
 
@@ -51,6 +58,15 @@ class Row:
         return f"{self.table}/{name}" if self.pos is None else f"{self.table}[{self.pos}]/{name}"
 
     def bad(self, name: str, reason: str) -> None:
+        """A field error. The field's value (or an item of its ";" list) quoted in ``reason``
+        is replaced by its shape (``masked``): error texts are stored and shown unsealed, and
+        a misplaced CCCD, a card code, a phone or a birth date must not be written there."""
+        value = self.values.get(name) or ""
+        for item in sorted(
+            {value, value.strip(), *(v.strip() for v in value.split(";"))}, key=len, reverse=True
+        ):
+            if item and repr(item) in reason:
+                reason = reason.replace(repr(item), repr(masked(item)))
         self.problems.add(self.where(name), reason)
 
     def text(self, name: str) -> str | None:
@@ -115,7 +131,7 @@ class Row:
             return None
         year, month, day = int(value[:4]), int(value[4:6]), int(value[6:8])
         if not 1880 <= year <= 2199 or month > 12 or (month == 0 and day != 0):
-            self.bad(name, f"{value!r} is not a birth date (year {year}, month {month}, day {day})")
+            self.bad(name, f"{value!r} is not a birth date (year, month or day out of range)")
             return None
         if month == 0:
             return f"{year:04d}"

@@ -21,7 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from connectors.hl7v2.parse import Message, Segment, component, components
+from connectors.hl7v2.parse import Message, Segment, component, components, masked
 from connectors.identifiers import BHXH, BHYT, CCCD, facility_reference, facility_system
 from connectors.model import PatientFacts, Rejected, Source
 
@@ -135,16 +135,19 @@ def ts(value: str, where: str, *, date_only: bool = False) -> str | None:
     if not raw:
         return None
     m = _TS.match(raw)
+    # The value's shape only, never its digits: a birth date (or a CCCD in the wrong field)
+    # is personal data, and error texts are stored and sent unsealed.
+    shown = repr(masked(raw))
     if not m:
-        raise Rejected(f"{raw!r} is not a date", where)
+        raise Rejected(f"{shown} is not a date", where)
     year, month, day, hour, minute, second, frac, offset = m.groups()
     y = int(year)
     if month is not None and not 1 <= int(month) <= 12:
-        raise Rejected(f"{raw!r} is not a date", where)
+        raise Rejected(f"{shown} is not a date (no such month)", where)
     if day is not None and not 1 <= int(day) <= calendar.monthrange(y, int(month or 1))[1]:
-        raise Rejected(f"{raw!r} is not a date", where)
+        raise Rejected(f"{shown} is not a date (no such day in its month)", where)
     if y < 1800:
-        raise Rejected(f"{raw!r} is not a plausible date", where)
+        raise Rejected(f"{shown} is not a plausible date (before 1800)", where)
     if month is None:
         return year
     if day is None:
@@ -153,9 +156,9 @@ def ts(value: str, where: str, *, date_only: bool = False) -> str | None:
     if date_only or hour is None:
         return date
     if int(hour) > 23 or int(minute or 0) > 59 or int(second or 0) > 59:
-        raise Rejected(f"{raw!r} is not a time", where)
+        raise Rejected(f"{shown} is not a time", where)
     if offset and (int(offset[1:3]) > 14 or int(offset[3:]) > 59):
-        raise Rejected(f"{raw!r} has no valid UTC offset", where)
+        raise Rejected(f"{shown} has no valid UTC offset", where)
     tz = f"{offset[:3]}:{offset[3:]}" if offset else DEFAULT_OFFSET
     if tz in ("+00:00", "-00:00"):
         tz = "Z" if offset != "-0000" else "+00:00"

@@ -34,7 +34,7 @@ from connectors.hl7v2.mapping.common import (
     ts,
     xcn_field,
 )
-from connectors.hl7v2.parse import Message, Segment, component
+from connectors.hl7v2.parse import Message, Segment, component, masked
 from connectors.identifiers import facility_system
 from connectors.model import Mapped, PatientFacts, Rejected, Source
 from hub.search.registry import SUPPORTED_RESOURCE_TYPES
@@ -55,11 +55,11 @@ def number(text: str, where: str) -> int | float:
     """A decimal as JSON wants it (int when integral, so "72" stays 72)."""
     value = text.strip()
     if not _NUMBER.match(value):
-        raise Rejected(f"{text!r} is not a number", where)
+        raise Rejected(f"{masked(text)!r} is not a number", where)
     try:
         dec = Decimal(value)
     except InvalidOperation as exc:  # pragma: no cover - the regex already checked
-        raise Rejected(f"{text!r} is not a number", where) from exc
+        raise Rejected(f"{masked(text)!r} is not a number", where) from exc
     if "." not in value:
         return int(dec)
     return float(dec)
@@ -93,7 +93,7 @@ def structured_numeric(text: str, units: Json, where: str) -> tuple[str, Json]:
     parts = (text.split("^") + ["", "", "", ""])[:4]
     comparator, num1, sep, num2 = (p.strip() for p in parts)
     if not num1:
-        raise Rejected(f"structured numeric {text!r} has no number", where)
+        raise Rejected(f"structured numeric {masked(text)!r} has no number", where)
     first = number(num1, where)
     if sep in ("-", "") and num2:
         return "Range", {"low": quantity(first, units), "high": quantity(number(num2, where), units)}
