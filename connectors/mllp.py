@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import ipaddress
 import logging
 import ssl
 import time
@@ -152,6 +153,7 @@ class ListenerStats:
     too_large: int = 0
     too_slow: int = 0  # cut off: a message not whole within message_seconds
     refused: int = 0  # connections closed at once: max_connections were open
+    refused_peers: int = 0  # connections closed at once: the peer is not in setting "allow"
     over_budget: int = 0  # cut off (no ACK): the listener's buffers held max_buffered_bytes
     last_error: str | None = None
     # MSH-4 (sending facility) as senders wrote it, with how many messages named it: the
@@ -188,6 +190,7 @@ class MllpServer:
         self.host = host or str(source.settings.get("host") or DEFAULT_HOST)
         self.port = int(port if port is not None else source.settings.get("port", DEFAULT_PORT))
         self.ssl_context = ssl_context if ssl_context is not None else tls_context(source.settings)
+        self.allowed = allowed_networks(source.settings)
         self.batch_size = batch_size
         self.max_message_bytes = max_message_bytes
         self.idle_seconds = idle_seconds
@@ -225,6 +228,17 @@ class MllpServer:
             self.port,
             " (TLS)" if self.ssl_context else "",
         )
+        if self.allowed is None and not (
+            self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_REQUIRED
+        ):
+            log.warning(
+                "MLLP %s: any peer that reaches %s:%d may send as facility %s: set 'allow' "
+                "(addresses) or 'client_cafile' (TLS client certificates)",
+                self.source.name,
+                self.host,
+                self.port,
+                self.source.facility_code,
+            )
 
     async def stop(self) -> None:
         """Stop accepting, close every connection, end the stages. A batch in a database
@@ -255,6 +269,14 @@ class MllpServer:
         task = asyncio.current_task()
         assert task is not None
         peer = writer.get_extra_info("peername")
+        if not _peer_allowed(peer, self.allowed):
+            # Whoever reaches the port would otherwise write into the record as this facility.
+            self.stats.refused_peers += 1
+            log.warning("MLLP %s: %s is not an allowed peer: closed", self.source.name, peer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
         if len(self._connections) >= self.max_connections:
             # Refused before anything is read: idle or hostile connections cannot pile up
             # buffers, and the ones already open (the facility's own) keep being served.
@@ -592,10 +614,41 @@ class _FrameReader:
 # --- TLS and start-up --------------------------------------------------------------------
 
 
+def allowed_networks(
+    settings: dict[str, Any],
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None:
+    """Setting ``allow``: the addresses (or networks, "10.0.12.0/24") that may connect; None
+    when not set (anyone who reaches the port)."""
+    allow = settings.get("allow")
+    if allow is None:
+        return None
+    if isinstance(allow, str):
+        allow = [allow]
+    try:
+        return [ipaddress.ip_network(str(item), strict=False) for item in allow]
+    except ValueError as error:
+        raise ValueError(f"setting 'allow': {error}") from None
+
+
+def _peer_allowed(peer: object, allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None) -> bool:
+    if allowed is None:
+        return True
+    try:
+        address = ipaddress.ip_address(str(peer[0]))  # type: ignore[index]
+    except (TypeError, IndexError, ValueError):
+        return False  # not an IP peer (fails closed)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allowed)
+
+
 def tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
     """A server TLS context from a source's settings (``certfile``: the certificate chain,
-    PEM; ``keyfile`` when the key is not in it; ``tls``: true to insist), or None: plain TCP."""
+    PEM; ``keyfile`` when the key is not in it; ``tls``: true to insist; ``client_cafile``:
+    the CA (PEM) whose client certificates alone may connect: mutual TLS), or None: plain TCP."""
     cert = settings.get("certfile")
+    if settings.get("client_cafile") and (not cert or settings.get("tls") is False):
+        raise ValueError("setting 'client_cafile' needs TLS: a 'certfile'")  # never silently open
     if not cert:
         if settings.get("tls"):
             raise ValueError("setting 'tls' is on but no 'certfile' is given")
@@ -606,4 +659,8 @@ def tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     key = settings.get("keyfile")
     context.load_cert_chain(Path(cert), Path(key) if key else None)
+    client_ca = settings.get("client_cafile")
+    if client_ca:
+        context.load_verify_locations(cafile=Path(client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
     return context

@@ -24,20 +24,24 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import logging
 import random
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hl7.client
 import httpx
 import pytest
+import sqlalchemy as sa
 from conftest import LiveServer, make_token
-from test_mllp import Listener, PipelineThreadRunner, ack_of, exchange
+from test_mllp import Listener, PipelineThreadRunner, _self_signed, ack_of, exchange
 from xml130_factory import envelope, episode
 
 from connectors import inbox, sources
@@ -48,6 +52,7 @@ from connectors.model import Source
 from connectors.pipeline import Pipeline
 from hub.app_factory import build_router
 from hub.auth.principal import Role
+from hub.db.schema import connector_source
 from hub.rest import FhirRouter
 
 FAC_A, FAC_B = "64031", "64032"
@@ -141,7 +146,7 @@ class Hub:
     def admin(self) -> httpx.Client:
         return self.client(self.server.admin_token)
 
-    def send(self, listener: Listener, message: bytes) -> hl7.Message:
+    def send(self, listener: Listener | MllpServer, message: bytes) -> hl7.Message:
         with hl7.client.MLLPClient("127.0.0.1", listener.port) as client:
             return ack_of(exchange(client, message))
 
@@ -419,15 +424,35 @@ def _final(hub: Hub, source: str, message_id: int, seconds: float = 30) -> inbox
     raise AssertionError(f"message {message_id} not final")
 
 
+def test_database_errors_carry_no_statement_parameters(hub: Hub) -> None:
+    """Connector paths log database errors (no ACK: the store is down) and keep them as
+    errors: the hub's engine must not put a statement's values (a CCCD, a name) in them."""
+    cid = cccd()
+    with pytest.raises(sa.exc.IntegrityError) as caught, hub.server.engine.begin() as conn:
+        conn.execute(
+            sa.insert(connector_source).values(
+                name="atk-a", facility_code=FAC_A, facility_name=f"NGUYEN VAN AN {cid}",
+                facility_level="district", kind="hl7v2-mllp", settings={}, paused=False,
+            )
+        )  # fmt: skip
+    # SQLAlchemy's part (the statement's parameters) is hidden. PostgreSQL's own DETAIL of a
+    # NOT NULL or CHECK violation ("Failing row contains (...)") still quotes the row: callers
+    # keep ``error.orig`` out of stored errors (connectors/pipeline.py _classify does not yet).
+    assert "parameters hidden" in str(caught.value)
+    said = str(caught.value).replace(str(caught.value.orig), "")
+    assert cid not in said
+
+
 # --- exhaustion: MLLP ---------------------------------------------------------------------------
 
 
 class _Side:
     """A second listener of A's source with small limits, in its own loop thread."""
 
-    def __init__(self, hub: Hub, **options: Any) -> None:
+    def __init__(self, hub: Hub, settings: dict[str, Any] | None = None, **options: Any) -> None:
         source = sources.get(hub.server.engine, "atk-a")
         assert source is not None
+        source = dataclasses.replace(source, settings={**source.settings, **(settings or {})})
         self.listener = Listener(hub.server.engine, source, PipelineThreadRunner(hub.router), **options)
 
     def __enter__(self) -> MllpServer:
@@ -452,6 +477,69 @@ def _closed(sock: socket.socket, seconds: float) -> bytes | None:
         return None
     except ConnectionError:
         return got
+
+
+def test_a_neighbour_outside_the_allowed_peers_cannot_send(hub: Hub) -> None:
+    tag = uuid.uuid4().hex[:8]
+    with (
+        _Side(hub, {"allow": ["10.20.30.0/24"]}) as side,
+        socket.create_connection(("127.0.0.1", side.port)) as s,
+    ):
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(b"\x0b" + adt(FAC_A, f"N{tag}", cccd()) + b"\x1c\r")
+        assert _closed(s, 5) == b""  # closed unanswered, nothing read
+        assert side.stats.refused_peers == 1 and side.stats.messages == 0
+    assert not [m for m in inbox.messages(hub.server.engine, source="atk-a") if m.control_id == f"N{tag}"]
+    with _Side(hub, {"allow": ["127.0.0.1"]}) as side:
+        assert code(hub.send(side, adt(FAC_A, f"n{tag}", cccd()))) == "AA"
+
+
+def test_with_client_certificates_only_their_holders_can_send(hub: Hub, tmp_path: Path) -> None:
+    server_dir, client_dir = tmp_path / "server", tmp_path / "client"
+    server_dir.mkdir()
+    client_dir.mkdir()
+    cert, key = _self_signed(server_dir)
+    client_cert, client_key = _self_signed(client_dir)  # its own CA: the hub trusts it alone
+    settings = {"certfile": str(cert), "keyfile": str(key), "client_cafile": str(client_cert)}
+    tag = uuid.uuid4().hex[:8]
+    with _Side(hub, settings) as side:
+
+        def exchange_tls(with_certificate: bool, control: str) -> bytes:
+            context = ssl.create_default_context(cafile=str(cert))
+            if with_certificate:
+                context.load_cert_chain(client_cert, client_key)
+            with (
+                socket.create_connection(("127.0.0.1", side.port), timeout=10) as raw,
+                context.wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
+                tls.sendall(b"\x0b" + adt(FAC_A, control, cccd()) + b"\x1c\r")
+                got = b""
+                while b"\x1c\r" not in got:
+                    chunk = tls.recv(4096)
+                    if not chunk:
+                        break
+                    got += chunk
+                return got
+
+        refused = b""
+        with contextlib.suppress(ssl.SSLError, ConnectionError):  # TLS 1.3: at the first read
+            refused = exchange_tls(False, f"U{tag}")
+        assert b"MSA" not in refused
+        assert b"MSA|AA" in exchange_tls(True, f"u{tag}")
+    stored = {m.control_id for m in inbox.messages(hub.server.engine, source="atk-a", limit=50)}
+    assert f"u{tag}" in stored and f"U{tag}" not in stored
+    with pytest.raises(ValueError, match="client_cafile"):
+        _Side(hub, {"client_cafile": str(client_cert)})  # mutual TLS without TLS: refused
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="connectors/sources.py _SETTINGS['hl7v2-mllp'] lacks 'allow' (list of addresses) and "
+    "'client_cafile' (str): the listener's access settings cannot be registered yet",
+)
+def test_the_registry_accepts_the_listener_access_settings(hub: Hub) -> None:
+    source = Source("atk-locked", FAC_A, "Facility A", "district", "hl7v2-mllp", {"allow": ["10.20.30.0/24"]})
+    assert sources.add(hub.router, source).settings["allow"] == ["10.20.30.0/24"]
 
 
 def test_a_never_ending_frame_gets_an_ae_and_the_connection_closed(hub: Hub) -> None:

@@ -126,7 +126,9 @@ def is_sqlite(engine_or_url: sa.Engine | str) -> bool:
 
 def create_engine(url: str, *, echo: bool = False) -> sa.Engine:
     url = normalize_url(url)
-    kwargs: dict[str, Any] = {"echo": echo}
+    # hide_parameters: a database error's text (logged, and kept as a connector message's
+    # error) never carries a statement's values: CCCDs, names, resource bodies.
+    kwargs: dict[str, Any] = {"echo": echo, "hide_parameters": True}
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
