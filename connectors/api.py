@@ -96,7 +96,12 @@ def _json(status: int, body: Any) -> Response:
 
 
 def source_json(source: Source) -> dict[str, Any]:
-    return {**dataclasses.asdict(source), "format": source.format}
+    """A source as the API shows it: secrets masked (``sources.masked``)."""
+    return {
+        **dataclasses.asdict(source),
+        "settings": sources.masked(source.settings),
+        "format": source.format,
+    }
 
 
 def _int(value: str | None, name: str, *, low: int = 0, high: int | None = None) -> int | None:

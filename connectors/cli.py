@@ -86,7 +86,7 @@ def add(
 
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="JSON instead of a table")) -> None:
-    """The registered sources and their settings."""
+    """The registered sources and their settings (secrets masked)."""
     import dataclasses
 
     from connectors import sources
@@ -97,7 +97,8 @@ def list_(as_json: bool = typer.Option(False, "--json", help="JSON instead of a 
     finally:
         engine.dispose()
     if as_json:
-        typer.echo(json.dumps([dataclasses.asdict(s) for s in found], ensure_ascii=False, indent=2))
+        shown = [{**dataclasses.asdict(s), "settings": sources.masked(s.settings)} for s in found]
+        typer.echo(json.dumps(shown, ensure_ascii=False, indent=2))
         return
     table = Table("name", "facility", "level", "kind", "paused", "settings")
     for s in found:
@@ -107,7 +108,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="JSON instead of a 
             s.facility_level,
             s.kind,
             "yes" if s.paused else "",
-            json.dumps(s.settings, ensure_ascii=False),
+            json.dumps(sources.masked(s.settings), ensure_ascii=False),
         )
     console.print(table)
 

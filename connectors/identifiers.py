@@ -41,6 +41,7 @@ FACILITY_SCOPED_KINDS = frozenset(
         "immunization",  # RXA/ORC ids
         "message",  # MSH-10, when nothing better identifies what a message created
         "practitioner",  # a facility's own staff codes (XCN-1 without a national id)
+        "fhir-id",  # "Type/id" of a resource on the facility's FHIR server (connectors.fhirpull)
     }
 )
 

@@ -40,12 +40,16 @@ __all__ = [
     "Received",
     "SourceStatus",
     "messages",
+    "open_bytes",
     "open_raw",
     "ordering_hash",
     "raw",
     "receive",
     "replay",
+    "reseal_raw",
+    "seal_bytes",
     "seal_raw",
+    "sealed_kid",
     "status",
 ]
 
@@ -132,32 +136,82 @@ def _aad(source: str, sha256: str) -> bytes:
     return f"connector_message/{source}/{sha256}".encode()
 
 
-def seal_raw(ring: Keyring, source: str, sha256: str, data: bytes) -> bytes:
-    """The stored form of a message's bytes (sealed when encryption at rest is on)."""
+def seal_bytes(ring: Keyring, aad: bytes, data: bytes) -> bytes:
+    """``data`` sealed under the active data key (``b"P1" + data`` when encryption at rest is
+    off); ``aad`` binds it to its place (a ciphertext moved elsewhere fails its tag)."""
     if not ring.encrypt:
         return _PLAIN + data
     kid, cipher = ring.active()
     iv = os.urandom(12)
     encoded = kid.encode()
-    return _SEALED + bytes([len(encoded)]) + encoded + iv + cipher.encrypt(iv, data, _aad(source, sha256))
+    return _SEALED + bytes([len(encoded)]) + encoded + iv + cipher.encrypt(iv, data, aad)
 
 
-def open_raw(ring: Keyring, source: str, sha256: str, stored: bytes) -> bytes:
-    """A message's bytes as received; ``KeyConfigError`` when they cannot be opened."""
+def sealed_kid(stored: bytes) -> str | None:
+    """The data key a stored value is sealed under (None: stored in the clear)."""
+    if stored[:2] != _SEALED:
+        return None
+    return stored[3 : 3 + stored[2]].decode()
+
+
+def open_bytes(ring: Keyring, aad: bytes, stored: bytes) -> bytes:
+    """What ``seal_bytes`` sealed; ``KeyConfigError`` when it cannot be opened."""
     if stored[:2] == _PLAIN:
         return stored[2:]
     if stored[:2] != _SEALED:
-        raise KeyConfigError("a stored message has an unknown envelope")
+        raise KeyConfigError("a stored value has an unknown envelope")
     size = stored[2]
     kid = stored[3 : 3 + size].decode()
     iv = stored[3 + size : 15 + size]
     cipher = ring.cipher(kid)
     if cipher is None:
-        raise KeyConfigError(f"data key {kid} of a stored message is not known")
+        raise KeyConfigError(f"data key {kid} of a stored value is not known")
     try:
-        return cipher.decrypt(iv, stored[15 + size :], _aad(source, sha256))
+        return cipher.decrypt(iv, stored[15 + size :], aad)
     except Exception:  # noqa: BLE001  (InvalidTag and the like: never return unauthenticated bytes)
-        raise KeyConfigError("a stored message failed its integrity check") from None
+        raise KeyConfigError("a stored value failed its integrity check") from None
+
+
+def seal_raw(ring: Keyring, source: str, sha256: str, data: bytes) -> bytes:
+    """The stored form of a message's bytes (sealed when encryption at rest is on)."""
+    return seal_bytes(ring, _aad(source, sha256), data)
+
+
+def open_raw(ring: Keyring, source: str, sha256: str, stored: bytes) -> bytes:
+    """A message's bytes as received; ``KeyConfigError`` when they cannot be opened."""
+    return open_bytes(ring, _aad(source, sha256), stored)
+
+
+def reseal_raw(conn: sa.Connection, ring: Keyring, *, batch: int = 500) -> tuple[int, int]:
+    """``hub keys rotate --reencrypt``: every message's raw bytes sealed under the active
+    data key (those stored in the clear too, when encryption at rest is on). Commits a
+    batch at a time on ``conn`` (not inside a transaction); returns (rewritten, scanned)."""
+    if not ring.encrypt:
+        return 0, 0
+    active, _ = ring.active()
+    m = connector_message.c
+    rewritten = scanned = 0
+    last = 0
+    while True:
+        with conn.begin():
+            rows = conn.execute(
+                sa.select(m.id, m.source, m.raw_sha256, m.raw).where(m.id > last).order_by(m.id).limit(batch)
+            ).all()
+            for row in rows:
+                stored = bytes(row.raw)
+                if sealed_kid(stored) == active:
+                    continue
+                data = open_raw(ring, row.source, row.raw_sha256, stored)
+                conn.execute(
+                    connector_message.update()
+                    .where(m.id == row.id)
+                    .values(raw=seal_raw(ring, row.source, row.raw_sha256, data))
+                )
+                rewritten += 1
+        if not rows:
+            return rewritten, scanned
+        scanned += len(rows)
+        last = int(rows[-1].id)
 
 
 def ordering_hash(ring: Keyring, key: str | None) -> str | None:
@@ -397,42 +451,66 @@ def raw(engine: sa.Engine, id: int) -> bytes:  # noqa: A002  (the contract's nam
 
 
 def status(engine: sa.Engine, source: str | None = None) -> list[SourceStatus]:
-    """Where each source stands (one, or every registered source)."""
+    """Where each source stands (one, or every registered source).
+
+    Read on every /metrics scrape, so nothing here scans the inbox (migration 0009's
+    indexes): the counts per (source, state) are index-only ranges of (source, state,
+    processed_at); per source, its newest row by (source, id), the end of its "processed"
+    range, the rows handled in the last 60 s (ranges bounded by time) and its last error
+    (the partial (source, id) index of rows with an error) are correlated subqueries, one
+    statement for all sources."""
     m, s = connector_message.c, connector_source.c
     since = now() - timedelta(seconds=60)
-    sources = sa.select(connector_source).order_by(s.name)
-    counts = sa.select(m.source, m.state, sa.func.count().label("n")).group_by(m.source, m.state)
-    times = sa.select(
-        m.source,
-        sa.func.max(m.received_at).label("received"),
-        sa.func.max(sa.case((m.state == "processed", m.processed_at))).label("processed"),
-        sa.func.count(sa.case((m.processed_at >= since, 1))).label("recent"),
-    ).group_by(m.source)
+    mine = m.source == s.name
+    # Each subquery reads the inbox of the outer row's source (explicitly: the nested one
+    # would otherwise correlate to the inbox row of its enclosing subquery).
+    newest = sa.select(sa.func.max(m.id)).where(mine).correlate_except(connector_message).scalar_subquery()
+    # Handled in the last 60 s: one bounded range of (source, state, processed_at) per state
+    # (an IN over the states would let PostgreSQL walk the source's whole range).
+    handled = [
+        sa.select(sa.func.count()).where(mine, m.state == state, m.processed_at >= since).scalar_subquery()
+        for state in ("processed", "rejected", "failed", "dead")
+    ]
+    sources = sa.select(
+        s.name,
+        s.facility_code,
+        s.facility_name,
+        s.kind,
+        s.paused,
+        sa.select(m.received_at).where(m.id == newest).scalar_subquery().label("received"),
+        sa.select(sa.func.max(m.processed_at))
+        .where(mine, m.state == "processed")
+        .scalar_subquery()
+        .label("processed"),
+        sum(handled[1:], handled[0]).label("recent"),
+        sa.select(sa.func.max(m.id)).where(mine, m.error.is_not(None)).scalar_subquery().label("error_id"),
+    ).order_by(s.name)
     if source is not None:
         sources = sources.where(s.name == source)
-        counts = counts.where(m.source == source)
-        times = times.where(m.source == source)
     with engine.connect() as conn:
         source_rows = conn.execute(sources).all()
+        names = [row.name for row in source_rows]
         by_state: dict[str, dict[str, int]] = {}
-        for row in conn.execute(counts):
-            by_state.setdefault(row.source, {})[row.state] = int(row.n)
-        by_time = {row.source: row for row in conn.execute(times)}
-        latest = sa.select(sa.func.max(m.id)).where(m.error.is_not(None)).group_by(m.source)
-        if source is not None:
-            latest = latest.where(m.source == source)
-        errors: dict[str, Any] = {
-            row.source: row
+        if names:
+            counts = (
+                sa.select(m.source, m.state, sa.func.count().label("n"))
+                .where(m.source.in_(names))
+                .group_by(m.source, m.state)
+            )
+            for row in conn.execute(counts):
+                by_state.setdefault(row.source, {})[row.state] = int(row.n)
+        error_ids = [int(row.error_id) for row in source_rows if row.error_id is not None]
+        errors: dict[str, Any] = {}
+        if error_ids:
             for row in conn.execute(
                 sa.select(m.source, m.error, m.error_where, m.processed_at, m.received_at).where(
-                    m.id.in_(latest.scalar_subquery())
+                    m.id.in_(error_ids)
                 )
-            )
-        }
+            ):
+                errors[row.source] = row
     result = []
     for row in source_rows:
         states = {name: by_state.get(row.name, {}).get(name, 0) for name in STATES}
-        timing = by_time.get(row.name)
         error = errors.get(row.name)
         last_error = None
         if error is not None:
@@ -445,11 +523,11 @@ def status(engine: sa.Engine, source: str | None = None) -> list[SourceStatus]:
                 facility_name=row.facility_name,
                 kind=row.kind,
                 paused=bool(row.paused),
-                last_received_at=utc(timing.received) if timing is not None and timing.received else None,
-                last_processed_at=utc(timing.processed) if timing is not None and timing.processed else None,
+                last_received_at=utc(row.received) if row.received is not None else None,
+                last_processed_at=utc(row.processed) if row.processed is not None else None,
                 counts=states,
                 backlog=sum(states[name] for name in PENDING_STATES),
-                messages_per_second=round((int(timing.recent) if timing is not None else 0) / 60.0, 3),
+                messages_per_second=round(int(row.recent or 0) / 60.0, 3),
                 failures=states["failed"] + states["dead"] + states["rejected"],
                 last_error=last_error,
                 last_error_at=utc(error_at) if error_at is not None else None,

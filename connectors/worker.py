@@ -213,7 +213,9 @@ class Runner:
 
 class Intake:
     """Polls the sources that are not pushed to the hub: each ``xml130`` source's folder
-    (settings ``folder``) and each ``fhir-pull`` source, at their ``interval`` (seconds)."""
+    (settings ``folder``) and each ``fhir-pull`` source, at their ``interval`` (seconds).
+    Sources are read again every ``SOURCES_REFRESH_SECONDS``: a FHIR pull source replaced
+    with other settings gets a fresh ``Poller`` then."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
@@ -222,8 +224,8 @@ class Intake:
         self._due: dict[str, float] = {}
         self._pollers: dict[str, Any] = {}
 
-    def _refresh(self, now: float) -> None:
-        if now - self._sources_read < SOURCES_REFRESH_SECONDS:
+    def _refresh(self, now: float, *, force: bool = False) -> None:
+        if not force and now - self._sources_read < SOURCES_REFRESH_SECONDS:
             return
         from connectors import sources
 
@@ -243,7 +245,7 @@ class Intake:
         how many messages were received. A failing source is logged and tried again at
         its next interval; the others go on."""
         now = time.monotonic()
-        self._refresh(0.0 if force else now)
+        self._refresh(now, force=force)
         received = 0
         for source in self._sources:
             if not force and now < self._due.get(source.name, 0.0):
@@ -286,6 +288,12 @@ class Intake:
         from connectors.fhirpull import Poller
 
         poller = self._pollers.get(source.name)
+        if poller is not None and poller.source != source:
+            # Replaced (sources.add replace=True): new URL, token or types take effect now;
+            # the cursor is in the database, so the new poller goes on where the old one was.
+            with contextlib.suppress(Exception):
+                poller.close()
+            poller = None
         if poller is None:
             poller = self._pollers[source.name] = Poller(self.engine, source)
         return int(poller.poll_once())
@@ -348,9 +356,9 @@ class InProcessWorker:
             while not self._stop.is_set():
                 batch = _process_due(self.pipeline, "in-process")
                 done += batch
+                self.processed += batch  # counted per committed batch, as the rows show it
                 if not batch:
                     break
-        self.processed += done
         return done
 
     def _run(self) -> None:

@@ -501,7 +501,8 @@ def keys_rotate(
                 report = run_reencrypt(engine)
             console.print(
                 f"Re-encrypted {report.resealed} stored versions, sealed {report.sealed} plaintext ones "
-                f"({report.scanned} scanned)"
+                f"({report.scanned} scanned); connectors: {report.messages} inbox messages, "
+                f"{report.sources} sources' secrets"
             )
             if report.sealed:
                 console.print("Run `hub reindex` so their identifiers are indexed as keyed hashes.")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from conftest import LiveServer, make_token
 from typer.testing import CliRunner
@@ -376,3 +377,71 @@ def test_cli(
         "/fhir/AuditEvent", params={"subtype": f"{HUB_OPERATIONS}|hub-connectors-add", "_count": "50"}
     ).json()
     assert ops.get("entry")
+
+
+def test_secrets_are_sealed_at_rest_and_never_shown(
+    server: LiveServer, admin: httpx.Client, sources: dict[str, str], cli: Callable[..., str]
+) -> None:
+    import sqlalchemy as sa
+
+    from connectors import sources as registry
+    from hub.db.schema import connector_source
+
+    token, secret = "tok-" + uuid.uuid4().hex, "sec-" + uuid.uuid4().hex
+    pull = _source("api-pull", kind="fhir-pull", base_url="http://127.0.0.1:9/fhir", token=token)
+    oauth = _source(
+        "api-oauth",
+        OTHER_CODE,
+        "fhir-pull",
+        base_url="http://127.0.0.1:9/fhir",
+        token_url="http://127.0.0.1:9/auth/token",
+        client_id="hub",
+        client_secret=secret,
+    )
+    shown = []
+    for body in (pull, oauth):
+        added = admin.post("/connectors", json=body)
+        assert added.status_code == 201, added.text
+        shown.append(added.text)
+    assert orjson.loads(shown[0])["settings"]["token"] == registry.MASK
+    assert orjson.loads(shown[1])["settings"]["client_secret"] == registry.MASK
+    # A replace that sends the mask back (settings as read) keeps the secret.
+    again = admin.post(
+        "/connectors?replace=true",
+        json={**pull, "settings": {**pull["settings"], "token": registry.MASK, "interval": 120}},
+    )
+    assert again.status_code == 200, again.text
+    shown += [again.text, admin.post("/connectors/api-pull/pause").text]
+    shown += [admin.post("/connectors/api-pull/resume").text, admin.get("/connectors").text]
+    shown += [admin.get("/connectors/api-oauth").text, admin.get("/connectors/api-pull/messages").text]
+    shown += [admin.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text]
+    shown += [cli("list", "--json"), cli("list"), cli("status", "--json"), cli("status")]
+    assert [text for text in shown if token in text or secret in text] == []
+    # A new source cannot be given the mask for a secret.
+    masked_new = admin.post(
+        "/connectors",
+        json={**pull, "name": "api-pull-2", "settings": {**pull["settings"], "token": registry.MASK}},
+    )
+    assert masked_new.status_code == 400 and "mask" in masked_new.text
+    # The poller gets the secrets back; the table holds them sealed.
+    stored_pull, stored_oauth = (
+        registry.get(server.engine, "api-pull"),
+        registry.get(server.engine, "api-oauth"),
+    )
+    assert stored_pull is not None and stored_pull.settings["token"] == token
+    assert stored_pull.settings["interval"] == 120
+    assert stored_oauth is not None and stored_oauth.settings["client_secret"] == secret
+    with server.engine.connect() as conn:
+        at_rest = (
+            conn.execute(
+                sa.select(connector_source.c.settings).where(
+                    connector_source.c.name.in_(["api-pull", "api-oauth"])
+                )
+            )
+            .scalars()
+            .all()
+        )
+    text = orjson.dumps(at_rest).decode()
+    assert token not in text and secret not in text and text.count("$sealed:") == 2
+    for name in ("api-pull", "api-oauth"):  # nothing listens there: the hub's worker leaves them be
+        registry.set_paused(server.engine, name, True)

@@ -8,8 +8,11 @@ tests use it too (registered by name, chosen with the source setting ``format``)
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -275,3 +278,120 @@ def test_status_counts_backlog_and_last_error(hub: FhirRouter) -> None:
     assert as_json["name"] == source.name and as_json["last_received_at"].endswith("Z")
     orjson.dumps(as_json)  # JSON as it is
     assert source.name in {s.name for s in inbox.status(engine)}
+
+
+def test_status_last_processed_and_recent_rate(hub: FhirRouter) -> None:
+    engine = hub.ctx.store.engine
+    source = sources.add(hub, make_source("inbox-rate"))
+    ids = [r.id for r in inbox.receive(engine, source, [message(f"r-{i}") for i in range(4)])]
+    moment = inbox.now()
+    m = connector_message.c
+    with engine.connect() as conn, conn.begin():
+        # Two handled just now, one two minutes ago (outside the 60 s window), one waiting.
+        conn.execute(
+            connector_message.update().where(m.id.in_(ids[:2])).values(state="processed", processed_at=moment)
+        )
+        conn.execute(
+            connector_message.update()
+            .where(m.id == ids[2])
+            .values(state="dead", error="gone", processed_at=moment - timedelta(minutes=2))
+        )
+    (found,) = inbox.status(engine, source.name)
+    assert found.counts["processed"] == 2 and found.counts["dead"] == 1 and found.counts["queued"] == 1
+    assert found.last_processed_at is not None and abs((found.last_processed_at - moment).total_seconds()) < 1
+    assert found.messages_per_second == round(2 / 60, 3)
+    assert found.last_error == "gone" and found.backlog == 1 and found.failures == 1
+
+
+def test_status_reads_indexes_not_the_whole_inbox(hub: FhirRouter) -> None:
+    """Every statement inbox.status runs (each /metrics scrape) can be answered from an index:
+    with sequential scans made as costly as the planner allows, none reads connector_message
+    whole."""
+    engine = hub.ctx.store.engine
+    source = sources.add(hub, make_source("inbox-plan"))
+    inbox.receive(engine, source, [message("plan-1"), b"junk-plan"])
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if "connector_message" in statement:
+            statements.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        assert inbox.status(engine) and inbox.status(engine, source.name)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+    assert statements
+    postgres = engine.dialect.name == "postgresql"
+    plans: list[str] = []
+    with engine.connect() as conn:
+        if postgres:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+        for statement, parameters in statements:
+            explain = "EXPLAIN " if postgres else "EXPLAIN QUERY PLAN "
+            plan = "\n".join(str(row[-1]) for row in conn.exec_driver_sql(explain + statement, parameters))
+            plans.append(plan)
+            if postgres:
+                assert "Seq Scan on connector_message" not in plan, (statement, plan)
+                # Each range bounded by its index condition, not walked and filtered.
+                assert "Filter: ((state)" not in plan, (statement, plan)
+            else:
+                # SQLite: "SCAN connector_message" (no index) or a full scan of an index.
+                assert "SCAN connector_message" not in plan, (statement, plan)
+        conn.rollback()
+    # Migration 0009's indexes: counts and windows by (source, state, processed_at), the last
+    # error by the partial (source, id) index of rows with an error.
+    for index in ("ix_connector_message_source_state_processed_at", "ix_connector_message_source_id_error"):
+        assert any(index in plan for plan in plans), (index, plans)
+
+
+def test_rotate_reencrypt_reseals_inbox_messages_and_source_secrets(
+    fresh_database_url: Any, tmp_path: Path
+) -> None:
+    """``hub keys rotate --reencrypt`` (hub.crypto.admin): the raw bytes of inbox messages and
+    the sealed secrets of sources end up under the new data key, and still open."""
+    from hub.crypto import admin, keys
+    from hub.db.schema import connector_source
+
+    settings = Settings(
+        database_url=fresh_database_url("conninbox_keys"), master_key_file=tmp_path / "master.key"
+    )
+    router = build_router(settings)
+    engine = router.ctx.store.engine
+    try:
+        feed = sources.add(router, make_source("inbox-keys"))
+        pull = Source(
+            "inbox-keys-pull",
+            "64020",
+            "Bệnh viện kéo",
+            "provincial",
+            "fhir-pull",
+            {"base_url": "http://127.0.0.1:9/fhir", "token": "secret-token-" + uuid.uuid4().hex},
+        )
+        sources.add(router, pull)
+        bodies = [message(f"k-{i}") for i in range(3)]
+        ids = [r.id for r in inbox.receive(engine, feed, bodies)]
+
+        def kids() -> set[str | None]:
+            with engine.connect() as conn:
+                raws = conn.execute(sa.select(connector_message.c.raw)).scalars().all()
+                token = conn.execute(
+                    sa.select(connector_source.c.settings).where(connector_source.c.name == pull.name)
+                ).scalar_one()["token"]
+            assert token.startswith("$sealed:") and pull.settings["token"] not in token
+            return {inbox.sealed_kid(bytes(raw)) for raw in raws} | {
+                inbox.sealed_kid(base64.b64decode(token.removeprefix("$sealed:")))
+            }
+
+        (before,) = kids()
+        admin.rotate(engine, settings)
+        report = admin.reencrypt(engine)
+        active, _ = keys.keyring_for(engine).active()
+        assert active != before and kids() == {active}
+        assert (report.messages, report.sources) == (3, 1)
+        assert [inbox.raw(engine, i) for i in ids] == bodies
+        assert (sources.get(engine, pull.name) or feed).settings["token"] == pull.settings["token"]
+        again = admin.reencrypt(engine)  # nothing left under an older key
+        assert (again.messages, again.sources) == (0, 0)
+    finally:
+        engine.dispose()

@@ -95,9 +95,11 @@ def test_every_identifier_system_has_one_naming_system(
     for path in files:
         for unique in orjson.loads(path.read_bytes())["uniqueId"]:
             owners.setdefault(unique["value"], []).append(path.name)
-    wanted = [CCCD, BHYT, BHXH, FACILITY] + [
-        facility_system(kind, "{MA_CSKCB}") for kind in sorted(FACILITY_SCOPED_KINDS)
-    ]
+    from connectors.xml130.episode import CODE_LISTS, ID_DOCUMENT_SYSTEM, PRACTITIONER_SYSTEM
+
+    wanted = [CCCD, BHYT, BHXH, FACILITY, FLAG_KEY, PRACTITIONER_SYSTEM, ID_DOCUMENT_SYSTEM]
+    wanted += [facility_system(kind, "{MA_CSKCB}") for kind in sorted(FACILITY_SCOPED_KINDS)]
+    wanted += sorted(CODE_LISTS["admin_unit"]["systems"].values())  # province, district, commune
     assert {s: owners.get(s, []) for s in wanted if len(owners.get(s, [])) != 1} == {}  # none missing
     assert {v: names for v, names in owners.items() if len(names) > 1} == {}  # none in two files
     code, output = validator(*files)

@@ -35,6 +35,7 @@ from connectors.fhirpull import FORMAT, Poller, PullError, pull_order
 from connectors.identifiers import CCCD, facility_system
 from connectors.model import Rejected, Source, Transient
 from connectors.pipeline import Pipeline
+from connectors.worker import Intake
 from hub.app_factory import build_router
 from hub.auth.principal import Role
 from hub.settings import Settings
@@ -235,21 +236,31 @@ def facility(
 
 
 def _source(hub: LiveServer, facility: Facility, **settings: Any) -> Source:
+    """A registered source of this facility (a setting given as None is left out)."""
     name = f"fac-{_code().lower()}"
-    wanted = Source(
-        name,
-        _code(),
-        "Bệnh viện thử",
-        "provincial",
-        "fhir-pull",
-        {
-            "base_url": facility.base,
-            "token": facility.token,
-            "types": ["Encounter", "Observation"],
-            **settings,
-        },
+    wanted = {
+        "base_url": facility.base,
+        "token": facility.token,
+        "types": ["Encounter", "Observation"],
+        **settings,
+    }
+    return sources.add(
+        hub.app.state.router,
+        Source(
+            name,
+            _code(),
+            "Bệnh viện thử",
+            "provincial",
+            "fhir-pull",
+            {k: v for k, v in wanted.items() if v is not None},
+        ),
     )
-    return sources.add(hub.app.state.router, wanted)
+
+
+def _replace(hub: LiveServer, source: Source, **settings: Any) -> Source:
+    """The source registered again with these settings changed (sources.add, replace)."""
+    changed = dataclasses.replace(source, settings={**source.settings, **settings})
+    return sources.add(hub.app.state.router, changed, replace=True)
 
 
 def _process(hub: LiveServer) -> None:
@@ -303,7 +314,7 @@ def _assert_valid(resources: list[dict[str, Any]], folder: Path) -> None:
 
 
 def _origin(source: Source, facility_id: str) -> str:
-    return f"{facility_system('message', source.facility_code)}|{facility_id}"
+    return f"{facility_system('fhir-id', source.facility_code)}|{facility_id}"
 
 
 # --- search path --------------------------------------------------------------------------------
@@ -345,13 +356,13 @@ def test_pull_resolves_patients_brings_nothing_twice_and_updates_in_place(
         encounters = _search(hub, f"Encounter?subject=Patient/{known_id}")
         assert len(encounters) == 1
         assert {
-            "system": facility_system("message", source.facility_code),
+            "system": facility_system("fhir-id", source.facility_code),
             "value": first["encounter"],
         } in encounters[0]["identifier"]
         for observation in observations:
             assert observation["encounter"] == {"reference": f"Encounter/{encounters[0]['id']}"}
             assert observation["valueQuantity"]["code"] == "/min"
-        origin = facility_system("message", source.facility_code)
+        origin = facility_system("fhir-id", source.facility_code)
         pulled = {i["value"] for o in observations for i in o["identifier"] if i["system"] == origin}
         assert pulled == set(first["observations"])
 
@@ -417,9 +428,8 @@ def test_facility_errors_and_timeouts_are_transient_and_lose_nothing(
 ) -> None:
     cccd = _cccd()
     facility.load_visit(cccd, observations=3)
-    registered = _source(hub, facility, page_size=10, bulk=False)
     # A short read timeout, so that a hanging facility fails the poll quickly.
-    source = dataclasses.replace(registered, settings={**registered.settings, "timeout": 0.5})
+    source = _source(hub, facility, page_size=10, bulk=False, timeout=0.5)
     faults = ["500", "hang"]
 
     def plan(method: str, path: str) -> Action:
@@ -440,14 +450,7 @@ def test_facility_errors_and_timeouts_are_transient_and_lose_nothing(
     assert len(_search(hub, f"Observation?subject=Patient/{patient[0]['id']}")) == 3
 
     # Refusals that retrying cannot fix are not Transient.
-    bad = Source(
-        source.name,
-        source.facility_code,
-        "x",
-        "provincial",
-        "fhir-pull",
-        {**source.settings, "token": "nonsense"},
-    )
+    bad = _replace(hub, source, token="nonsense")
     with Poller(hub.engine, bad) as poller, pytest.raises(PullError, match="401"):
         poller.poll_once()
 
@@ -457,7 +460,9 @@ def test_unreachable_facility_is_transient(hub: LiveServer) -> None:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     settings = {"base_url": f"http://127.0.0.1:{port}/fhir", "token": "t", "bulk": False}
-    source = Source("fac-down", "F0000", "x", "commune", "fhir-pull", settings)
+    source = sources.add(
+        hub.app.state.router, Source("fac-down", "F0000", "x", "commune", "fhir-pull", settings)
+    )
     with Poller(hub.engine, source) as poller, pytest.raises(Transient):
         poller.poll_once()
 
@@ -569,9 +574,8 @@ def test_bulk_resumes_mid_file_after_a_restart(hub: LiveServer, facility: Facili
 def test_bulk_job_still_running_is_taken_up_by_the_next_poll(hub: LiveServer, facility: Facility) -> None:
     cccd = _cccd()
     facility.load_visit(cccd, observations=1)
-    registered = _source(hub, facility, bulk=True)
     # A poll waits this long for the export; the facility says "still running" once.
-    source = dataclasses.replace(registered, settings={**registered.settings, "bulk_wait_seconds": 0})
+    source = _source(hub, facility, bulk=True, bulk_wait_seconds=0)
     busy = ["busy"]
     facility.proxy.plan = lambda method, path: busy.pop() if "$export-status" in path and busy else None
     with Poller(hub.engine, source) as poller:
@@ -590,14 +594,15 @@ def test_client_credentials_token_is_fetched_and_renewed(hub: LiveServer, facili
     cccd = _cccd()
     facility.load_visit(cccd, observations=1)
     make_token(facility.server, role=Role.SERVICE, username="his-pull", password="a-long-client-secret-1")
-    registered = _source(hub, facility, bulk=False)
-    settings = {k: v for k, v in registered.settings.items() if k != "token"}
-    settings |= {
-        "token_url": f"http://127.0.0.1:{facility.proxy.port}/auth/token",
-        "client_id": "his-pull",
-        "client_secret": "a-long-client-secret-1",
-    }
-    source = dataclasses.replace(registered, settings=settings)
+    source = _source(
+        hub,
+        facility,
+        bulk=False,
+        token=None,
+        token_url=f"http://127.0.0.1:{facility.proxy.port}/auth/token",
+        client_id="his-pull",
+        client_secret="a-long-client-secret-1",
+    )
     with Poller(hub.engine, source) as poller:
         assert poller.poll_once() == 3
         grants = [r for r in facility.proxy.requests if r.startswith("POST /auth/token")]
@@ -606,6 +611,24 @@ def test_client_credentials_token_is_fetched_and_renewed(hub: LiveServer, facili
         poller._token = "revoked"  # the facility no longer accepts the token it gave
         assert poller.poll_once() == 3
         assert len([r for r in facility.proxy.requests if r.startswith("POST /auth/token")]) == 2
+
+
+def test_a_replaced_source_is_pulled_with_its_new_settings(hub: LiveServer, facility: Facility) -> None:
+    """The intake keeps a Poller per source; replacing the source (a new token here) gives
+    it a fresh one, which reads the secret back from its sealed storage."""
+    cccd = _cccd()
+    facility.load_visit(cccd, observations=1)
+    source = _source(hub, facility, bulk=False, token="not-the-facilitys-token")
+    intake = Intake(hub.engine)
+    intake.poll(force=True)  # refused (401): logged, the other sources go on
+    first = intake._pollers[source.name]
+    assert _rows(hub, source) == []
+    fixed = _replace(hub, source, token=facility.token)
+    assert intake.poll(force=True) >= 3  # Patient, Encounter and Observation pages
+    assert intake._pollers[source.name] is not first and intake._pollers[source.name].source == fixed
+    assert len(_rows(hub, source)) == 3
+    _process(hub)
+    assert len(_search(hub, f"Patient?identifier={CCCD}|{cccd}")) == 1
 
 
 # --- the format on its own -----------------------------------------------------------------------
@@ -654,7 +677,7 @@ def test_map_skips_what_the_hub_does_not_take_and_links_what_it_cannot_reach() -
     assert mapped.patients == [] and len(mapped.entries) == 1
     assert [w.split(" ")[0] for w in mapped.warnings] == ["AuditEvent/a1", "Consent/c1"]
     entry = mapped.entries[0]
-    origin = facility_system("message", "64001")
+    origin = facility_system("fhir-id", "64001")
     assert entry["request"] == {"method": "PUT", "url": f"Observation?identifier={origin}|Observation/o1"}
     content = entry["resource"]
     assert "id" not in content and content["meta"] == {"security": [{"system": "s", "code": "R"}]}

@@ -16,7 +16,7 @@ How a facility's resource lands in the hub, idempotently:
   ``facility_system("mrn", code)|<id>`` so that the next pull (and every reference to that
   Patient from a later page) finds the same record again;
 - every other resource gets an identifier saying where it came from,
-  ``facility_system("message", code)|<Type>/<id>``, and is written by a conditional PUT on it:
+  ``facility_system("fhir-id", code)|<Type>/<id>``, and is written by a conditional PUT on it:
   pulling it again updates it in place, never duplicates it;
 - references to the facility's ids become the placeholder of the same page when the target is on
   the page; a conditional reference by that identifier when the target's type is pulled
@@ -112,8 +112,8 @@ def pull_order(resource_types: list[str]) -> list[str]:
 
 
 def configured_types(settings: dict[str, Any]) -> list[str]:
-    """The types a source pulls: setting ``types`` (``resource_types`` is read too)."""
-    return list(settings.get("types") or settings.get("resource_types") or [])
+    """The types a source pulls: setting ``types``."""
+    return list(settings.get("types") or [])
 
 
 def page_envelope(url: str, resource_type: str, resources: list[dict[str, Any]], order: str) -> bytes:
@@ -267,7 +267,7 @@ class _PageMapper:
         self.source = source
         code = source.facility_code
         self.mrn = facility_system("mrn", code)
-        self.origin = facility_system("message", code)
+        self.origin = facility_system("fhir-id", code)
         self.base = str(source.settings.get("base_url", "")).rstrip("/")
         self.order = order
         # Types whose resources are stored before this page's: conditional references to them

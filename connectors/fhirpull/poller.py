@@ -96,8 +96,8 @@ class Poller:
         )
         self._token: str | None = settings.get("token")
         self._token_expires = float("inf") if self._token else 0.0
-        bulk = settings.get("bulk", settings.get("use_bulk", "auto"))  # "use_bulk": the brief's name
-        self._bulk: bool | None = None if bulk == "auto" else bool(bulk)
+        bulk = settings.get("bulk")  # absent: whatever the CapabilityStatement offers
+        self._bulk: bool | None = None if bulk is None else bool(bulk)
 
     def close(self) -> None:
         self.client.close()

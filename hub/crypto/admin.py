@@ -18,7 +18,9 @@ meet it in a row (reload) or restart.
 (current and history) sealed under another DEK, and seals plaintext versions the policy
 now wants sealed (data written while encryption was off). Index rows are not touched:
 run ``hub reindex`` afterwards when plaintext rows were sealed, so their identifiers are
-indexed as keyed hashes too.
+indexed as keyed hashes too. The connectors' sealed rows follow: every inbox message's raw
+bytes (``connector_message.raw``, batches of one transaction) and the sealed secrets among the
+sources' settings (``connectors.inbox.reseal_raw``, ``connectors.sources.reseal_settings``).
 Calls: ``hub.crypto.keys``/``envelope``/``policy``, ``hub.instants``, SQLAlchemy.  Called by: the CLI, tests.
 """
 
@@ -152,6 +154,8 @@ class ReencryptReport:
     resealed: int = 0  # sealed under an older DEK, now under the active one
     sealed: int = 0  # stored in the clear, now sealed (run `hub reindex` after)
     scanned: int = 0
+    messages: int = 0  # connector inbox messages whose raw bytes were sealed again
+    sources: int = 0  # connector sources whose secrets were sealed again
 
 
 def reencrypt(engine: sa.Engine) -> ReencryptReport:
@@ -181,7 +185,19 @@ def reencrypt(engine: sa.Engine) -> ReencryptReport:
                         _reencrypt_row(conn, ring, active_kid, table, row, report)
                     last = (rows[-1].pid, rows[-1].version)
                     report.scanned += len(rows)
+        _reencrypt_connectors(engine, ring, report)
     return report
+
+
+def _reencrypt_connectors(engine: sa.Engine, ring: keys.Keyring, report: ReencryptReport) -> None:
+    # Imported here: the connectors are built on the store, not the other way round.
+    from connectors.inbox import reseal_raw
+    from connectors.sources import reseal_settings
+
+    with engine.connect().execution_options(write=True) as conn:
+        report.messages, _ = reseal_raw(conn, ring, batch=BATCH)
+        with conn.begin():
+            report.sources = reseal_settings(conn, ring)
 
 
 def _reencrypt_row(

@@ -447,6 +447,16 @@ connector_message = sa.Table(
     sa.Index(None, "state", "next_attempt_at"),
     sa.Index(None, "source", "id"),
     sa.Index(None, "ordering_key", "id"),
+    # inbox.status (every /metrics scrape): counts per (source, state), last processed, the
+    # last 60 s; and each source's last error (partial: rows with an error only).
+    sa.Index(None, "source", "state", "processed_at"),
+    sa.Index(
+        "ix_connector_message_source_id_error",
+        "source",
+        "id",
+        sqlite_where=sa.text("error IS NOT NULL"),
+        postgresql_where=sa.text("error IS NOT NULL"),
+    ),
 )
 
 # Where a FHIR pull source stands in its facility's history (connectors.fhirpull).
