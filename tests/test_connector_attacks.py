@@ -637,6 +637,20 @@ def test_a_slow_loris_sender_is_cut_off_while_another_is_served(hub: Hub) -> Non
             assert code(ack_of(exchange(client, adt(FAC_A, f"V{tag}", cid)))) == "AA"
 
 
+def test_a_batch_of_too_many_messages_is_refused_at_receipt(hub: Hub) -> None:
+    tag = uuid.uuid4().hex[:8]
+    citizens = [cccd() for _ in range(1001)]
+    messages = [adt(FAC_A, f"H{tag}-{n}", cid) for n, cid in enumerate(citizens)]
+    batch = b"FHS|^~\\&\rBHS|^~\\&\r" + b"\r".join(messages) + b"\rBTS|1001\rFTS|1"
+    started = time.monotonic()
+    reply = hub.send(hub.a, batch)
+    assert code(reply) == "AE" and "more than 1000 messages" in str(reply.segment("ERR"))
+    assert time.monotonic() - started < 10
+    assert hub.search("Patient", identifier=f"{CCCD}|{citizens[0]}") == []
+    rows = inbox.messages(hub.server.engine, source="atk-a", limit=1)
+    assert rows[0].state == "rejected"
+
+
 def test_many_tiny_junk_messages_are_answered_and_bounded(hub: Hub) -> None:
     with socket.create_connection(("127.0.0.1", hub.a.port)) as s:
         s.settimeout(30)

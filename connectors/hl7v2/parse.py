@@ -25,6 +25,10 @@ from connectors.model import Rejected
 
 _SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _HEX = re.compile(r"^[0-9A-Fa-f]+$")
+# Messages in one FHS/BHS batch. A batch is one inbox message, mapped at once and written in
+# one processing batch: measured here, 5,000 small ADT took 3.6 s to map, so the ~57,000 a
+# 16 MiB frame holds would hold a worker for minutes (every other message behind it waiting).
+MAX_BATCH_MESSAGES = 1000
 
 
 def masked(value: str, limit: int = 24) -> str:
@@ -275,6 +279,11 @@ def parse_messages(raw: bytes) -> list[Message]:
         if name == "MSH":
             if current:
                 messages.append(Message(current, enc))
+            if len(messages) >= MAX_BATCH_MESSAGES:
+                raise Rejected(
+                    f"the batch holds more than {MAX_BATCH_MESSAGES} messages: send it in several batches",
+                    "BHS",
+                )
             enc = encoding_of(line)
             current = [segment_of(line, enc, 0)]
             continue
