@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 PG = "postgresql://postgres@127.0.0.1:5432"
-DATABASE = "bench_connectors"
+DATABASE = os.environ.get("BENCH_DATABASE", "bench_connectors")  # several people share the server
 FACILITY = "64010"  # tests/test_mllp.py's messages come from this facility
 
 
@@ -466,6 +466,80 @@ def run_xml130(args: argparse.Namespace, url: str) -> None:
         print(profiler.output_text(unicode=True, color=False, show_all=False)[:12000])
 
 
+def run_cost(args: argparse.Namespace, url: str) -> None:
+    """``--cost N``: the processing side alone, in-process: N HL7 messages (ADT^A01 + ORU^R01
+    per patient) received in batches of ``--batch-size`` and processed by
+    ``Pipeline.process_ids``; the client CPU (thread time) and the SQL statements
+    (SQLAlchemy ``before_cursor_execute``) per message of the processing, receipt excluded.
+    With ``--xml130``, the same for that many QĐ 130 episodes (one per file)."""
+    import sqlalchemy as sa
+
+    from connectors import inbox, sources
+    from connectors.model import Source
+    from connectors.pipeline import Pipeline
+    from hub.app_factory import build_router
+    from hub.settings import Settings
+
+    router = build_router(Settings(database_url=url))
+    engine = router.ctx.store.engine
+    statements = [0]
+
+    def count(*_: Any) -> None:
+        statements[0] += 1
+
+    sa.event.listen(engine, "before_cursor_execute", count)
+    pipeline = Pipeline(router, batch_size=args.batch_size)
+
+    def measure(label: str, source: Any, raws: list[bytes], unit: str) -> None:
+        warm = raws[: args.batch_size]
+        pipeline.process_ids([r.id for r in inbox.receive(engine, source, warm)])
+        cpu = wall = 0.0
+        counted = 0
+        states: collections.Counter[str] = collections.Counter()
+        for start in range(len(warm), len(raws), args.batch_size):
+            received = inbox.receive(engine, source, raws[start : start + args.batch_size])
+            counted -= statements[0]
+            started_cpu, started = time.thread_time(), time.perf_counter()
+            outcomes = pipeline.process_ids([r.id for r in received])
+            cpu += time.thread_time() - started_cpu
+            wall += time.perf_counter() - started
+            counted += statements[0]
+            states.update(o.state for o in outcomes.values())
+        n = len(raws) - len(warm)
+        print(
+            f"  {label}: {n} {unit} in batches of {args.batch_size}: {1000 * cpu / n:.2f} ms CPU/{unit[:-1]},"
+            f" {counted / n:.1f} SQL statements/{unit[:-1]}, {n / wall:,.0f} {unit}/s processing alone"
+            f" (wall {wall:.1f} s); outcomes {dict(states)}"
+        )
+
+    print(f"\nProcessing cost (in-process Pipeline.process_ids, receipt excluded, {args.backend})")
+    if args.cost:
+        hl7_source = sources.add(
+            router,
+            Source(
+                f"bench-cost-{uuid.uuid4().hex[:6]}",
+                FACILITY,
+                "BVĐK tỉnh Gia Lai",
+                "provincial",
+                "hl7v2-mllp",
+            ),
+        )
+        feed = hl7_feed((args.cost + args.batch_size) // 2, uuid.uuid4().hex[:6])
+        measure("HL7 v2", hl7_source, [m for patient in feed for m in patient], "messages")
+    if args.xml130:
+        from xml130_factory import FACILITY as XML_FACILITY
+        from xml130_factory import envelope, episode
+
+        xml_source = sources.add(
+            router,
+            Source(f"bench-xmlc-{uuid.uuid4().hex[:6]}", XML_FACILITY, "TTYT Chư Sê", "district", "xml130"),
+        )
+        base = int(time.time()) % 100_000 * 1000
+        files = [envelope([episode(base + i)]) for i in range(args.xml130 + args.batch_size)]
+        measure("QĐ 130", xml_source, files, "episodes")
+    engine.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -489,6 +563,13 @@ def main() -> None:
     parser.add_argument("--xml130", type=int, default=0, metavar="EPISODES", help="QĐ 130 episodes; 0: skip")
     parser.add_argument("--episodes-per-file", type=int, default=1)
     parser.add_argument("--xml-batch", type=int, default=20, help="QĐ 130 files per receive/process batch")
+    parser.add_argument(
+        "--cost",
+        type=int,
+        default=0,
+        metavar="MESSAGES",
+        help="in-process processing cost only (CPU ms and SQL statements per message; with --xml130 per episode too)",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--serve", metavar="URL", help=argparse.SUPPRESS)
@@ -518,6 +599,9 @@ def main() -> None:
     )
     url = fresh_database(args.backend, work)
     try:
+        if args.cost:
+            run_cost(args, url)
+            return
         if args.messages:
             run_hl7(args, url, env, work)
         if args.xml130:

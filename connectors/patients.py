@@ -6,7 +6,9 @@ inconsistent CCCD, two records that seem to be one person) and merges (ADT^A40).
 Calls: the search engine (``hub.search.engine``) through the caller's connection and
 Access (identifier values of CCCD, BHYT and BHXH are indexed as keyed hashes: only the
 engine knows how to look them up), ``connectors.identifiers`` (the systems and checks).
-Called by: ``connectors.pipeline``, once per mapped message unit, before its transaction.
+Called by: ``connectors.pipeline``, once per mapped message unit, before its transaction;
+for a combined unit of several messages first ``prefetch`` (one search for all their
+patients' identifiers) and ``begin_message`` between messages.
 
 Order of the identifiers (the issue's rule): a structurally valid CCCD, then the social
 insurance number (BHXH: the last 10 digits of the BHYT card code, the same on every renewed
@@ -61,7 +63,7 @@ from hub.search import engine as search_engine
 if TYPE_CHECKING:
     from hub.rest.router import FhirRouter
 
-__all__ = ["FLAG_KEY", "MRN_PREFIX", "OTHER_RECORD", "REVIEW", "begin_message", "resolve"]
+__all__ = ["FLAG_KEY", "MRN_PREFIX", "OTHER_RECORD", "REVIEW", "begin_message", "prefetch", "resolve"]
 
 # meta.tag and Flag.code of what review work must look at.
 REVIEW = "https://ehealth-hub.vn/CodeSystem/record-review"
@@ -332,12 +334,68 @@ def _criteria(key: IdentKey) -> str:
 # --- lookup --------------------------------------------------------------------------------
 
 
+_PREFETCH = "connectors.patients.prefetch"
+_PREFETCH_VALUES = 100  # identifier values per prefetch search (one OR list)
+_PREFETCH_COUNT = 1000  # the search's largest page: more matches and the prefetch is not used
+
+
+@dataclass
+class _Prefetched:
+    """The Patients some messages' identifiers match, read with one search per chunk of
+    values before any of them is resolved (``prefetch``)."""
+
+    keys: set[IdentKey]  # the identifiers looked up
+    by_key: dict[IdentKey, list[str]]  # identifier -> the stored Patients carrying it
+    content: dict[str, bytes]  # id -> the stored Patient as read (parsed again on each use)
+
+
+def prefetch(conn: sa.Connection, router: FhirRouter, units: list[Mapped], source: Source) -> None:
+    """Look up the Patients of several messages' units at once (the pipeline's combined
+    unit: one search instead of one per message). ``resolve`` calls on ``conn`` in the same
+    innermost transaction then take their candidates from it, as the per-patient search
+    would have found them: the search matches an identifier by system and value (CCCD,
+    BHYT, BHXH without whitespace), exactly as ``_key`` compares them. Valid until the
+    caller writes: it must not resolve after writing in the same innermost transaction (the
+    pipeline writes a unit in its SAVEPOINT, and resolves the next unit in another one).
+    A lookup that returns a full page is not used (the per-patient searches run)."""
+    conn.info.pop(_PREFETCH, None)
+    keys: set[IdentKey] = set()
+    for unit in units:
+        for facts in unit.patients:
+            wanted = _Wanted.of(facts.resource, source)
+            keys.update(key for level in wanted.levels for key in level)
+    if not keys:
+        return
+    ctx = router.ctx
+    content: dict[str, bytes] = {}
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), _PREFETCH_VALUES):
+        values = [f"{_escape(s)}|{_escape(v)}" for s, v in ordered[start : start + _PREFETCH_VALUES]]
+        params = [("identifier", ",".join(values)), ("_count", str(_PREFETCH_COUNT))]
+        query = search_engine.parse(ctx.registry, "Patient", params, base_url=ctx.base_url)
+        result = search_engine.execute(conn, ctx.registry, query)
+        if result.has_more or len(result.matches) >= _PREFETCH_COUNT:
+            return  # a broken feed's identifier on thousands of records: searched one by one
+        content.update((match.res_id, match.content) for match in result.matches)
+    by_key: dict[IdentKey, list[str]] = {}
+    for res_id, stored in content.items():
+        for identifier in orjson.loads(stored).get("identifier") or []:
+            key = _key(identifier) if isinstance(identifier, dict) else None
+            if key in keys:
+                by_key.setdefault(key, []).append(res_id)
+    marker = conn.get_nested_transaction() or conn.get_transaction()
+    conn.info[_PREFETCH] = (marker, _Prefetched(keys, by_key, content))
+
+
 class _Lookup:
     """Patient searches through the engine, with the caller's Access, on one connection."""
 
     def __init__(self, conn: sa.Connection, router: FhirRouter) -> None:
         self.conn, self.router = conn, router
         self.content: dict[str, dict[str, Any]] = {}  # id -> stored Patient, as read
+        held = conn.info.get(_PREFETCH)
+        marker = conn.get_nested_transaction() or conn.get_transaction()
+        self.prefetched: _Prefetched | None = held[1] if held is not None and held[0] is marker else None
 
     def search(self, params: list[tuple[str, str]]) -> list[str]:
         ctx = self.router.ctx
@@ -351,7 +409,18 @@ class _Lookup:
 
     def by_identifiers(self, wanted: _Wanted) -> list[str]:
         values = wanted.search_values()
-        return self.search([("identifier", ",".join(values))]) if values else []
+        if not values:
+            return []
+        asked = {key for level in wanted.levels for key in level}
+        known = self.prefetched
+        if known is None or not asked <= known.keys:
+            return self.search([("identifier", ",".join(values))])
+        found = sorted({res_id for key in asked for res_id in known.by_key.get(key, ())})
+        if len(found) > _MAX_CANDIDATES:  # as the search's page would: a broken feed
+            return self.search([("identifier", ",".join(values))])
+        for res_id in found:
+            self.content[res_id] = orjson.loads(known.content[res_id])
+        return found
 
     def survivor(self, patient_id: str) -> str:
         """The record a retired Patient (``active: false``, ``replaced-by``) was merged into."""

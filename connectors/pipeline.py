@@ -1,23 +1,35 @@
-"""Processing of inbox messages: map, resolve the patient, write one FHIR transaction each.
+"""Processing of inbox messages: map, resolve the patient, write FHIR transactions.
 
 Owns: the formats known by name (``FORMATS``, ``format_for``, ``register_format``), how due
 messages are claimed (a short committed claim: PostgreSQL ``FOR UPDATE SKIP LOCKED`` so
 concurrent workers take disjoint rows, state ``processing``, the attempt counted, a lease;
 then the batch's write transaction, which processes only rows still carrying its claim), the
 order kept per ordering key (only the oldest pending message of a key runs; rejected and dead
-ones do not block), group commit (one write transaction per batch, a SAVEPOINT per message),
-the Provenance of each message, and the outcome of each attempt: ``processed``, ``rejected``
-(``Rejected``, or a 4xx from the store: permanent), ``failed`` (anything else: retried after
-``2^attempts`` seconds, at most 10 minutes) and ``dead`` after ``inbox.MAX_ATTEMPTS``
-attempts, including attempts whose process died (a message that kills its worker dies, it
-does not loop). A database that cannot be reached rolls the whole batch back and raises
-``Transient``: nothing is marked processed, nothing may be acknowledged.
-Each message's transaction runs as its own named system access
-(``system:connector-<source>``), so its AuditEvent describes only that message's resources.
+ones do not block), group commit (one write transaction per batch) in combined units: the
+messages of a batch that can share one FHIR transaction Bundle are written as one, in one
+SAVEPOINT (one plan, lock and bulk-insert round, one audit append, one search for their
+patients, instead of one each); a unit that fails is taken again one message per SAVEPOINT,
+so a poison message rejects only itself (``Pipeline._round`` says which messages may share
+a unit). Also the Provenance of each message, and the outcome of each attempt:
+``processed``, ``rejected`` (``Rejected``, or a 4xx from the store: permanent), ``failed``
+(anything else: retried after ``2^attempts`` seconds, at most 10 minutes) and ``dead`` after
+``inbox.MAX_ATTEMPTS`` attempts, including attempts whose process died (a message that kills
+its worker dies, it does not loop). A database that cannot be reached rolls the whole batch
+back and raises ``Transient``: nothing is marked processed, nothing may be acknowledged.
+Every message's inbox row is marked (one executemany per batch) in the transaction that
+stored its data: exactly once holds.
+
+Audit: a unit's transaction runs as its source's named system access
+(``system:connector-<source>``), and the gate writes one AuditEvent per patient it touched,
+each naming only that patient's resources: a patient's access log shows the connector and
+what it wrote for them, and nothing of the unit's other patients. What is given up is one
+event per message (each message's Provenance still says which message wrote which
+resources); per-message events cost an audit append (chain lock, digest, compartment
+lookup) per message, the largest fixed cost after the transaction's own.
 Calls: ``connectors.inbox`` (raw bytes, states), ``connectors.sources`` (via the table), the
 format modules (``connectors.hl7v2``, ``connectors.xml130``, ``connectors.fhirpull``),
-``connectors.patients.resolve``, ``hub.rest.transaction.transaction_in``, the store's write
-transaction, ``consent.context``.
+``connectors.patients`` (``prefetch``, ``begin_message``, ``resolve``),
+``hub.rest.transaction.transaction_in``, the store's write transaction, ``consent.context``.
 Called by: the MLLP listener through the runner (``process_ids`` right after receipt, so it
 ACKs after the commit), the workers (``process_due``), the CLI.
 """
@@ -33,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl
 
 import orjson
 import sqlalchemy as sa
@@ -43,7 +56,7 @@ from connectors.model import Format, Mapped, Rejected, Source, Transient
 from hub.crypto.keys import Keyring
 from hub.db.schema import connector_message, connector_source
 from hub.errors import FhirError
-from hub.store.references import rewrite
+from hub.store.references import iter_references, rewrite
 
 if TYPE_CHECKING:
     from hub.rest.router import FhirRouter
@@ -429,8 +442,9 @@ class Pipeline:
         sources = _sources(conn, {row.source for row in rows})
         facilities = self._facility_ids(conn, list(sources.values()))
         ring = self.store.keys()
-        stalled: set[str] = set()  # keys whose earlier message in this batch did not finish
         outcomes: dict[int, Outcome] = {}
+        marks: list[tuple[Any, Outcome, list[str]]] = []
+        pending: list[_Message] = []
         for row in rows:
             mine = (
                 row.state == "processing"
@@ -441,23 +455,295 @@ class Pipeline:
                 outcomes[row.id] = _stored_outcome(row)
                 continue
             source = sources.get(row.source)
-            if (
-                source is None
-                or source.paused
-                or (row.ordering_key is not None and row.ordering_key in stalled)
-            ):
-                self._unclaim(conn, row.id, tokens[row.id])
-                outcomes[row.id] = Outcome("queued", row.error, row.error_where, False, [])
-                if row.ordering_key is not None:
-                    stalled.add(row.ordering_key)
-                continue
-            outcome, warnings = self._one(conn, row, source, ring, facilities.get(source.facility_code))
-            outcome = self._mark(conn, row, outcome, warnings, moment)
+            facility = facilities.get(source.facility_code) if source else None
+            pending.append(_Message(row, source, facility, tokens[row.id]))
+        stalled: set[str] = set()  # keys whose earlier message in this batch did not finish
+        while pending:
+            pending = self._round(conn, pending, ring, stalled, outcomes, marks)
+        for row, outcome in self._mark_all(conn, marks, moment):
             outcome.attempted = True
             outcomes[row.id] = outcome
-            if outcome.state not in inbox.FINAL_STATES and row.ordering_key is not None:
-                stalled.add(row.ordering_key)
         return outcomes
+
+    def _round(
+        self,
+        conn: sa.Connection,
+        pending: list[_Message],
+        ring: Keyring,
+        stalled: set[str],
+        outcomes: dict[int, Outcome],
+        marks: list[tuple[Any, Outcome, list[str]]],
+    ) -> list[_Message]:
+        """One combined unit: the pending messages (in id order) that can share one
+        transaction, written together; the messages left for the next round.
+
+        A message joins the unit unless an earlier message of its ordering key is in the
+        unit or left for later (order per key), it is another source's (the unit runs as
+        one source's access), or its entries would write what the unit already writes or
+        references (the same Patient, the same condition or identifier: one transaction
+        plans every condition before writing any, so two creates of one condition would
+        both create). If the unit fails, its messages are taken one at a time, each in its
+        own SAVEPOINT, so a poison message rejects only itself."""
+        unit: list[_Message] = []
+        later: list[_Message] = []
+        held: set[str] = set()  # ordering keys with a message left for the next round
+        writes: set[tuple[str, ...]] = set()
+        reads: set[tuple[str, ...]] = set()
+        count = 0
+        access_name: str | None = None
+        limit = min(self.router.ctx.max_bundle_entries, _UNIT_ENTRIES)
+        try:
+            with conn.begin_nested():  # the unit's SAVEPOINT
+                self._prefetch(conn, pending, ring, stalled)
+                for message in pending:
+                    row, source, key = message.row, message.source, message.row.ordering_key
+                    if source is None or source.paused or (key is not None and key in stalled):
+                        # Given back after the unit (not in its SAVEPOINT, which may roll back).
+                        outcomes[row.id] = Outcome("queued", row.error, row.error_where, False, [])
+                        if key is not None:
+                            stalled.add(key)
+                        continue
+                    if (key is not None and key in held) or (access_name not in (None, source.name)):
+                        later.append(message)
+                        if key is not None:
+                            held.add(key)
+                        continue
+                    prepared = self._prepare(conn, message, ring)
+                    if isinstance(prepared, Outcome):  # final before any write (rejected...)
+                        outcomes[row.id] = prepared
+                        marks.append((row, prepared, message.warnings))
+                        if prepared.state not in inbox.FINAL_STATES and key is not None:
+                            stalled.add(key)
+                        continue
+                    its_writes, its_reads = _footprint(prepared)
+                    clash = (its_writes & (writes | reads)) or (its_reads & writes)
+                    if unit and (clash or count + len(prepared) > limit):
+                        message.mapped = None  # resolved against what the unit will change
+                        later.append(message)
+                        if key is not None:
+                            held.add(key)
+                        continue
+                    message.entries = prepared
+                    unit.append(message)
+                    writes |= its_writes
+                    reads |= its_reads
+                    count += len(prepared)
+                    access_name = source.name
+                if unit:
+                    self._write_unit(conn, unit)
+        except Exception as error:  # noqa: BLE001  (one bad message: the others go on singly)
+            if isinstance(error, sa.exc.DBAPIError) and (_db_unreachable(error) or _retry_batch(error)):
+                raise
+            log.info("a combined unit of %d messages failed (%s): one at a time", len(unit), error)
+            # The unit, the message being prepared, and any not reached yet: one at a time.
+            waiting = {id(message) for message in later}
+            singles = [m for m in pending if m.row.id not in outcomes and id(m) not in waiting]
+            self._give_back(conn, pending, outcomes)
+            return self._singly(conn, singles, later, ring, stalled, outcomes, marks)
+        self._give_back(conn, pending, outcomes)
+        for message in unit:
+            outcome = Outcome("processed", None, None, False, message.resources)
+            outcomes[message.row.id] = outcome
+            marks.append((message.row, outcome, message.warnings))
+        return later
+
+    def _singly(
+        self,
+        conn: sa.Connection,
+        unit: list[_Message],
+        later: list[_Message],
+        ring: Keyring,
+        stalled: set[str],
+        outcomes: dict[int, Outcome],
+        marks: list[tuple[Any, Outcome, list[str]]],
+    ) -> list[_Message]:
+        """The unit's messages one at a time (the unit's SAVEPOINT was rolled back); what
+        was decided without writing (rejected when mapped) stays decided."""
+        for message in unit:
+            row, key = message.row, message.row.ordering_key
+            assert message.source is not None
+            if key is not None and key in stalled:
+                self._unclaim(conn, row.id, message.token)
+                outcomes[row.id] = Outcome("queued", row.error, row.error_where, False, [])
+                continue
+            outcome, warnings = self._one(conn, row, message.source, ring, message.facility_id)
+            outcomes[row.id] = outcome
+            marks.append((row, outcome, warnings))
+            if outcome.state not in inbox.FINAL_STATES and key is not None:
+                stalled.add(key)
+        return later
+
+    def _give_back(self, conn: sa.Connection, pending: list[_Message], outcomes: dict[int, Outcome]) -> None:
+        """Unclaim the round's messages that wait (paused source, an earlier message of their
+        key not final): back to "queued", the attempt not counted."""
+        for message in pending:
+            outcome = outcomes.get(message.row.id)
+            if outcome is not None and outcome.state == "queued" and not outcome.attempted:
+                self._unclaim(conn, message.row.id, message.token)
+
+    def _map(self, message: _Message, ring: Keyring) -> None:
+        """Map a message (once: kept until it is resolved against a unit), or record why
+        it cannot be (its outcome)."""
+        if message.mapped is not None or message.failure is not None:
+            return
+        row, source = message.row, message.source
+        assert source is not None
+        try:
+            data = inbox.open_raw(ring, row.source, row.raw_sha256, bytes(row.raw))
+            message.mapped = format_of(source).map(data, source)
+        except Exception as error:  # noqa: BLE001  (classified as _one does)
+            message.failure = _classify(row, error)
+
+    def _prefetch(
+        self, conn: sa.Connection, pending: list[_Message], ring: Keyring, stalled: set[str]
+    ) -> None:
+        """Map the round's candidates (the first one's source) and look their patients up
+        with one search (connectors.patients.prefetch)."""
+        first = next((m.source for m in pending if m.source is not None and not m.source.paused), None)
+        if first is None:
+            return
+        units: list[Mapped] = []
+        for message in pending:
+            key = message.row.ordering_key
+            if message.source is not first or (key is not None and key in stalled):
+                continue
+            self._map(message, ring)
+            units.extend(message.mapped or [])
+        try:
+            from connectors import patients  # type: ignore[attr-defined, unused-ignore]
+        except ImportError:
+            return
+        prefetch = getattr(patients, "prefetch", None)
+        if prefetch is not None and units:
+            from consent.context import serving, system_access_for
+
+            with serving(system_access_for(f"connector-{first.name}")):
+                prefetch(conn, self.router, units, first)
+
+    def _prepare(
+        self, conn: sa.Connection, message: _Message, ring: Keyring
+    ) -> list[dict[str, Any]] | Outcome:
+        """A message's entries for the unit (mapped, its patients resolved, its Provenance,
+        the facility named), or its outcome when it cannot be written at all."""
+        row, source = message.row, message.source
+        assert source is not None
+        message.warnings = []
+        self._map(message, ring)
+        if message.failure is not None:
+            return message.failure
+        assert message.mapped is not None
+        try:
+            return self._entries(conn, row, source, message.mapped, message.warnings, message.facility_id)
+        except sa.exc.DBAPIError:
+            raise
+        except Exception as error:  # noqa: BLE001  (classified as _one does)
+            return _classify(row, error)
+
+    def _entries(
+        self,
+        conn: sa.Connection,
+        row: Any,
+        source: Source,
+        units: list[Mapped],
+        warnings: list[str],
+        facility_id: str | None,
+    ) -> list[dict[str, Any]]:
+        """The transaction entries of one message: its patients resolved (as the pipeline's
+        system access of its source), its mapped entries, its Provenance."""
+        from consent.context import serving, system_access_for
+
+        with serving(system_access_for(f"connector-{source.name}")):
+            _begin_message(conn)
+            entries: list[dict[str, Any]] = []
+            for unit in units:
+                warnings.extend(unit.warnings)
+                entries.extend(_resolve(conn, self.router, unit, source))
+                entries.extend(unit.entries)
+        if not entries:
+            return []
+        for entry in entries:
+            if "resource" in entry and not entry.get("fullUrl"):
+                entry["fullUrl"] = f"urn:uuid:{uuid.uuid4()}"
+        provenance = _provenance_entry(row, source, units, entries)
+        if provenance is not None:  # None: nothing written that it could name
+            entries.append(provenance)
+        if facility_id is not None:
+            _name_facility(entries, source.facility_code, facility_id)
+        return entries
+
+    def _write_unit(self, conn: sa.Connection, unit: list[_Message]) -> None:
+        """The unit's messages as ONE transaction Bundle (each message keeps its own
+        Provenance); each message's resources read back from its part of the response.
+
+        Its AuditEvents are those of one transaction by the source's system access
+        (``system:connector-<source>``): the gate writes one per patient touched, each
+        naming only that patient's resources, so every patient's access log still shows
+        which connector wrote what; only the grouping into one event per message is lost
+        (the Provenance of each message keeps which message wrote which resources)."""
+        from consent.context import serving, system_access_for
+        from hub.rest.messages import FhirRequest
+        from hub.rest.transaction import transaction_in
+
+        assert unit[0].source is not None
+        entries = [entry for message in unit for entry in message.entries]
+        if not entries:
+            for message in unit:
+                message.resources = []
+            return
+        access = system_access_for(f"connector-{unit[0].source.name}")
+        with serving(access):
+            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+            request = FhirRequest("POST", "", parsed_body=bundle, principal=access.principal)
+            response = transaction_in(self.router, conn, request)
+        answered = (orjson.loads(response.body).get("entry") or []) if response.body else []
+        position = 0
+        for message in unit:
+            part = answered[position : position + len(message.entries)]
+            position += len(message.entries)
+            message.resources = _locations_of(part)
+
+    def _mark_all(
+        self, conn: sa.Connection, marks: list[tuple[Any, Outcome, list[str]]], moment: datetime
+    ) -> list[tuple[Any, Outcome]]:
+        """Every outcome of the batch in one statement (executemany), in the batch's
+        transaction: a message is marked processed in the transaction that stored it. The
+        outcomes as marked (a failure past max_attempts is dead)."""
+        if not marks:
+            return []
+        m = connector_message
+        params = []
+        marked = []
+        for row, outcome, warnings in marks:
+            final, values = self._final(row, outcome, moment)
+            marked.append((row, final))
+            params.append({**values, "b_id": row.id, "warnings": warnings or None})
+        statement = (
+            m.update()
+            .where(m.c.id == sa.bindparam("b_id"))
+            .values({name: sa.bindparam(name) for name in params[0] if name != "b_id"})
+        )
+        conn.execute(statement, params)
+        return marked
+
+    def _final(self, row: Any, outcome: Outcome, moment: datetime) -> tuple[Outcome, dict[str, Any]]:
+        values: dict[str, Any] = {
+            "state": outcome.state,
+            "error": outcome.error,
+            "error_where": outcome.where[:200] if outcome.where else None,
+            "processed_at": moment,
+            "lease_until": None,
+            "next_attempt_at": None,
+            "resources": outcome.resources,
+        }
+        if outcome.state == "failed":
+            attempts = int(row.attempts)  # this one included (counted when claimed)
+            if attempts >= self.max_attempts:
+                values["state"] = "dead"
+                outcome = Outcome("dead", outcome.error, outcome.where, False, [])
+            else:
+                delay = min(self.retry_base_seconds * 2**attempts, RETRY_CAP_SECONDS)
+                values["next_attempt_at"] = moment + timedelta(seconds=delay)
+        return outcome, values
 
     def _facility_ids(self, conn: sa.Connection, batch_sources: list[Source]) -> dict[str, str]:
         """The id of each facility's Organization (added with its source). Mappings name it
@@ -483,93 +769,34 @@ class Pipeline:
     def _one(
         self, conn: sa.Connection, row: Any, source: Source, ring: Keyring, facility_id: str | None
     ) -> tuple[Outcome, list[str]]:
-        """One message in its own SAVEPOINT: its outcome (and the mapping's warnings)."""
+        """One message in its own SAVEPOINT and transaction (the way back when its combined
+        unit failed): its outcome (and the mapping's warnings)."""
+        from consent.context import serving, system_access_for
+        from hub.rest.messages import FhirRequest
+        from hub.rest.transaction import transaction_in
+
         warnings: list[str] = []
         try:
             # Inside: bytes that cannot be opened (a lost data key) fail this message only.
             data = inbox.open_raw(ring, row.source, row.raw_sha256, bytes(row.raw))
             with conn.begin_nested():
-                resources = self._write(conn, row, source, data, warnings, facility_id)
-            return Outcome("processed", None, None, False, resources), warnings
-        except Rejected as error:
-            return Outcome("rejected", error.reason, error.where, error.unsupported), warnings
-        except FhirError as error:
-            where = next((i.expression[0] for i in error.issues if i.expression), None)
-            text = str(error)[:2000]
-            if error.status < 500 and error.status not in _TRANSIENT_STATUSES:
-                return Outcome("rejected", text, where, False), warnings
-            return Outcome("failed", f"HTTP {error.status}: {text}", where, False), warnings
+                units = format_of(source).map(data, source)
+                entries = self._entries(conn, row, source, units, warnings, facility_id)
+                if not entries:
+                    return Outcome("processed", None, None, False, []), warnings
+                # A new Access: its AuditEvent names only this message's resources.
+                access = system_access_for(f"connector-{source.name}")
+                with serving(access):
+                    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+                    request = FhirRequest("POST", "", parsed_body=bundle, principal=access.principal)
+                    response = transaction_in(self.router, conn, request)
+            return Outcome("processed", None, None, False, _locations(response.body)), warnings
         except sa.exc.DBAPIError as error:
             if _db_unreachable(error) or _retry_batch(error):
                 raise  # the whole batch: Transient, or retried at once
-            log.exception("connector message %s: database error", row.id)
-            return Outcome("failed", f"database error: {error.orig}"[:2000], None, False), warnings
+            return _classify(row, error), warnings
         except Exception as error:  # noqa: BLE001  (a mapper bug must not stop the queue)
-            log.exception("connector message %s could not be processed", row.id)
-            return Outcome("failed", f"{type(error).__name__}: {error}"[:2000], None, False), warnings
-
-    def _write(
-        self,
-        conn: sa.Connection,
-        row: Any,
-        source: Source,
-        data: bytes,
-        warnings: list[str],
-        facility_id: str | None,
-    ) -> list[str]:
-        """Map the message and write it as one transaction with its Provenance; the
-        resources written ("Type/id")."""
-        from consent.context import serving, system_access_for
-        from hub.rest.messages import FhirRequest
-        from hub.rest.transaction import transaction_in
-
-        units = format_of(source).map(data, source)
-        # A new Access per message: its AuditEvent names only this message's resources.
-        access = system_access_for(f"connector-{source.name}")
-        with serving(access):
-            entries: list[dict[str, Any]] = []
-            for unit in units:
-                warnings.extend(unit.warnings)
-                entries.extend(_resolve(conn, self.router, unit, source))
-                entries.extend(unit.entries)
-            if not entries:
-                return []
-            for entry in entries:
-                if "resource" in entry and not entry.get("fullUrl"):
-                    entry["fullUrl"] = f"urn:uuid:{uuid.uuid4()}"
-            provenance = _provenance_entry(row, source, units, entries)
-            if provenance is not None:  # None: nothing written that it could name
-                entries.append(provenance)
-            if facility_id is not None:
-                _name_facility(entries, source.facility_code, facility_id)
-            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-            request = FhirRequest("POST", "", parsed_body=bundle, principal=access.principal)
-            response = transaction_in(self.router, conn, request)
-        return _locations(response.body)
-
-    def _mark(
-        self, conn: sa.Connection, row: Any, outcome: Outcome, warnings: list[str], moment: datetime
-    ) -> Outcome:
-        values: dict[str, Any] = {
-            "state": outcome.state,
-            "error": outcome.error,
-            "error_where": outcome.where[:200] if outcome.where else None,
-            "processed_at": moment,
-            "lease_until": None,
-            "next_attempt_at": None,
-            "resources": outcome.resources,
-            "warnings": warnings or None,
-        }
-        if outcome.state == "failed":
-            attempts = int(row.attempts)  # this one included (counted when claimed)
-            if attempts >= self.max_attempts:
-                values["state"] = "dead"
-                outcome = Outcome("dead", outcome.error, outcome.where, False, [])
-            else:
-                delay = min(self.retry_base_seconds * 2**attempts, RETRY_CAP_SECONDS)
-                values["next_attempt_at"] = moment + timedelta(seconds=delay)
-        conn.execute(connector_message.update().where(connector_message.c.id == row.id).values(values))
-        return outcome
+            return _classify(row, error), warnings
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -577,6 +804,96 @@ class Pipeline:
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+# Entries of one combined unit at most (under the store's MAX_BUNDLE_ENTRIES): a unit's
+# transaction plans, locks and resolves all its conditions at once.
+_UNIT_ENTRIES = 2000
+
+
+@dataclass
+class _Message:
+    """A claimed message on its way through the rounds of a batch."""
+
+    row: Any
+    source: Source | None
+    facility_id: str | None
+    token: datetime  # the claim's lease_until
+    mapped: list[Mapped] | None = None  # kept while it is not resolved against a unit
+    failure: Outcome | None = None  # why it cannot be mapped
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    resources: list[str] = field(default_factory=list)
+
+
+def _classify(row: Any, error: BaseException) -> Outcome:
+    """The outcome of a message whose processing raised ``error``."""
+    if isinstance(error, Rejected):
+        return Outcome("rejected", error.reason, error.where, error.unsupported)
+    if isinstance(error, FhirError):
+        where = next((i.expression[0] for i in error.issues if i.expression), None)
+        text = str(error)[:2000]
+        if error.status < 500 and error.status not in _TRANSIENT_STATUSES:
+            return Outcome("rejected", text, where, False)
+        return Outcome("failed", f"HTTP {error.status}: {text}", where, False)
+    if isinstance(error, sa.exc.DBAPIError):
+        log.error("connector message %s: database error", row.id, exc_info=error)
+        return Outcome("failed", f"database error: {error.orig}"[:2000], None, False)
+    log.error("connector message %s could not be processed", row.id, exc_info=error)
+    return Outcome("failed", f"{type(error).__name__}: {error}"[:2000], None, False)
+
+
+def _condition(res_type: str, query: str) -> tuple[str, ...]:
+    return ("condition", res_type, *sorted(f"{k}={v}" for k, v in parse_qsl(query.lstrip("?"))))
+
+
+def _footprint(entries: list[dict[str, Any]]) -> tuple[set[tuple[str, ...]], set[tuple[str, ...]]]:
+    """What a message's entries write (literal ids, conditions of conditional creates and
+    updates, a Patient's identifiers) and what they reference conditionally: two messages
+    whose footprints meet may not share a transaction (see ``Pipeline._round``)."""
+    writes: set[tuple[str, ...]] = set()
+    reads: set[tuple[str, ...]] = set()
+    for entry in entries:
+        request = entry.get("request") or {}
+        method, url = request.get("method"), str(request.get("url") or "")
+        path, _, query = url.partition("?")
+        if method in ("PUT", "PATCH", "DELETE"):
+            writes.add(_condition(path, query) if query else ("id", path))
+        elif method == "POST" and request.get("ifNoneExist"):
+            writes.add(_condition(path, str(request["ifNoneExist"])))
+        resource = entry.get("resource")
+        if not isinstance(resource, dict):
+            continue
+        if resource.get("resourceType") == "Patient":
+            for identifier in resource.get("identifier") or []:
+                if isinstance(identifier, dict) and identifier.get("value"):
+                    writes.add(("patient", str(identifier.get("system")), str(identifier["value"])))
+        for holder in iter_references(resource):
+            reference = holder["reference"]
+            if "?" in reference and "/" not in reference.split("?", 1)[0]:
+                ref_type, _, ref_query = reference.partition("?")
+                reads.add(_condition(ref_type, ref_query))
+    return writes, reads
+
+
+def _begin_message(conn: sa.Connection) -> None:
+    """Patient resolution starts afresh for the next message (patients.begin_message)."""
+    try:
+        from connectors import patients  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        return
+    patients.begin_message(conn)
+
+
+def _locations_of(entries: list[dict[str, Any]]) -> list[str]:
+    """ "Type/id" of every resource these transaction-response entries name."""
+    found = []
+    for entry in entries:
+        location = (entry.get("response") or {}).get("location") or ""
+        parts = location.split("/_history/")[0].split("/")
+        if len(parts) >= 2:
+            found.append(f"{parts[-2]}/{parts[-1]}")
+    return found
 
 
 def _sources(conn: sa.Connection, names: set[str]) -> dict[str, Source]:
@@ -725,13 +1042,4 @@ def _provenance_entry(
 
 def _locations(body: bytes | None) -> list[str]:
     """ "Type/id" of every resource a transaction-response names."""
-    if not body:
-        return []
-    bundle = orjson.loads(body)
-    found = []
-    for entry in bundle.get("entry") or []:
-        location = (entry.get("response") or {}).get("location") or ""
-        parts = location.split("/_history/")[0].split("/")
-        if len(parts) >= 2:
-            found.append(f"{parts[-2]}/{parts[-1]}")
-    return found
+    return _locations_of(orjson.loads(body).get("entry") or []) if body else []
