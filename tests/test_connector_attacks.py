@@ -215,7 +215,10 @@ def test_a_cannot_overwrite_b_results_nor_cancel_b_appointments(hub: Hub) -> Non
     cid, tag = cccd(), uuid.uuid4().hex[:8]
     assert code(hub.send(hub.b, oru(FAC_B, f"R{tag}", cid, filler=f"F{tag}", value="182"))) == "AA"
     assert code(hub.send(hub.b, siu(FAC_B, f"S{tag}", cid, trigger="S12", appointment=f"AP{tag}"))) == "AA"
-    # A reuses B's filler number with another value, and cancels B's appointment id.
+    assert code(hub.send(hub.b, adt(FAC_B, f"E{tag}", cid))) == "AA"  # B's visit VE<tag>, in progress
+    # A reuses B's filler number with another value, cancels B's appointment id, and
+    # discharges B's visit number.
+    assert code(hub.send(hub.a, adt(FAC_B, f"E{tag}", cid, trigger="A03"))) in ("AA", "AE")
     assert code(hub.send(hub.a, oru(FAC_B, f"r{tag}", cid, filler=f"F{tag}", value="40"))) == "AA"
     assert code(hub.send(hub.a, siu(FAC_B, f"s{tag}", cid, trigger="S15", appointment=f"AP{tag}"))) == "AA"
 
@@ -234,6 +237,8 @@ def test_a_cannot_overwrite_b_results_nor_cancel_b_appointments(hub: Hub) -> Non
     by_system = {a["identifier"][0]["system"]: a["status"] for a in appointments}
     assert by_system[facility_system("appointment", FAC_B)] == "booked"
     assert by_system[facility_system("appointment", FAC_A)] == "cancelled"
+    (b_visit,) = hub.search("Encounter", identifier=f"{facility_system('visit', FAC_B)}|VE{tag}")
+    assert b_visit["status"] == "in-progress" and "end" not in b_visit.get("period", {})
 
 
 def test_a_demographic_update_keeps_the_cccd_and_the_managing_organization(hub: Hub) -> None:
@@ -743,6 +748,16 @@ def test_the_upload_body_limit_answers_413(hub: Hub) -> None:
     limit = hub.server.settings.max_body_bytes
     answer = _upload(hub, b"<" + b"x" * limit + b"/>")
     assert answer.status_code == 413, answer.text[:300]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must count what streams in
+        yield b"<"
+        for _ in range(limit // (1024 * 1024) + 1):
+            yield b"x" * (1024 * 1024)
+        yield b"/>"
+
+    with hub.admin() as admin:
+        streamed = admin.post("/connectors/atk-xml/xml130", content=chunks())
+    assert streamed.status_code == 413, streamed.text[:300]
     # An anonymous caller cannot even make the hub read a body.
     with hub.client(None) as anonymous:
         assert anonymous.post("/connectors/atk-xml/xml130", content=b"<x/>" * 1000).status_code == 401
@@ -783,7 +798,7 @@ def test_a_facility_admin_of_a_reaches_nothing_of_b(hub: Hub) -> None:
     assert not sources.get(hub.server.engine, "atk-b").paused  # type: ignore[union-attr]
     # An unknown source and a forbidden one look alike to a facility admin (no probing).
     with hub.client(token) as fa:
-        assert fa.get("/connectors/atk-zzz").status_code in (403, 404)
+        assert fa.get("/connectors/atk-zzz").status_code == fa.get("/connectors/atk-b").status_code == 403
 
 
 def test_metrics_need_a_token_and_the_raw_body_read_is_audited(hub: Hub) -> None:
