@@ -70,6 +70,8 @@ _SETTINGS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "certfile": str,
         "keyfile": str,  # a path: the key itself stays on disk
         "mrn_authority": str,  # PID-3 assigning authority of the facility's MRN (connectors.hl7v2)
+        "allow": (list, str),  # peer addresses or networks that may connect (connectors.mllp)
+        "client_cafile": str,  # CA of the client certificates that may connect (mutual TLS)
     },
     "xml130": {"folder": str, "interval": (int, float)},
     "fhir-pull": {
@@ -131,6 +133,17 @@ def validate(source: Source) -> None:
     port = source.settings.get("port")
     if port is not None and not 1 <= port <= 65535:
         raise SourceError(f"setting 'port' {port} is not a TCP port")
+    if source.kind == "hl7v2-mllp":
+        from connectors.mllp import allowed_networks
+
+        try:
+            allowed_networks(source.settings)
+        except ValueError as error:
+            raise SourceError(str(error)) from None
+        if source.settings.get("client_cafile") and (
+            not source.settings.get("certfile") or source.settings.get("tls") is False
+        ):
+            raise SourceError("setting 'client_cafile' needs TLS: a 'certfile'")
     if source.kind == "fhir-pull":
         base = source.settings.get("base_url")
         if (

@@ -293,12 +293,6 @@ def _pull_page(hub: Hub, resource_type: str, resources: list[dict[str, Any]]) ->
     assert row.state in ("processed", "rejected"), row
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connectors/fhirpull/mapping.py + connectors/patients.py: a pulled resource keeps "
-    "identifiers in another facility's namespace (mrn/<B>, filler/<B>) and resolution matches "
-    "on them: A's FHIR server can take over B's MRN and B's filler numbers",
-)
 def test_a_fhir_pull_cannot_claim_b_identifiers(hub: Hub) -> None:
     cid, tag = cccd(), uuid.uuid4().hex[:8]
     assert code(hub.send(hub.b, adt(FAC_B, f"G{tag}", cid, mrn=f"MB{tag}"))) == "AA"
@@ -537,11 +531,6 @@ def test_with_client_certificates_only_their_holders_can_send(hub: Hub, tmp_path
         _Side(hub, {"client_cafile": str(client_cert)})  # mutual TLS without TLS: refused
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connectors/sources.py _SETTINGS['hl7v2-mllp'] lacks 'allow' (list of addresses) and "
-    "'client_cafile' (str): the listener's access settings cannot be registered yet",
-)
 def test_the_registry_accepts_the_listener_access_settings(hub: Hub) -> None:
     source = Source("atk-locked", FAC_A, "Facility A", "district", "hl7v2-mllp", {"allow": ["10.20.30.0/24"]})
     assert sources.add(hub.router, source).settings["allow"] == ["10.20.30.0/24"]

@@ -702,6 +702,44 @@ def test_map_skips_what_the_hub_does_not_take_and_links_what_it_cannot_reach() -
     }  # another server's
 
 
+def test_map_drops_identifiers_of_other_facilities_and_conditional_references() -> None:
+    """A facility's server speaks for that facility only: identifiers in another facility's
+    namespace (its MRN, its filler numbers) never reach resolution or a conditional update,
+    and a conditional reference in the content is not searched in the hub's whole record."""
+    other_mrn = {"system": facility_system("mrn", "64999"), "value": "B-1"}
+    own_mrn = {"system": facility_system("mrn", "64001"), "value": "A-1"}
+    cccd = {"system": CCCD, "value": "064075001234"}
+    patient = {"resourceType": "Patient", "id": "p1", "identifier": [other_mrn, own_mrn, cccd]}
+    page = orjson.dumps(
+        {"kind": "page", "url": "http://fac.example/fhir/Patient", "type": "Patient", "order": "k",
+         "resources": [patient]}
+    )  # fmt: skip
+    (mapped,) = FORMAT.map(page, _SOURCE)
+    (facts,) = mapped.patients
+    assert facts.resource["identifier"] == [own_mrn, cccd, {"system": own_mrn["system"], "value": "p1"}]
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "identifier": [{"system": facility_system("filler", "64999"), "value": "F-1"}],
+        "status": "final",
+        "code": {"text": "x"},
+        "subject": {"reference": f"Patient?identifier={other_mrn['system']}|B-1"},
+    }
+    page = orjson.dumps(
+        {"kind": "page", "url": "http://fac.example/fhir/Observation", "type": "Observation", "order": "k",
+         "resources": [observation]}
+    )  # fmt: skip
+    (mapped,) = FORMAT.map(page, _SOURCE)
+    content = mapped.entries[0]["resource"]
+    assert content["identifier"] == [
+        {"system": facility_system("fhir-id", "64001"), "value": "Observation/o1"}
+    ]
+    assert "reference" not in content["subject"] and content["subject"]["display"]
+    assert any("another facility" in w for w in mapped.warnings)
+    assert any("conditional reference" in w for w in mapped.warnings)
+    assert all("B-1" not in w and "F-1" not in w for w in mapped.warnings)  # no values in warnings
+
+
 def test_pull_order_puts_targets_before_what_refers_to_them() -> None:
     assert pull_order(["Flag", "DiagnosticReport", "Observation", "Encounter"]) == [
         "Patient",

@@ -24,6 +24,13 @@ How a facility's resource lands in the hub, idempotently:
   otherwise (a type pulled later, or not at all) a logical reference (``Reference.identifier``),
   which never fails for want of its target.
 
+A facility speaks only for itself: identifiers in the hub's facility-scoped namespaces of
+*another* facility (``https://ehealth-hub.vn/sid/<kind>/<other MA_CSKCB>``: its MRNs, filler
+numbers...) are dropped from what is pulled, so that patient resolution and conditional updates
+never match another facility's records by them; conditional references in the facility's
+content (``Patient?identifier=...``) are not followed (they would be searched in the hub's whole
+record), the reference is dropped and a warning kept.
+
 One page is one ``Mapped`` (one transaction): a bad resource refuses its page, with its place.
 """
 
@@ -37,7 +44,14 @@ from urllib.parse import quote
 
 import orjson
 
-from connectors.identifiers import BHXH, BHYT, CCCD, facility_reference, facility_system
+from connectors.identifiers import (
+    BHXH,
+    BHYT,
+    CCCD,
+    FACILITY_SCOPED_KINDS,
+    facility_reference,
+    facility_system,
+)
 from connectors.model import Mapped, PatientFacts, Peek, Rejected, Source
 
 __all__ = [
@@ -102,6 +116,8 @@ _FIRST = (
 )
 _REFERENCE = re.compile(r"^([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 _KEPT_META = ("security", "tag")  # consent labels travel; versions and sources are the hub's own
+# A system of the hub's facility-scoped namespaces (identifiers.facility_system): kind, facility.
+_SCOPED = re.compile(r"^https://ehealth-hub\.vn/sid/([a-z0-9-]+)/([0-9A-Za-z]{5})$")
 
 
 def pull_order(resource_types: list[str]) -> list[str]:
@@ -310,9 +326,35 @@ class _PageMapper:
                 ) from None
         return Mapped(peek.message_type, peek.control_id, patients, entries, warnings=self.warnings)
 
+    def _foreign(self, identifier: Any) -> bool:
+        """An identifier in another facility's namespace (never this facility's to give)."""
+        if not isinstance(identifier, dict):
+            return False
+        match = _SCOPED.match(str(identifier.get("system", "")))
+        return (
+            match is not None
+            and match.group(1) in FACILITY_SCOPED_KINDS
+            and match.group(2) != self.source.facility_code
+        )
+
+    def _own_identifiers(self, content: dict[str, Any], key: str) -> None:
+        """Drop the identifiers of ``content`` that name another facility's records."""
+        own = content.get("identifier")
+        if isinstance(own, list):
+            kept = [i for i in own if not self._foreign(i)]
+            if len(kept) != len(own):
+                self.warnings.append(
+                    f"{key}: {len(own) - len(kept)} identifier(s) of another facility dropped"
+                )
+                content["identifier"] = kept
+        elif self._foreign(own):
+            self.warnings.append(f"{key}: an identifier of another facility dropped")
+            del content["identifier"]
+
     def _patient(self, item: dict[str, Any]) -> PatientFacts:
         res_id = item["id"]
         patient = _copy_content(item)
+        self._own_identifiers(patient, f"Patient/{res_id}")
         identifiers = [i for i in patient.get("identifier", []) if isinstance(i, dict)]
         if not any(i.get("system") == self.mrn and i.get("value") == res_id for i in identifiers):
             identifiers.append({"system": self.mrn, "value": res_id})
@@ -325,6 +367,7 @@ class _PageMapper:
     def _entry(self, item: dict[str, Any]) -> dict[str, Any]:
         res_type, res_id = item["resourceType"], item["id"]
         content = _copy_content(item)
+        self._own_identifiers(content, f"{res_type}/{res_id}")
         value = f"{res_type}/{res_id}"
         mine = {"system": self.origin, "value": value}
         if _identifier_shapes()[res_type] == "array":
@@ -362,6 +405,13 @@ class _PageMapper:
                 if self.base and reference.startswith(self.base + "/")
                 else reference
             )
+            if "?" in local and not local.startswith(("http://", "https://")):
+                # A conditional reference would be resolved against the hub's whole record,
+                # not the facility's: not followed.
+                del holder["reference"]
+                holder.setdefault("display", "conditional reference of the facility, not followed")
+                self.warnings.append(f"a conditional reference ({local.split('?')[0]}?...) not followed")
+                continue
             match = _REFERENCE.match(local)
             if match is None:
                 continue  # contained (#id), urn:uuid, or another server's: left as it is
