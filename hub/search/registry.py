@@ -34,7 +34,12 @@ COMPOSITE_SECOND_TYPES = frozenset({"token", "quantity", "date", "string", "refe
 # Parameters answered from columns of the resource table rather than an index table.
 COLUMN_PARAMS = frozenset({"_id", "_lastUpdated"})
 
-# The resource types the hub holds and indexes (the clinical and directory core).
+# The resource types the hub indexes (the clinical and directory core): searchable, and so
+# usable in conditional writes. Other R4 types are stored, access-controlled and in
+# $everything/$export, but not searchable. Issue 11 added the eight after Provenance, which the
+# connectors write (MedicationDispense, ChargeItem, ClinicalImpression, Composition, Specimen,
+# Flag) or a reader of them needs (Medication, SupplyDelivery). A type added here has no index
+# rows for resources stored before: `hub reindex --type <Type>` after the upgrade.
 SUPPORTED_RESOURCE_TYPES: tuple[str, ...] = (
     "Patient", "Practitioner", "PractitionerRole", "Organization", "Location", "RelatedPerson",
     "Group", "Encounter", "Observation", "Condition", "Procedure", "Immunization",
@@ -42,6 +47,8 @@ SUPPORTED_RESOURCE_TYPES: tuple[str, ...] = (
     "ImagingStudy", "DocumentReference", "CarePlan", "CareTeam", "Goal", "ServiceRequest", "Task",
     "Communication", "Appointment", "Slot", "Schedule", "Coverage", "Claim",
     "ExplanationOfBenefit", "Consent", "AuditEvent", "Provenance",
+    "Specimen", "Flag", "MedicationDispense", "Medication", "ChargeItem", "SupplyDelivery",
+    "ClinicalImpression", "Composition",
 )  # fmt: skip
 
 
