@@ -168,8 +168,8 @@ def test_an_episode_through_the_pipeline_into_the_record(hub: FhirRouter, tmp_pa
     written = sorted({r.split("/")[0] for r in outcome.resources})
     assert {
         "Patient", "Coverage", "Encounter", "Condition", "Procedure", "Observation", "Appointment",
-        "MedicationRequest", "MedicationStatement", "DiagnosticReport", "DocumentReference",
-        "ServiceRequest", "Provenance",
+        "MedicationRequest", "MedicationDispense", "DiagnosticReport", "Composition", "ChargeItem",
+        "ClinicalImpression", "ServiceRequest", "Provenance",
     } <= set(written)  # fmt: skip
 
     (patient,) = _search(hub, "Patient", identifier=f"{CCCD}|{ep['XML1']['SO_CCCD']}")
@@ -180,7 +180,24 @@ def test_an_episode_through_the_pipeline_into_the_record(hub: FhirRouter, tmp_pa
         "Organization/"
     )
     observations = _search(hub, "Observation", subject=f"Patient/{patient['id']}", _count="100")
-    assert len(observations) == 6 + 1 + 2 + 2  # 6 indicators, the ECG, weight, blood group, 2 notes
+    assert len(observations) == 6 + 1 + 2  # 6 indicators, the ECG, weight, blood group
+    notes = _search(
+        hub,
+        "ClinicalImpression",
+        patient=f"Patient/{patient['id']}",
+        encounter=f"Encounter/{encounter['id']}",
+    )
+    assert len(notes) == 2 and all(n["summary"] for n in notes)
+    (charge,) = _search(hub, "ChargeItem", context=f"Encounter/{encounter['id']}")
+    assert charge["subject"] == {"reference": f"Patient/{patient['id']}"}
+    (used_in,) = _search(hub, "Procedure", _id=charge["service"][0]["reference"].split("/")[1])
+    assert charge["productCodeableConcept"]["coding"][0]["code"] in {
+        c["coding"][0]["code"] for c in used_in["usedCode"]
+    }
+    (discharge,) = _search(
+        hub, "Composition", patient=f"Patient/{patient['id']}", type="http://loinc.org|18842-5"
+    )
+    assert discharge["encounter"] == {"reference": f"Encounter/{encounter['id']}"}
     (panel,) = _search(
         hub, "DiagnosticReport", identifier=f"{MA_LK_SYSTEM}|{ep['XML1']['MA_LK']}/XML4/{f.LAB_SERVICE}"
     )
@@ -205,7 +222,13 @@ def test_an_episode_through_the_pipeline_into_the_record(hub: FhirRouter, tmp_pa
     assert sorted(r for r in again.resources if not r.startswith("Provenance/")) == sorted(
         r for r in outcome.resources if not r.startswith(("Provenance/", "Flag/"))
     )
-    assert len(_search(hub, "Observation", subject=f"Patient/{patient['id']}", _count="100")) == 11
+    assert len(_search(hub, "Observation", subject=f"Patient/{patient['id']}", _count="100")) == 9
+    assert len(_search(hub, "MedicationDispense", patient=f"Patient/{patient['id']}")) == 5
+    # The new patient's review Flag is found by patient and by what it is about (one).
+    (flag,) = _search(hub, "Flag", patient=f"Patient/{patient['id']}")
+    assert flag["code"]["coding"][0]["code"] == "unmatched"
+    key = flag["identifier"][0]
+    assert [f["id"] for f in _search(hub, "Flag", identifier=f"{key['system']}|unmatched")] == [flag["id"]]
     assert len(_search(hub, "Encounter", subject=f"Patient/{patient['id']}")) == 1
 
 

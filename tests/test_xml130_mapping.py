@@ -42,8 +42,13 @@ def resources(m: Mapped, res_type: str) -> list[dict[str, Any]]:
 def by_id(m: Mapped, res_type: str, suffix: str) -> dict[str, Any]:
     """The resource whose first identifier is <MA_LK>/<suffix> (MA_LK alone for "")."""
     wanted = f"{m.control_id}/{suffix}" if suffix else m.control_id
-    (found,) = [r for r in resources(m, res_type) if r["identifier"][0]["value"] == wanted]
+    (found,) = [r for r in resources(m, res_type) if _identifiers(r)[0]["value"] == wanted]
     return found
+
+
+def _identifiers(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    found = resource["identifier"]  # Composition.identifier is one Identifier, not a list
+    return [found] if isinstance(found, dict) else list(found)
 
 
 def full_url(m: Mapped, resource: dict[str, Any]) -> str:
@@ -210,9 +215,9 @@ def test_died_and_inpatient_codes() -> None:
 # --- XML2 - XML5 ----------------------------------------------------------------------------------
 
 
-def test_xml2_medication_request_and_statement_of_what_was_given() -> None:
+def test_xml2_medication_request_and_dispense_of_what_was_given() -> None:
     m = one(f.envelope([f.episode(1)]))
-    assert len(resources(m, "MedicationRequest")) == 5 and len(resources(m, "MedicationStatement")) == 5
+    assert len(resources(m, "MedicationRequest")) == 5 and len(resources(m, "MedicationDispense")) == 5
     request = by_id(m, "MedicationRequest", "XML2/1")
     assert request["status"] == "completed" and request["intent"] == "order"
     medication = request["medicationCodeableConcept"]
@@ -231,17 +236,24 @@ def test_xml2_medication_request_and_statement_of_what_was_given() -> None:
         "identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR},
     }
     assert request["authoredOn"] == "2025-07-01T09:30:00+07:00"
-    given = by_id(m, "MedicationStatement", "XML2/1")
-    assert given["basedOn"] == [{"reference": full_url(m, request)}] and given["status"] == "completed"
-    assert given["effectiveDateTime"] == "2025-07-01T10:00:00+07:00"
-    assert given["medicationCodeableConcept"] == medication and given["dosage"] == [dosage]
+    given = by_id(m, "MedicationDispense", "XML2/1")
+    assert given["status"] == "completed"
+    assert given["authorizingPrescription"] == [{"reference": full_url(m, request)}]
+    assert given["whenHandedOver"] == "2025-07-01T10:00:00+07:00"
+    assert given["medicationCodeableConcept"] == medication and given["dosageInstruction"] == [dosage]
+    assert given["subject"] == request["subject"]
     assert given["context"] == {"reference": full_url(m, by_id(m, "Encounter", ""))}
-    assert given["note"] == [{"text": "Số lượng: 15 Viên"}]
-    # A row without NGAY_TH_YL was ordered, not (yet) given: no statement.
+    assert given["quantity"] == {"value": 15, "unit": "Viên"}
+    assert given["performer"] == [
+        {"actor": {"reference": f"Organization?identifier={FACILITY}|{f.FACILITY}"}}
+    ]
+    assert given["identifier"] == [{"system": MA_LK_SYSTEM, "value": f"{m.control_id}/XML2/1"}]
+    assert not resources(m, "MedicationStatement")
+    # A row without NGAY_TH_YL was ordered, not (yet) given: no dispense.
     ep = f.episode(2)
     ep["XML2"][0]["NGAY_TH_YL"] = ""
     m2 = one(f.envelope([ep]))
-    assert len(resources(m2, "MedicationStatement")) == 4
+    assert len(resources(m2, "MedicationDispense")) == 4
 
 
 def test_xml3_services_and_supplies() -> None:
@@ -264,14 +276,39 @@ def test_xml3_services_and_supplies() -> None:
     assert supply["coding"][0]["code"] == f.SUPPLY and supply["text"] == "Bơm tiêm nhựa 5ml x 2 Cái"
     assert len([p for p in resources(m, "Procedure") if "/XML3/" in p["identifier"][0]["value"]]) == 1
     assert m.warnings == []
-    # Bed days are costs, not care: no Procedure; a supply used in no mapped service is a warning.
+    # The supply is a ChargeItem too: in the Encounter, for the exam's Procedure.
+    (charge,) = resources(m, "ChargeItem")
+    supply_row = f.episode(1)["XML3"][-1]
+    assert charge["identifier"] == [
+        {"system": MA_LK_SYSTEM, "value": f"{m.control_id}/XML3/{supply_row['STT']}"}
+    ]
+    assert charge["status"] == "billed"
+    assert charge["code"]["coding"][0]["code"] == f.SUPPLY and charge["code"]["text"] == "Bơm tiêm nhựa 5ml"
+    assert charge["productCodeableConcept"] == charge["code"]
+    assert charge["quantity"] == {"value": 2, "unit": "Cái"}
+    assert charge["occurrenceDateTime"] == "2025-07-01T09:45:00+07:00"
+    assert charge["context"] == {"reference": full_url(m, by_id(m, "Encounter", ""))}
+    assert charge["subject"] == procedure["subject"]
+    assert charge["service"] == [{"reference": full_url(m, procedure)}]
+    assert charge["performer"] == [
+        {"actor": {"type": "Practitioner", "identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}}
+    ]
+    # A supply of a service with XML4 results is charged for its DiagnosticReport.
+    ep = f.episode(3)
+    ep["XML3"][-1]["MA_DICH_VU"] = f.LAB_SERVICE
+    lab = one(f.envelope([ep]))
+    (lab_charge,) = resources(lab, "ChargeItem")
+    report = by_id(lab, "DiagnosticReport", f"XML4/{f.LAB_SERVICE}")
+    assert lab_charge["service"] == [{"reference": full_url(lab, report)}]
+    # Bed days are costs, not care: no Procedure; a supply used in no mapped service is still
+    # charged to the episode, naming no service.
     ep = f.episode(2)
     ep["XML3"][0]["MA_NHOM"] = "15"
     loose = one(f.envelope([ep]))
     assert not [p for p in resources(loose, "Procedure") if "/XML3/" in p["identifier"][0]["value"]]
-    assert loose.warnings == [
-        f"XML3: supplies used in no mapped service, not written: {f.SUPPLY} (kept in the inbox)"
-    ]
+    assert loose.warnings == []
+    (loose_charge,) = resources(loose, "ChargeItem")
+    assert "service" not in loose_charge and loose_charge["code"]["coding"][0]["code"] == f.SUPPLY
 
 
 def test_xml4_observations_grouped_into_reports() -> None:
@@ -308,16 +345,32 @@ def test_xml4_observations_grouped_into_reports() -> None:
 
 def test_xml5_progress_notes() -> None:
     m = one(f.envelope([f.episode(1)]))
-    first = by_id(m, "Observation", "XML5/1")
-    assert by_id(m, "Observation", "XML5/2")["valueString"].startswith("HA 140/90 mmHg")
-    assert first["status"] == "final" and first["category"][0]["coding"][0]["code"] == "exam"
-    assert first["code"]["coding"][0]["code"] == "11506-3"
-    assert first["valueString"].startswith("Tỉnh, tiếp xúc tốt. HA 160/95 mmHg")
-    assert first["effectiveDateTime"] == "2025-07-01T07:45:00+07:00"
-    assert first["performer"] == [
-        {"type": "Practitioner", "identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR}}
-    ]
+    first = by_id(m, "ClinicalImpression", "XML5/1")
+    assert by_id(m, "ClinicalImpression", "XML5/2")["summary"].startswith("HA 140/90 mmHg")
+    assert first["status"] == "completed"
+    assert first["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "11506-3",
+        "display": "Progress note",
+    }
+    assert first["summary"].startswith("Tỉnh, tiếp xúc tốt. HA 160/95 mmHg")
+    assert (
+        first["effectiveDateTime"] == "2025-07-01T07:45:00+07:00"
+        and first["date"] == first["effectiveDateTime"]
+    )
+    assert first["assessor"] == {
+        "type": "Practitioner",
+        "identifier": {"system": PRACTITIONER_SYSTEM, "value": f.DOCTOR},
+    }
     assert first["encounter"] == {"reference": full_url(m, by_id(m, "Encounter", ""))}
+    assert first["subject"] == {"reference": m.patients[0].placeholder}
+    assert not [o for o in resources(m, "Observation") if "/XML5/" in o["identifier"][0]["value"]]
+    # Several clinicians: the first assesses, the others are named; a consultation is a note.
+    ep = f.episode(2)
+    ep["XML5"][0].update(NGUOI_THUC_HIEN=f"{f.DOCTOR};{f.NURSE}", HOI_CHAN="Hội chẩn khoa Nội")
+    two = by_id(one(f.envelope([ep])), "ClinicalImpression", "XML5/1")
+    assert two["assessor"]["identifier"]["value"] == f.DOCTOR
+    assert two["note"] == [{"text": "Hội chẩn: Hội chẩn khoa Nội"}, {"text": f"Cùng thực hiện: {f.NURSE}"}]
 
 
 def test_typical_episode_is_20_to_40_resources() -> None:
@@ -356,8 +409,11 @@ def test_xml0_check_in_creates_an_in_progress_encounter_only_if_none_exists() ->
 
 def test_papers_referral_and_revisit() -> None:
     m = one(f.envelope([full_episode(1)]))
-    discharge = by_id(m, "DocumentReference", "XML7")
-    assert discharge["type"]["coding"][0]["code"] == "18842-5" and discharge["description"] == "Giấy ra viện"
+    encounter_url = full_url(m, by_id(m, "Encounter", ""))
+    discharge = by_id(m, "Composition", "XML7")
+    assert discharge["identifier"] == {"system": MA_LK_SYSTEM, "value": f"{m.control_id}/XML7"}
+    assert discharge["status"] == "final" and discharge["title"] == "Giấy ra viện"
+    assert discharge["type"]["coding"][0]["code"] == "18842-5"
     assert discharge["author"] == [
         {
             "type": "Practitioner",
@@ -365,24 +421,26 @@ def test_papers_referral_and_revisit() -> None:
             "display": "Trần Văn Bình",
         }
     ]
-    assert discharge["date"] == "2025-07-01T00:00:00+07:00"
-    assert discharge["context"]["encounter"] == [{"reference": full_url(m, by_id(m, "Encounter", ""))}]
-    assert discharge["context"]["period"] == {
-        "start": "2025-07-01T07:30:00+07:00",
-        "end": "2025-07-01T10:15:00+07:00",
-    }
-    (content,) = discharge["content"]
-    assert content["attachment"]["contentType"] == "text/plain; charset=utf-8"
-    text = base64.b64decode(content["attachment"]["data"]).decode("utf-8")
-    assert text.startswith("Giấy ra viện\n")
-    assert "Chẩn đoán: Tăng huyết áp vô căn; Đái tháo đường type 2" in text
-    assert "Ghi chú, lời dặn: Tái khám sau 2 tuần" in text
-    assert "SO_LUU_TRU: LTHS00000001" in text  # fields of our reading are kept
-    summary = by_id(m, "DocumentReference", "XML8")
-    assert summary["type"]["coding"][0]["code"] == "34133-9"
-    summary_text = base64.b64decode(summary["content"][0]["attachment"]["data"]).decode("utf-8")
-    assert "Kết quả điều trị: Đỡ" in summary_text  # the outcome's display, not "2"
+    assert discharge["date"] == "2025-07-01"
+    assert discharge["subject"] == {"reference": m.patients[0].placeholder}
+    assert discharge["encounter"] == {"reference": encounter_url}
+    assert discharge["custodian"] == {"reference": f"Organization?identifier={FACILITY}|{f.FACILITY}"}
+    assert discharge["event"] == [
+        {"period": {"start": "2025-07-01T07:30:00+07:00", "end": "2025-07-01T10:15:00+07:00"}}
+    ]
+    sections = {s["title"]: s["text"]["div"] for s in discharge["section"]}
+    assert sections["Chẩn đoán"] == (
+        '<div xmlns="http://www.w3.org/1999/xhtml"><p>Tăng huyết áp vô căn; Đái tháo đường type 2</p></div>'
+    )
+    assert "<p>Tái khám sau 2 tuần hoặc khi có dấu hiệu bất thường</p>" in sections["Ghi chú, lời dặn"]
+    assert "<p>SO_LUU_TRU: LTHS00000001</p>" in sections["Thông tin khác"]  # fields of our reading are kept
+    assert all(s["text"]["status"] == "generated" for s in discharge["section"])
+    summary = by_id(m, "Composition", "XML8")
+    assert summary["type"]["coding"][0]["code"] == "34133-9" and summary["title"] == "Tóm tắt hồ sơ bệnh án"
+    outcome = next(s for s in summary["section"] if s["title"] == "Kết quả điều trị")
+    assert "<p>Đỡ</p>" in outcome["text"]["div"]  # the outcome's display, not "2"
     assert summary["author"] == [{"reference": f"Organization?identifier={FACILITY}|64001"}]
+    assert not resources(m, "DocumentReference")
     referral = by_id(m, "ServiceRequest", "XML13")
     assert referral["code"]["coding"][0]["code"] == "3457005"
     assert referral["performer"] == [
@@ -475,7 +533,7 @@ def test_several_hoso_in_one_file() -> None:
     assert [m.control_id for m in result] == ["640010240700001", "640010240700002", "640010240700003"]
     assert len({m.patients[0].placeholder for m in result}) == 3
     assert len(resources(result[2], "MedicationRequest")) == 7
-    assert len(resources(result[1], "DocumentReference")) == 2
+    assert len(resources(result[1], "Composition")) == 2
     encounters = [by_id(m, "Encounter", "")["subject"]["reference"] for m in result]
     assert encounters == [m.patients[0].placeholder for m in result]
 
@@ -646,8 +704,8 @@ def test_every_mapped_resource_is_valid_fhir(validator: Any, tmp_path: Path) -> 
     types = {r["resourceType"] for r in stored}
     assert types >= {
         "Patient", "Coverage", "Encounter", "Condition", "Procedure", "Observation", "Appointment",
-        "MedicationRequest", "MedicationStatement", "DiagnosticReport", "DocumentReference",
-        "ServiceRequest",
+        "MedicationRequest", "MedicationDispense", "DiagnosticReport", "Composition", "ChargeItem",
+        "ClinicalImpression", "ServiceRequest",
     }  # fmt: skip
     path = tmp_path / "xml130.ndjson"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in stored), encoding="utf-8")

@@ -10,7 +10,7 @@ Called by: ``connectors.xml130`` (``map_tables``, per HOSO).
 
 from __future__ import annotations
 
-import base64
+import html
 import re
 from typing import Any
 
@@ -41,8 +41,9 @@ def map_tables(ep: Episode, tables: dict[str, list[Row]]) -> None:
     with_results = {r.text("MA_DICH_VU") for r in tables.get("XML4", [])}
     for row in tables.get("XML2", []):
         drug(ep, row)
-    services_and_supplies(ep, tables.get("XML3", []), with_results)
-    results(ep, tables.get("XML4", []), services)
+    written = services_and_supplies(ep, tables.get("XML3", []), with_results)
+    written |= results(ep, tables.get("XML4", []), services)
+    supplies(ep, tables.get("XML3", []), written)
     for row in tables.get("XML5", []):
         progress(ep, row)
     for table, kind in (("XML7", "discharge"), ("XML8", "summary")):
@@ -101,23 +102,23 @@ def drug(ep: Episode, row: Row) -> None:
     given = row.when("NGAY_TH_YL")
     if given is None:
         return
-    # The hub holds no MedicationDispense (hub.search.registry.SUPPORTED_RESOURCE_TYPES): that
-    # the drug was given or handed over is a MedicationStatement based on the order.
-    statement: dict[str, Any] = {
-        "resourceType": "MedicationStatement",
-        "basedOn": [{"reference": request_url}],
+    # That the drug was given or handed over (NGAY_TH_YL: the order carried out) is a
+    # MedicationDispense of the order; the MedicationRequest stays the order.
+    dispense: dict[str, Any] = {
+        "resourceType": "MedicationDispense",
         "status": "completed",
         "medicationCodeableConcept": medication,
         "subject": ep.subject(),
         "context": {"reference": ep.encounter},
-        "effectiveDateTime": given,
-        "informationSource": facility_reference(ep.facility),
+        "authorizingPrescription": [{"reference": request_url}],
+        "performer": [{"actor": facility_reference(ep.facility)}],
+        "whenHandedOver": given,
     }
-    if dosage:
-        statement["dosage"] = [dosage]
     if quantity:
-        statement["note"] = [{"text": f"Số lượng: {quantity['value']} {quantity.get('unit', '')}".rstrip()}]
-    ep.put(statement, key)
+        dispense["quantity"] = quantity
+    if dosage:
+        dispense["dosageInstruction"] = [dosage]
+    ep.put(dispense, key)
 
 
 def _quantity(row: Row, value_field: str, unit_field: str) -> dict[str, Any]:
@@ -134,32 +135,64 @@ def _quantity(row: Row, value_field: str, unit_field: str) -> dict[str, Any]:
 # --- XML3: services and supplies -------------------------------------------------------------
 
 
-def services_and_supplies(ep: Episode, rows: list[Row], with_results: set[str | None]) -> None:
-    """A Procedure per service row. A supply row names the service it was used in
-    (MA_DICH_VU): it becomes that Procedure's ``usedCode``. The hub holds no SupplyDelivery or
-    ChargeItem (hub.search.registry.SUPPORTED_RESOURCE_TYPES), so a supply used in no mapped
-    service is named in a warning only (its row stays in the inbox)."""
+def services_and_supplies(ep: Episode, rows: list[Row], with_results: set[str | None]) -> dict[str, str]:
+    """A Procedure per service row; a supply row names the service it was used in
+    (MA_DICH_VU) and is that Procedure's ``usedCode`` (what a reader of the procedure wants to
+    see). Returns the fullUrl of each service's Procedure by service code."""
     used: dict[str, list[dict[str, Any]]] = {}
-    loose: list[str] = []
     for row in rows:
-        if row.text("MA_VAT_TU"):
-            code, item = _supply(row)
-            target = row.text("MA_DICH_VU")
-            if target:
-                used.setdefault(target, []).append(item)
-            else:
-                loose.append(code)
-    attached: set[str] = set()
+        target = row.text("MA_DICH_VU")
+        if row.text("MA_VAT_TU") and target:
+            used.setdefault(target, []).append(_supply(row)[1])
+    written: dict[str, str] = {}
     for row in rows:
         if not row.text("MA_VAT_TU"):
-            written = service(ep, row, with_results, used)
-            if written is not None:
-                attached.add(written)
-    loose += [c["coding"][0]["code"] for s, items in used.items() if s not in attached for c in items]
-    if loose:
-        ep.warnings.append(
-            f"XML3: supplies used in no mapped service, not written: {', '.join(loose)} (kept in the inbox)"
-        )
+            found = service(ep, row, with_results, used)
+            if found is not None:
+                written.setdefault(*found)
+    return written
+
+
+def supplies(ep: Episode, rows: list[Row], services: dict[str, str]) -> None:
+    """A ChargeItem per supply row: the item, how many, when, in the episode's Encounter
+    (``context``) and, when the service it was used in was written, that Procedure or
+    DiagnosticReport (``service``). ChargeItem rather than SupplyDelivery: XML3 is the cost
+    table of the insurance claim (a supply row is a line charged to the episode, with its
+    price), and only ChargeItem links an Encounter and the service (R4 SupplyDelivery has
+    neither; it is a logistics record of a delivery to a place or person)."""
+    for row in rows:
+        if not row.text("MA_VAT_TU"):
+            continue
+        code, item = _supply(row)
+        product = {k: v for k, v in item.items() if k != "text"}
+        name = row.text("TEN_VAT_TU")
+        if name:
+            product["text"] = name
+        charge: dict[str, Any] = {
+            "resourceType": "ChargeItem",
+            "status": "billed",  # the file is the episode's insurance claim
+            "code": product,
+            "subject": ep.subject(),
+            "context": {"reference": ep.encounter},
+            "productCodeableConcept": product,
+        }
+        when = row.when("NGAY_TH_YL") or row.when("NGAY_YL")
+        if when:
+            charge["occurrenceDateTime"] = when
+        quantity = _quantity(row, "SO_LUONG", "DON_VI_TINH")
+        if quantity:
+            charge["quantity"] = quantity
+        doctor = row.text("MA_BAC_SI")
+        if doctor:
+            charge["performer"] = [{"actor": practitioner(doctor)}]
+        charge["performingOrganization"] = facility_reference(ep.facility)
+        price = row.number("DON_GIA_BV")
+        if price is not None:  # the facility's unit price (no ChargeItemDefinition to price it)
+            charge["priceOverride"] = {"value": price, "currency": "VND"}
+        target = row.text("MA_DICH_VU")
+        if target and target in services:
+            charge["service"] = [{"reference": services[target]}]
+        ep.put(charge, f"XML3/{row.pos}")
 
 
 def _supply(row: Row) -> tuple[str, dict[str, Any]]:
@@ -174,8 +207,8 @@ def _supply(row: Row) -> tuple[str, dict[str, Any]]:
 
 def service(
     ep: Episode, row: Row, with_results: set[str | None], used: dict[str, list[dict[str, Any]]]
-) -> str | None:
-    """The row's Procedure; returns its service code when one was written."""
+) -> tuple[str, str] | None:
+    """The row's Procedure; returns (its service code, its fullUrl) when one was written."""
     code = row.code("MA_DICH_VU", _SERVICE, "a service code (XX.YYYY.ZZZZ)", required=True)
     group = row.text("MA_NHOM") or ""
     if code is None or group in COST_GROUPS or code in with_results:
@@ -210,8 +243,7 @@ def service(
     notes = notes_of(("Phương pháp vô cảm", row.text("PP_VO_CAM")))
     if notes:
         procedure["note"] = notes
-    ep.put(procedure, f"XML3/{row.pos}")
-    return code
+    return code, ep.put(procedure, f"XML3/{row.pos}")
 
 
 # --- XML4: results ----------------------------------------------------------------------------
@@ -220,8 +252,10 @@ _REPORT_CATEGORY = {"1": "LAB", "2": "RAD"}  # MA_NHOM of the service -> v2-0074
 _OBS_CATEGORY = {"1": "laboratory", "2": "imaging", "3": "procedure"}
 
 
-def results(ep: Episode, rows: list[Row], services: dict[str | None, Row]) -> None:
-    """An Observation per row; a DiagnosticReport per MA_DICH_VU holding its rows."""
+def results(ep: Episode, rows: list[Row], services: dict[str | None, Row]) -> dict[str, str]:
+    """An Observation per row; a DiagnosticReport per MA_DICH_VU holding its rows. Returns
+    the fullUrl of each service's DiagnosticReport by service code."""
+    written: dict[str, str] = {}
     panels: dict[str, list[Row]] = {}
     for row in rows:
         code = row.code("MA_DICH_VU", _SERVICE, "a service code (XX.YYYY.ZZZZ)", required=True)
@@ -265,7 +299,8 @@ def results(ep: Episode, rows: list[Row], services: dict[str | None, Row]) -> No
         report["result"] = [{"reference": u} for u in urls]
         if conclusions:
             report["conclusion"] = "; ".join(conclusions)
-        ep.put(report, f"XML4/{code}")
+        written[code] = ep.put(report, f"XML4/{code}")
+    return written
 
 
 def _observation(
@@ -326,37 +361,39 @@ def _number_or_none(value: str) -> int | float | None:
 
 
 def progress(ep: Episode, row: Row) -> None:
-    """An Observation holding the note's text: a clinician's account of the course at a time
-    (the hub holds no ClinicalImpression; an Observation is found by patient, encounter and
-    date, and shows in the patient's timeline and $everything)."""
+    """A ClinicalImpression per progress row: a clinician's account of the course at a time
+    (its ``summary``), found by patient, encounter and date, in the timeline and $everything.
+    (An Observation with the text as its value was the fallback while the hub did not index
+    ClinicalImpression: a note is an assessment, not a measured value.)"""
     text = row.required("DIEN_BIEN_LS")
     if text is None:
         return
     note: dict[str, Any] = {
-        "resourceType": "Observation",
-        "status": "final",
-        "category": [cc(OBS_CATEGORY, "exam")],
+        "resourceType": "ClinicalImpression",
+        "status": "completed",
         "code": cc(LOINC, "11506-3", "Progress note", "Diễn biến lâm sàng"),
         **ep.context(),
     }
     when = row.when("THOI_DIEM_DBLS")
     if when:
         note["effectiveDateTime"] = when
+        note["date"] = when if "T" in when else f"{when}T00:00:00+07:00"  # date is a dateTime
     who = row.codes("NGUOI_THUC_HIEN")
-    if who:
-        note["performer"] = [practitioner(p) for p in who]
-    note["valueString"] = text
+    if who:  # one assessor in R4: the first; the others are named in a note
+        note["assessor"] = practitioner(who[0])
+    note["summary"] = text
     notes = notes_of(
         ("Giai đoạn bệnh", row.text("GIAI_DOAN_BENH")),
         ("Hội chẩn", row.text("HOI_CHAN")),
         ("Phẫu thuật", row.text("PHAU_THUAT")),
+        ("Cùng thực hiện", ", ".join(who[1:]) or None),
     )
     if notes:
         note["note"] = notes
     ep.put(note, f"XML5/{row.pos}")
 
 
-# --- XML7 discharge paper, XML8 record summary: a DocumentReference each ---------------------
+# --- XML7 discharge paper, XML8 record summary: a Composition each ---------------------------
 
 _PAPERS: dict[str, tuple[str, str, str, list[tuple[str, str]]]] = {
     # kind: (table, LOINC code, title, [(field, section title)])
@@ -391,54 +428,53 @@ _PAPER_SKIP = frozenset({"MA_LK", "STT", "DU_PHONG", "MA_TTDV", "MA_BS", "TEN_BS
 
 
 def paper(ep: Episode, row: Row, kind: str) -> None:
-    """A DocumentReference carrying the paper as text (a heading per field), typed by LOINC,
-    in the episode's context: readable as the document it is. (The hub holds no
-    Composition: hub.search.registry.SUPPORTED_RESOURCE_TYPES.)"""
+    """A Composition per paper: typed by LOINC, titled, a section per field (its heading and
+    its text), in the episode's Encounter. A reader (and the consent labels, which read
+    narrative) sees the paper's text itself; the DocumentReference of the wave-1 mapping
+    carried it base64-encoded, opaque to both."""
     table, loinc, title, fields = _PAPERS[kind]
-    lines = [title, ""]
+    sections = []
     known = {f for f, _ in fields}
     for field, heading in fields:
         value = row.text(field)
         if field == "KET_QUA_DTRI" and value:
             value = listed("ket_qua_dtri", value)[1].get("display", value)
         if value:
-            lines.append(f"{heading}: {value}")
+            sections.append(_section(heading, [value]))
     others = [f"{k}: {v}" for k, v in row.values.items() if v and k not in known and k not in _PAPER_SKIP]
     if others:  # fields of our unconfirmed reading of the table: kept, not lost
-        lines += ["", "Thông tin khác:", *others]
+        sections.append(_section("Thông tin khác", others))
     doctor = row.text("MA_BS")
     author = practitioner(doctor, row.text("TEN_BS")) if doctor else facility_reference(ep.facility)
     dated = row.when("NGAY_CT") or row.when("NGAY_RA") or row.when("NGAY_VAO")
     if dated is None:
         row.required("NGAY_CT")
+        return
     document: dict[str, Any] = {
-        "resourceType": "DocumentReference",
-        "status": "current",
-        "docStatus": "final",
+        "resourceType": "Composition",
+        "status": "final",
         "type": cc(LOINC, loinc, text=title),
         "subject": ep.subject(),
+        "encounter": {"reference": ep.encounter},
+        "date": dated,
         "author": [author],
+        "title": title,
         "custodian": facility_reference(ep.facility),
-        "description": title,
-        "content": [
-            {
-                "attachment": {
-                    "contentType": "text/plain; charset=utf-8",
-                    "language": "vi",
-                    "title": title,
-                    "data": base64.b64encode("\n".join(lines).encode("utf-8")).decode("ascii"),
-                }
-            }
-        ],
     }
-    if dated is not None:
-        document["date"] = dated if "T" in dated else f"{dated}T00:00:00+07:00"  # an instant
-    context: dict[str, Any] = {"encounter": [{"reference": ep.encounter}]}
     period = {k: v for k, v in (("start", row.when("NGAY_VAO")), ("end", row.when("NGAY_RA"))) if v}
     if period:
-        context["period"] = period
-    document["context"] = context
+        document["event"] = [{"period": period}]
+    if sections:
+        document["section"] = sections
     ep.put(document, table)
+
+
+def _section(title: str, lines: list[str]) -> dict[str, Any]:
+    body = "".join(f"<p>{html.escape(line, quote=False)}</p>" for line in lines)
+    return {
+        "title": title,
+        "text": {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'},
+    }
 
 
 # --- XML13 referral -------------------------------------------------------------------------

@@ -106,6 +106,9 @@ def _quoted(text: str) -> str:
     return text if _PLAIN.fullmatch(text) else quote(text, safe=":/")
 
 
+_ONE_IDENTIFIER = frozenset({"Composition"})  # R4 types whose identifier is a single Identifier
+
+
 class Episode:
     """The entries of one HOSO under construction: identifiers, fullUrls, references."""
 
@@ -138,7 +141,8 @@ class Episode:
         extra = resource.get("identifier", [])  # more identifiers the resource carries
         resource = {
             "resourceType": res_type,
-            "identifier": [identifier, *extra],
+            # Composition.identifier is 0..1: the one identifier, not a list.
+            "identifier": identifier if res_type in _ONE_IDENTIFIER else [identifier, *extra],
             **{k: v for k, v in resource.items() if k not in ("resourceType", "identifier")},
         }
         full_url = self.full_url(res_type, f"{system}|{value}")

@@ -8,19 +8,19 @@ Owns: the patient's facts, the XML1 and XML0 mappings (the code lists are data i
   (ICD-9-CM); body weight and blood group Observations; an Appointment for NGAY_TAI_KHAM.
 - XML0 check-in: an in-progress Encounter, created only when none exists (ifNoneExist), so
   a late check-in never reopens a closed episode; XML1 completes it (same identifier).
-- XML2 drugs: MedicationRequest per row; a MedicationStatement (based on it) when NGAY_TH_YL
-  says the drug was given or handed over.
+- XML2 drugs: MedicationRequest per row (the order); a MedicationDispense (its
+  authorizingPrescription) when NGAY_TH_YL says the drug was given or handed over.
 - XML3: Procedure per service row (not the cost lines of bed days and transport, and not the
   services whose results XML4 carries: their DiagnosticReport stands for them); a supply row
-  is the ``usedCode`` of the service it names (MA_DICH_VU).
+  is the ``usedCode`` of the service it names (MA_DICH_VU) and a ChargeItem of its own (the
+  Encounter as context, that Procedure or DiagnosticReport as service, quantity, unit price).
 - XML4: Observation per indicator, a DiagnosticReport per MA_DICH_VU holding them.
-- XML5: an Observation per progress row (LOINC 11506-3, the text as its value): found by
-  patient, encounter and date, in the timeline and $everything.
-- XML7 discharge paper / XML8 record summary: a DocumentReference with the paper as text
-  (LOINC 18842-5 / 34133-9). XML13 referral: ServiceRequest. XML14 re-visit: Appointment.
-The hub holds and indexes the types of ``hub.search.registry.SUPPORTED_RESOURCE_TYPES``
-only; MedicationDispense, SupplyDelivery, ChargeItem, ClinicalImpression and Composition are
-not among them (a conditional write needs the identifier search), hence the choices above.
+- XML5: a ClinicalImpression per progress row (LOINC 11506-3, the text as its summary):
+  found by patient, encounter and date, in the timeline and $everything.
+- XML7 discharge paper / XML8 record summary: a Composition (LOINC 18842-5 / 34133-9), a
+  section per field, readable text. XML13 referral: ServiceRequest. XML14 re-visit: Appointment.
+Each written type is one the hub indexes (``hub.search.registry.SUPPORTED_RESOURCE_TYPES``):
+a conditional write needs its identifier search.
 Every entry is a conditional PUT on an identifier derived from MA_LK under the facility's
 "ma-lk" system (value ``<MA_LK>/<table>/<STT or code>``; the Encounter's is MA_LK itself), so
 the same file written again changes nothing and a corrected re-export updates in place.
