@@ -93,6 +93,7 @@ from test_consent_matrix import (
     actor,
     compartments_of,
     consent,
+    entry_keys,
     generate,
     history_keys,
     labels_of,
@@ -100,6 +101,7 @@ from test_consent_matrix import (
     parse_day,
     principals,
     ref,
+    refs_at,
     scope_admits,
     security,
     today,
@@ -449,6 +451,13 @@ REFERENCE_FORMS = (
     "nobody",
 )
 RESOLVABLE_FORMS = frozenset({"relative", "versioned", "own-base", "identifier", "conditional"})
+# The Patient-compartment types the search registry indexes since issue 11, and the element
+# their ``patient`` search parameter reads.
+INDEXED_SINCE_11_PATH = {
+    "Specimen": "subject", "Flag": "subject", "MedicationDispense": "subject", "ChargeItem": "subject",
+    "SupplyDelivery": "patient", "ClinicalImpression": "subject", "Composition": "subject",
+}  # fmt: skip
+INDEXED_SINCE_11 = sorted(INDEXED_SINCE_11_PATH)
 FORM_TYPES = ("Observation", "QuestionnaireResponse", "Flag", "MedicationAdministration", "Composition")
 
 
@@ -615,6 +624,37 @@ class WideMatrix(Matrix):
         super().fail(
             kind, who, what if re.match(r"D\d+ ", what) else f"{defect_of(who, what)} {what}", detail
         )
+
+    # --- issue 11: the types the registry indexes since then, searched by their patient ---
+
+    def patient_search(self, who: Who, res_type: str, patient: str) -> None:
+        """``GET {type}?patient=Patient/<id>`` on a type the search registry indexes since
+        issue 11 (before, only a type-level search was possible): nothing the principal may
+        not see, nothing of another patient, and every visible resource naming the patient by
+        a relative reference at its subject/patient element."""
+        world = self.world
+        if not may(who, res_type, "s"):
+            return
+        what = f"D1 GET {res_type}?patient=Patient/{patient}"
+        answer = self.call(who, "GET", res_type, [("patient", f"Patient/{patient}"), ("_count", "1000")])
+        if not self.status(who, what, answer, 200):
+            return
+        got = entry_keys(answer.json)
+        self.checks += max(len(got), 1)
+        for key in got:
+            item = world.get(key)
+            if item is None or item.deleted or not world.sees(who, item):
+                self.fail("LEAK", who, what, f"returned hidden {key}")
+            elif patient not in item.current_comps:
+                self.fail("LEAK", who, what, f"returned {key}, of another patient")
+        path = INDEXED_SINCE_11_PATH[res_type]
+        named = {
+            i.key for i in world.live(res_type)
+            if i.body is not None and f"Patient/{patient}" in refs_at(i.body, path) and world.sees(who, i)
+        }  # fmt: skip
+        missing = named - set(got)
+        if missing:
+            self.fail("MISSING", who, what, f"withheld visible {sorted(missing)[:8]} ({len(missing)})")
 
     # --- D3: each version keeps the compartment of its time ---
 
@@ -830,6 +870,12 @@ def wide_round(m: WideMatrix, who: Who, wide: Wide, tier: int) -> None:
             targets |= own & set(patients)
         for patient in sorted(targets):
             everything(m, who, patient)
+    # The types indexed since issue 11, searched by the patient of their w-<type> resource.
+    for res_type in INDEXED_SINCE_11 if tier else rng.sample(INDEXED_SINCE_11, 3):
+        item = world.items[f"{res_type}/w-{res_type.lower()}"]
+        assert item.body is not None
+        for reference in refs_at(item.body, INDEXED_SINCE_11_PATH[res_type]):
+            m.patient_search(who, res_type, reference.split("/", 1)[1])
 
 
 def everything(m: WideMatrix, who: Who, patient: str) -> None:

@@ -480,15 +480,12 @@ def test_oru_observations_report_and_specimen() -> None:
     }
     assert specimen["collection"] == {"collectedDateTime": "2024-03-15T07:05:00+07:00"}
     assert specimen["receivedTime"] == "2024-03-15T07:30:00+07:00"
-    if STANDALONE_SPECIMEN:
-        assert report["specimen"] == [{"reference": urls[specimen["identifier"][0]["value"]]}]
-        assert glucose["specimen"] == report["specimen"][0]
-    else:  # contained in the report, which alone can reference it
-        assert report["specimen"] == [{"reference": "#specimen"}] and specimen["id"] == "specimen"
-        assert "specimen" not in glucose
+    # The registry indexes Specimen: an entry of its own, referenced by report and results.
+    assert STANDALONE_SPECIMEN and "contained" not in report and "id" not in specimen
+    assert report["specimen"] == [{"reference": urls[specimen["identifier"][0]["value"]]}]
+    assert glucose["specimen"] == report["specimen"][0]
     # Each entry is a conditional PUT on the identifier it carries.
     for entry in m.entries:
-        assert entry["resource"]["resourceType"] != "Specimen" or STANDALONE_SPECIMEN
         ident = entry["resource"]["identifier"][0]
         assert entry["request"]["method"] == "PUT"
         assert entry["request"]["url"].startswith(

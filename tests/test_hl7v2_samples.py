@@ -37,8 +37,9 @@ SOURCE = Source("bv-test-his", "64001", "Bệnh viện Đa khoa tỉnh Gia Lai",
 MS = "microsoft_fhir_converter/"
 PY = "python_hl7/"
 E1P1 = {"Encounter": 1, "Patient": 1}
-# Specimens are entries of their own once the store indexes Specimen (else contained).
-SPECIMENS_2 = {"Specimen": 2} if STANDALONE_SPECIMEN else {}
+# Specimens are entries of their own: the store indexes Specimen.
+assert STANDALONE_SPECIMEN
+SPECIMENS_2 = {"Specimen": 2}
 
 # file -> (MSH-9, resources by type, merges)
 MAPS: dict[str, tuple[str, dict[str, int], int]] = {
@@ -305,8 +306,20 @@ def test_mapped_samples_are_stored_once(http: httpx.Client, uid: str) -> None:
         created |= dict.fromkeys(one, name)
     kinds = {ref.split("/fhir/")[-1].split("/")[0] for ref in created}
     expected = {"Patient", "Encounter", "Observation", "DiagnosticReport", "ServiceRequest"}
-    expected |= {"Appointment", "Immunization"} | ({"Specimen"} if STANDALONE_SPECIMEN else set())
+    expected |= {"Appointment", "Immunization", "Specimen"}
     assert kinds == expected
+    # Each stored Specimen is searchable and found from the report that names it.
+    specimens = [ref.split("/fhir/")[-1] for ref in created if "/Specimen/" in ref]
+    assert specimens
+    for ref in specimens:
+        reports = http.get("DiagnosticReport", params={"specimen": ref}).json()
+        assert reports.get("total", len(reports.get("entry", []))) >= 1, ref
+        stored = http.get(ref).json()
+        found = http.get(
+            "Specimen",
+            params={"identifier": f"{stored['identifier'][0]['system']}|{stored['identifier'][0]['value']}"},
+        ).json()
+        assert [e["resource"]["id"] for e in found["entry"]] == [stored["id"]]
     # The facility is referenced, not copied: the conditional reference resolved to it.
     enc = http.get(
         "Encounter", params={"identifier": f"{facility_system('visit', facility)}|40007716"}
