@@ -4,8 +4,9 @@ Owns: the processing rules of R4 3.1.0.11: entry order (DELETE, POST, PUT/PATCH,
 fullUrl and ``urn:uuid`` resolution, conditional references (``Patient?identifier=...``),
 duplicate detection, and the response Bundle. Resolution follows "hidden is unknown"
 (docs/access.md): a caller that does not see every row resolves only what it can see and
-never chooses ids for new resources; every condition of a transaction is locked up front
-(PostgreSQL advisory locks, in key order) so concurrent conditional creates make one resource.
+never chooses ids for new resources; every conditional write of a transaction is locked up
+front (PostgreSQL advisory locks, in key order, one statement) so concurrent conditional
+creates make one resource; the conditions are looked up together, per type.
 Also the entry limit (``MAX_BUNDLE_ENTRIES``: 413 before any entry is read) and how a batch
 runs (``_batch``): the batch's Access for every entry, one write transaction with a SAVEPOINT
 per entry, runs of plain creates bulk-inserted, the entries' AuditEvents grouped and appended
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from consent.decision import Access
     from hub.audit.events import AccessEvent
     from hub.rest.router import FhirRouter
+    from hub.search.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,9 @@ class Entry:
     full_url: str | None
     resource: dict[str, Any] | None
     request: dict[str, Any]
-    assigned: str | None = None  # a PUT's id the server chose (conditional PUT without a match)
+    # A PUT that is a create with this id: the server chose it (conditional PUT without a
+    # match), or the caller named an id that is free (it joins the bulk create either way).
+    assigned: str | None = None
 
     @property
     def path(self) -> str:
@@ -455,6 +459,7 @@ def _transaction_in(
         current = None
         targets, new_aliases = _plan_targets(router, conn, entries, link_base(router.ctx, request))
         resolver = _Resolver(router, conn, targets)  # one for the Bundle: it remembers lookups
+        resolver.prefetch(entries)
         for entry in entries:
             current = entry
             if entry.resource is not None:
@@ -469,6 +474,9 @@ def _transaction_in(
         except FhirError as error:
             current = bulk[error.item_index] if error.item_index is not None else None
             raise
+        responses.update(
+            _unchanged_puts(router, conn, request, [e for e in ordered if e.index not in responses])
+        )
         for current in (e for e in ordered if e.method != "DELETE" and e.index not in responses):
             responses[current.index] = router.handle_in(conn, _entry_request(current, request))
             if responses[current.index].status >= 400 and current.method in ("GET", "HEAD"):
@@ -512,6 +520,26 @@ def _create_all(
     }
 
 
+def _unchanged_puts(
+    router: FhirRouter, conn: sa.Connection, request: FhirRequest, entries: list[Entry]
+) -> dict[int, FhirResponse]:
+    """The PUT entries that would change nothing, answered as ``interactions.update`` answers
+    them (200, the current version) after one lookup for all (``Store.unchanged``); the
+    others are left to their interaction."""
+    puts = [e for e in entries if _may_create(e)]
+    if not puts:
+        return {}
+    bodies = [(e.resource_type, e.path.split("/")[1], e.resource or {}) for e in puts]
+    found = router.ctx.store.unchanged(conn, bodies)
+    return {
+        e.index: respond_with(
+            router.ctx, _entry_request(e, request), s, 200, f"Updated {s.res_type}/{s.res_id}"
+        )
+        for e, s in zip(puts, found, strict=True)
+        if s is not None
+    }
+
+
 def _reject_duplicates(entries: list[Entry]) -> None:
     seen: set[str] = set()
     for entry in entries:
@@ -537,17 +565,23 @@ def _plan_targets(
     targets = _Targets({}, {}, base_url)
     aliases: list[dict[str, str]] = []
     lock_conditions(conn, _condition_keys(entries))
+    found_by_entry = _conditional_lookups(conn, ctx.registry, entries, base_url)
     # Only a caller that sees every row may keep its own ids (else "taken" would tell it
     # that a resource it cannot see exists).
     choose_ids = access_context.unrestricted()
     wanted = {uuid_of(e.full_url): e for e in entries if e.method == "POST" and uuid_of(e.full_url)}
-    taken = reader.resolve_bare_ids(conn, [u for u in wanted if u]) if wanted and choose_ids else {}
+    # PUTs of an id the caller names that may be creations (a connector's Provenance, Flags):
+    # looked up with the POSTs' ids, and those that do not exist join the bulk create.
+    creatable = {e.index: e.path.split("/")[1] for e in entries if choose_ids and _may_create(e)}
+    creatable = {i: res_id for i, res_id in creatable.items() if res_id not in wanted}  # a POST's too
+    asked = [u for u in wanted if u] + list(creatable.values())
+    taken = reader.resolve_bare_ids(conn, list(dict.fromkeys(asked))) if asked and choose_ids else {}
     for entry in entries:
         res_type = entry.resource_type
         if entry.method == "POST":
             condition = entry.request.get("ifNoneExist")
             if condition:
-                found = search_engine.find_ids(conn, ctx.registry, res_type, parse_qsl(condition), base_url)
+                found = found_by_entry[entry.index]
                 if len(found) > 1:
                     raise precondition_failed(
                         f"Bundle.entry[{entry.index}]: ifNoneExist matches several {res_type}"
@@ -565,7 +599,7 @@ def _plan_targets(
                     aliases.append({"full_url": entry.full_url, "res_type": res_type, "res_id": chosen})
         elif entry.method == "PUT":
             if "?" in entry.url:
-                found = search_engine.find_ids(conn, ctx.registry, res_type, entry.query, base_url)
+                found = found_by_entry[entry.index]
                 if len(found) > 1:
                     raise precondition_failed(
                         f"Bundle.entry[{entry.index}]: conditional update matches several"
@@ -576,14 +610,58 @@ def _plan_targets(
                 if entry.resource is not None:
                     entry.resource["id"] = res_id
                 entry.url = f"{res_type}/{res_id}"
+            elif entry.index in creatable and res_type not in taken.get(creatable[entry.index], ()):
+                entry.assigned = creatable[entry.index]
             if entry.full_url:
                 targets.by_full_url[entry.full_url] = entry.path
     return targets, aliases
 
 
+def _may_create(entry: Entry) -> bool:
+    """Whether a PUT is plain: ``PUT Type/id`` of a body of that type and id, with no version
+    precondition (what ``interactions.update`` accepts and ``Store.update`` turns into a
+    create when the id is free, or leaves alone when nothing changes); anything else takes
+    the interaction's own path."""
+    if entry.method != "PUT" or "?" in entry.url or entry.resource is None or entry.query:
+        return False
+    if any(entry.request.get(f) for f in ("ifMatch", "ifNoneMatch", "ifNoneExist")):
+        return False
+    parts = entry.path.split("/")
+    return (
+        len(parts) == 2
+        and 0 < len(parts[1]) <= 64
+        and entry.resource.get("resourceType") == parts[0]
+        and entry.resource.get("id") == parts[1]
+    )
+
+
+def _conditional_lookups(
+    conn: sa.Connection, registry: Registry, entries: list[Entry], base_url: str
+) -> dict[int, list[str]]:
+    """What each conditional write's criteria match (ifNoneExist, conditional PUT), by entry
+    index: looked up together (``search_engine.find_ids_many``)."""
+    asked: list[tuple[int, tuple[str, list[tuple[str, str]]]]] = []
+    for entry in entries:
+        condition = entry.request.get("ifNoneExist")
+        if entry.method == "POST" and condition:
+            asked.append((entry.index, (entry.resource_type, parse_qsl(condition))))
+        elif entry.method == "PUT" and "?" in entry.url:
+            asked.append((entry.index, (entry.resource_type, entry.query)))
+    if not asked:
+        return {}
+    answers = search_engine.find_ids_many(conn, registry, [c for _, c in asked], base_url)
+    return dict(zip([i for i, _ in asked], answers, strict=True))
+
+
 def _condition_keys(entries: list[Entry]) -> list[int]:
-    """The lock keys of every condition in the Bundle: ifNoneExist, conditional PUTs and
-    conditional references, so they are all taken before the first search."""
+    """The lock keys of the Bundle's conditional writes (ifNoneExist, conditional PUTs), so
+    they are all taken before the first search.
+
+    Conditional references are not locked: they only read (a reference that matches nothing
+    fails the transaction, it creates nothing), and their lock, held to the commit, made
+    every transaction naming a shared Organization or Practitioner wait for the one before.
+    A reference to what a concurrent transaction is creating resolves as READ COMMITTED
+    shows it, as a plain search would."""
     keys = []
     for entry in entries:
         res_type = entry.resource_type
@@ -592,12 +670,6 @@ def _condition_keys(entries: list[Entry]) -> list[int]:
             keys.append(condition_key(res_type, parse_qsl(condition.lstrip("?"), keep_blank_values=True)))
         elif entry.method == "PUT" and "?" in entry.url:
             keys.append(condition_key(res_type, entry.query))
-        if entry.resource is not None:
-            for holder in iter_references(entry.resource):
-                reference = holder["reference"]
-                if "?" in reference and "/" not in reference.split("?", 1)[0]:
-                    ref_type, _, query = reference.partition("?")
-                    keys.append(condition_key(ref_type, parse_qsl(query)))
     return keys
 
 
@@ -617,6 +689,33 @@ class _Resolver:
         # first entry is written, so they cannot change meanwhile, and a Synthea bundle names
         # its hospital's Practitioner and Organization of an earlier bundle hundreds of times.
         self._looked_up: dict[str, str] = {}
+        self._conditions: dict[str, list[str]] = {}  # conditional reference -> ids it matches
+
+    def prefetch(self, entries: list[Entry]) -> None:
+        """Look every conditional reference of the Bundle up at once (one statement for the
+        usual ``Type?identifier=sys|value`` ones, ``find_ids_many``)."""
+        references: list[str] = []
+        for entry in entries:
+            for holder in iter_references(entry.resource) if entry.resource is not None else ():
+                reference = holder["reference"]
+                if (
+                    isinstance(reference, str)
+                    and reference not in self.targets.by_full_url
+                    and "?" in reference
+                    and "/" not in reference.split("?", 1)[0]
+                ):
+                    references.append(reference)
+        unique = list(dict.fromkeys(references))
+        if not unique:
+            return
+        criteria = [(r.partition("?")[0], parse_qsl(r.partition("?")[2])) for r in unique]
+        try:
+            answers = search_engine.find_ids_many(
+                self.conn, self.router.ctx.registry, criteria, self.targets.base_url
+            )
+        except FhirError:
+            return  # left to the rewrite, which tells which entry holds the bad criteria
+        self._conditions.update(zip(unique, answers, strict=True))
 
     def __call__(self, reference: str) -> str | None:
         mapped = self.targets.by_full_url.get(reference) or self._looked_up.get(reference)
@@ -646,9 +745,11 @@ class _Resolver:
     def _conditional(self, reference: str) -> str:
         res_type, _, query = reference.partition("?")
         ctx = self.router.ctx
-        found = search_engine.find_ids(
-            self.conn, ctx.registry, res_type, parse_qsl(query), self.targets.base_url
-        )
+        found = self._conditions.get(reference)
+        if found is None:
+            found = search_engine.find_ids(
+                self.conn, ctx.registry, res_type, parse_qsl(query), self.targets.base_url
+            )
         if len(found) != 1:
             raise precondition_failed(
                 f"Conditional reference '{reference}' matches {'no' if not found else 'more than one'} resource"

@@ -21,15 +21,17 @@ from typing import Any
 import sqlalchemy as sa
 
 from consent.context import report, visible_clause
+from hub.crypto.blind import search_forms
 from hub.crypto.envelope import open_content
-from hub.db.schema import index_table, resource
+from hub.db.schema import idx_token, index_table, resource
 from hub.errors import bad_request
 from hub.search import cursor
+from hub.search.hashing import hash64
 from hub.search.query import Include, SearchQuery, parse
 from hub.search.registry import Registry
 from hub.search.shaping import shape
 
-__all__ = ["Match", "SearchQuery", "SearchResult", "execute", "find_ids", "parse"]
+__all__ = ["Match", "SearchQuery", "SearchResult", "execute", "find_ids", "find_ids_many", "parse"]
 
 MAX_INCLUDED = 2000
 MAX_INCLUDE_ROUNDS = 4
@@ -373,3 +375,72 @@ def find_ids(
     query = parse(registry, res_type, params, base_url=base_url)
     statement = sa.select(resource.c.res_id).where(*_where(query)).limit(2)
     return [r[0] for r in conn.execute(statement).all()]
+
+
+def find_ids_many(
+    conn: sa.Connection,
+    registry: Registry,
+    criteria: Sequence[tuple[str, list[tuple[str, str]]]],
+    base_url: str,
+) -> list[list[str]]:
+    """``find_ids`` for several (type, criteria), in order (at most 2 ids each).
+
+    A transaction of conditional PUTs (a QĐ 130 episode: ~30 ``Type?identifier=sys|value``
+    of a dozen types) looked each up with a statement of its own. The criteria that are one
+    token ``system|code`` (the usual ``identifier=``) are looked up together, whatever their
+    type, one statement per chunk of them, by the same hashes ``predicates.token`` searches
+    (the value as given and its keyed forms, ``hub.crypto.blind``) and among the rows the
+    request may see; any other criteria go through ``find_ids`` one by one."""
+    found: list[list[str]] = [[] for _ in criteria]
+    wanted: dict[int, list[int]] = {}  # hash_sys_value -> indexes of the criteria asking for it
+    for index, (res_type, params) in enumerate(criteria):
+        hashes = _token_hashes(registry, res_type, params)
+        if hashes is None:
+            found[index] = find_ids(conn, registry, res_type, params, base_url)
+            continue
+        for value_hash in hashes:
+            wanted.setdefault(value_hash, []).append(index)
+    if not wanted:
+        return found
+    matched: list[set[str]] = [set() for _ in criteria]
+    types = sorted({criteria[i][0] for indexes in wanted.values() for i in indexes})
+    joined = resource.join(idx_token, idx_token.c.pid == resource.c.pid)
+    for chunk in _chunks(list(wanted)):
+        statement = (
+            sa.select(idx_token.c.hash_sys_value, resource.c.res_type, resource.c.res_id)
+            .select_from(joined)
+            .where(
+                idx_token.c.hash_sys_value.in_(chunk),
+                resource.c.res_type.in_(types),
+                resource.c.deleted.is_(False),
+                *_visible(),
+            )
+            .distinct()
+        )
+        for value_hash, res_type, res_id in conn.execute(statement).all():
+            for index in wanted[value_hash]:
+                if criteria[index][0] == res_type:
+                    matched[index].add(res_id)
+    for index, ids in enumerate(matched):
+        if ids:
+            found[index] = sorted(ids)[:2]
+    return found
+
+
+def _token_hashes(registry: Registry, res_type: str, params: list[tuple[str, str]]) -> list[int] | None:
+    """The ``hash_sys_value`` forms one ``name=system|code`` token criterion matches (as
+    ``predicates.token`` builds them), or None when the criteria are anything else (several
+    parameters, modifiers, chains, OR lists, escapes, other parameter types)."""
+    if len(params) != 1:
+        return None
+    name, value = params[0]
+    if not name or name[0] == "_" or any(c in name for c in ":.") or any(c in value for c in ",\\\x00"):
+        return None
+    param = registry.get(res_type, name)
+    if param is None or not param.indexed or param.type != "token":
+        return None
+    system, bar, code_value = value.partition("|")
+    if not (bar and system and code_value):
+        return None
+    forms = [code_value, *search_forms(param.expression, system, code_value)]
+    return [hash64(param.resource_type, param.code, system, form) for form in forms]

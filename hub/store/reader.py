@@ -59,6 +59,26 @@ def current_row(
     return conn.execute(query).first()
 
 
+def current_rows(
+    conn: sa.Connection, keys: list[tuple[str, str]], *, for_update: bool = False
+) -> dict[tuple[str, str], sa.Row[Any]]:
+    """``current_row`` of several (type, id) at once (not filtered by visibility: the caller
+    checks what it may do with each), by (type, id); absent ones are missing."""
+    required()  # fail closed, as current_row
+    found: dict[tuple[str, str], sa.Row[Any]] = {}
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), 400):  # 2 bound parameters each: under SQLite's limit
+        chunk = unique[start : start + 400]
+        query = sa.select(resource.c.pid, *(resource.c[c] for c in _COLUMNS)).where(
+            sa.tuple_(resource.c.res_type, resource.c.res_id).in_(chunk)
+        )
+        if for_update and conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        for row in conn.execute(query).all():
+            found[(row.res_type, row.res_id)] = row
+    return found
+
+
 def version_row(conn: sa.Connection, res_type: str, res_id: str, version: int) -> sa.Row[Any] | None:
     """One version, when the request may see that version: the current one by its
     ``compartment`` rows, an earlier one by its own (``history_compartment``). A result moved
