@@ -227,3 +227,49 @@ def test_conditions_of_several_types_share_one_lookup_and_keep_their_type(
     assert [e["response"]["status"] for e in again] == ["200", "200"]
     assert [_id_of(e) for e in again] == [_id_of(first[1]), _id_of(first[0])]
     assert len([s for s in statements if "JOIN idx_token" in s and s.startswith("SELECT")]) == 1
+
+
+def test_the_batched_lookup_sees_only_what_the_caller_may_see(router: FhirRouter, uid: str) -> None:
+    """Hidden is unknown: a patient's batched lookup matches their own Observation and not
+    another patient's, exactly as ``find_ids`` does criterion by criterion."""
+    from consent.decision import decide
+    from hub.auth.principal import Principal, Role
+    from hub.auth.scopes import ScopeSet
+    from hub.search import engine as search_engine
+
+    patients = [f"{uid}-pa", f"{uid}-pb"]
+    _run(
+        router,
+        [
+            {
+                "resource": {"resourceType": "Patient", "id": p},
+                "request": {"method": "PUT", "url": f"Patient/{p}"},
+            }
+            for p in patients
+        ],
+    )
+    made = _run(
+        router,
+        [
+            {
+                "resource": _observation(f"{uid}-{n}", subject={"reference": f"Patient/{p}"}),
+                "request": {"method": "POST", "url": "Observation"},
+            }
+            for n, p in enumerate(patients)
+        ],
+    )
+    own = Principal(
+        patients[0],
+        Role.PATIENT,
+        ScopeSet.parse("patient/*.rs"),
+        fhir_user=f"Patient/{patients[0]}",
+        patient=patients[0],
+    )
+    criteria = [("Observation", [("identifier", f"{SYSTEM}|{uid}-{n}")]) for n in range(2)]
+    registry = router.ctx.registry
+    with router.ctx.store.read() as conn:
+        access = decide(conn, own, registry, purpose=None, policy="moh")
+        with serving(access):
+            batched = search_engine.find_ids_many(conn, registry, criteria, "")
+            alone = [search_engine.find_ids(conn, registry, t, c, "") for t, c in criteria]
+    assert batched == alone == [[_id_of(made[0])], []]
