@@ -490,6 +490,7 @@ class Pipeline:
         writes: set[tuple[str, ...]] = set()
         reads: set[tuple[str, ...]] = set()
         count = 0
+        refused = 0  # messages prepared and then left for later in this round
         access_name: str | None = None
         limit = min(self.router.ctx.max_bundle_entries, _UNIT_ENTRIES)
         try:
@@ -503,7 +504,8 @@ class Pipeline:
                         if key is not None:
                             stalled.add(key)
                         continue
-                    if (key is not None and key in held) or (access_name not in (None, source.name)):
+                    closed = refused >= _MAX_REFUSED
+                    if closed or (key is not None and key in held) or access_name not in (None, source.name):
                         later.append(message)
                         if key is not None:
                             held.add(key)
@@ -519,6 +521,7 @@ class Pipeline:
                     clash = (its_writes & (writes | reads)) or (its_reads & writes)
                     if unit and (clash or count + len(prepared) > limit):
                         message.mapped = None  # resolved against what the unit will change
+                        refused += 1
                         later.append(message)
                         if key is not None:
                             held.add(key)
@@ -809,6 +812,11 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
 # Entries of one combined unit at most (under the store's MAX_BUNDLE_ENTRIES): a unit's
 # transaction plans, locks and resolves all its conditions at once.
 _UNIT_ENTRIES = 2000
+# Messages a round may prepare (map, resolve) and then leave for later because they meet the
+# unit: past it the unit is closed. A batch whose messages all meet (pages of one FHIR pull
+# naming the same practitioners) then costs a few wasted preparations a round, not all of
+# the remaining messages each round.
+_MAX_REFUSED = 4
 
 
 @dataclass

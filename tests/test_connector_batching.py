@@ -233,3 +233,19 @@ def test_order_per_key_holds_across_the_rounds_of_a_batch(hub: FhirRouter) -> No
         (patient,) = _search(hub, "Patient", identifier="|".join(_mrn(f"o{tag}-{n}")))
         assert patient["name"][0]["family"] == "Round2"
         assert patient["meta"]["versionId"] == "3"  # three versions, in the messages' order
+
+
+def test_a_batch_whose_messages_all_meet_is_written_in_order(hub: FhirRouter) -> None:
+    # Ten patients' messages updating one Observation: a round per message (the unit closes
+    # after a few refusals instead of preparing every remaining message each round).
+    source = _source(hub, "batch-meet")
+    tag = uuid.uuid4().hex[:6]
+    raws = [
+        _msg(f"e-{tag}-{i}", f"ek{i}", [_mrn(f"e{tag}-{i}")], [f"e{tag}-shared"], value=float(i))
+        for i in range(10)
+    ]
+    ids = _receive(hub, source, raws)
+    outcomes = Pipeline(hub).process_ids(ids)
+    assert [outcomes[i].state for i in ids] == ["processed"] * 10
+    (shared,) = _search(hub, "Observation", identifier=f"{facility_system('filler', CODE)}|e{tag}-shared")
+    assert shared["valueQuantity"]["value"] == 9.0 and shared["meta"]["versionId"] == "10"
