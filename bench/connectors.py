@@ -14,11 +14,17 @@ QĐ 130 (``--xml130 EPISODES``): envelopes from ``tests/xml130_factory.py`` (one
 unless ``--episodes-per-file``) through the upload path, ``inbox.receive`` then
 ``Pipeline.process_ids``, in-process; episodes/s and resources written.
 
+``--cost N``: the processing side alone, in-process (no listener): N HL7 messages (and
+``--xml130`` episodes) received in batches of ``--batch-size``, then ``Pipeline.process_ids``;
+client CPU ms and SQL statements (``before_cursor_execute``: an executemany counts once) per
+message, receipt excluded. ``BENCH_DATABASE`` names the PostgreSQL database (shared server).
+
 ``--profile``: py-spy samples the listener process during the HL7 run (inclusive and self
 time per function), pyinstrument profiles the QĐ 130 run.
 
     .venv/bin/python bench/connectors.py --messages 4000 --connections 16
     .venv/bin/python bench/connectors.py --messages 2000 --xml130 400 --profile
+    .venv/bin/python bench/connectors.py --cost 600 --xml130 200 --batch-size 50
 """
 
 from __future__ import annotations
