@@ -209,6 +209,14 @@ class MllpServer:
     # lifecycle
 
     async def start(self) -> None:
+        if not self._closed_to_strangers() and not _loopback(self.host):
+            # Fail closed: on a network address, whoever reaches the port would write into
+            # the citizens' records as this facility.
+            raise ValueError(
+                f"MLLP {self.source.name}: listening on {self.host} needs setting 'allow' (the HIS "
+                "addresses) or 'client_cafile' (TLS client certificates); only a loopback "
+                "address may go without"
+            )
         self._tasks = [
             asyncio.create_task(self._receiver(), name=f"mllp-receive-{self.source.name}"),
             *(
@@ -228,9 +236,7 @@ class MllpServer:
             self.port,
             " (TLS)" if self.ssl_context else "",
         )
-        if self.allowed is None and not (
-            self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_REQUIRED
-        ):
+        if not self._closed_to_strangers():
             log.warning(
                 "MLLP %s: any peer that reaches %s:%d may send as facility %s: set 'allow' "
                 "(addresses) or 'client_cafile' (TLS client certificates)",
@@ -239,6 +245,12 @@ class MllpServer:
                 self.port,
                 self.source.facility_code,
             )
+
+    def _closed_to_strangers(self) -> bool:
+        """Only the allowed addresses, or holders of a client certificate, may connect."""
+        return self.allowed is not None or (
+            self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_REQUIRED
+        )
 
     async def stop(self) -> None:
         """Stop accepting, close every connection, end the stages. A batch in a database
@@ -628,6 +640,15 @@ def allowed_networks(
         return [ipaddress.ip_network(str(item), strict=False) for item in allow]
     except ValueError as error:
         raise ValueError(f"setting 'allow': {error}") from None
+
+
+def _loopback(host: str | None) -> bool:
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False  # a host name or "" (every interface): not provably local
 
 
 def _peer_allowed(peer: object, allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None) -> bool:

@@ -54,7 +54,7 @@ from urllib.parse import quote
 import orjson
 import sqlalchemy as sa
 
-from connectors.identifiers import BHXH, BHYT, CCCD, bhxh_of, check_cccd
+from connectors.identifiers import BHXH, BHYT, CCCD, bhxh_of, check_cccd, facility_system
 from connectors.model import Mapped, Rejected, Source
 from hub.crypto import blind
 from hub.crypto.policy import SENSITIVE_SYSTEMS
@@ -734,6 +734,13 @@ def _merge(
         mapped.warnings.append("merge: the retired record is also a patient of the message")
         return
     retired = _unversioned(lookup.content[retired_id])
+    # Only a facility that holds the retired record (its own MRN is on it) may retire it: a
+    # merge is the facility correcting its own duplicate, never a verdict on another
+    # facility's patient found by a national identifier alone.
+    own_mrn = facility_system("mrn", source.facility_code)
+    if not any(isinstance(i, dict) and i.get("system") == own_mrn for i in retired.get("identifier") or []):
+        mapped.warnings.append("merge: the retired record holds no MRN of this facility; not merged")
+        return
     target = f"Patient/{survivor.id}" if survivor.id is not None else survivor_placeholder
     retired["active"] = False
     retired["link"] = _links(

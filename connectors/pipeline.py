@@ -50,7 +50,8 @@ from urllib.parse import parse_qsl
 import orjson
 import sqlalchemy as sa
 
-from connectors import inbox
+from connectors import inbox, patients
+from connectors import sources as source_registry
 from connectors.identifiers import FACILITY, facility_reference, facility_system
 from connectors.model import Format, Mapped, Rejected, Source, Transient
 from hub.crypto.keys import Keyring
@@ -612,16 +613,11 @@ class Pipeline:
                 continue
             self._map(message, ring)
             units.extend(message.mapped or [])
-        try:
-            from connectors import patients  # type: ignore[attr-defined, unused-ignore]
-        except ImportError:
-            return
-        prefetch = getattr(patients, "prefetch", None)
-        if prefetch is not None and units:
+        if units:
             from consent.context import serving, system_access_for
 
             with serving(system_access_for(f"connector-{first.name}")):
-                prefetch(conn, self.router, units, first)
+                patients.prefetch(conn, self.router, units, first)
 
     def _prepare(
         self, conn: sa.Connection, message: _Message, ring: Keyring
@@ -846,7 +842,12 @@ def _classify(row: Any, error: BaseException) -> Outcome:
         return Outcome("failed", f"HTTP {error.status}: {text}", where, False)
     if isinstance(error, sa.exc.DBAPIError):
         log.error("connector message %s: database error", row.id, exc_info=error)
-        return Outcome("failed", f"database error: {error.orig}"[:2000], None, False)
+        # The class and SQLSTATE only: the driver's text can quote a row ("Failing row
+        # contains (...)") and the inbox's error column is not sealed.
+        sqlstate = getattr(error.orig, "sqlstate", None) or "-"
+        return Outcome(
+            "failed", f"database error: {type(error.orig).__name__} (SQLSTATE {sqlstate})", None, False
+        )
     log.error("connector message %s could not be processed", row.id, exc_info=error)
     return Outcome("failed", f"{type(error).__name__}: {error}"[:2000], None, False)
 
@@ -886,10 +887,6 @@ def _footprint(entries: list[dict[str, Any]]) -> tuple[set[tuple[str, ...]], set
 
 def _begin_message(conn: sa.Connection) -> None:
     """Patient resolution starts afresh for the next message (patients.begin_message)."""
-    try:
-        from connectors import patients  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        return
     patients.begin_message(conn)
 
 
@@ -905,19 +902,9 @@ def _locations_of(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def _sources(conn: sa.Connection, names: set[str]) -> dict[str, Source]:
+    """The sources of a batch, their secrets opened (a mapping may read its settings)."""
     rows = conn.execute(sa.select(connector_source).where(connector_source.c.name.in_(sorted(names))))
-    return {
-        row.name: Source(
-            name=row.name,
-            facility_code=row.facility_code,
-            facility_name=row.facility_name,
-            facility_level=row.facility_level,
-            kind=row.kind,
-            settings=dict(row.settings or {}),
-            paused=bool(row.paused),
-        )
-        for row in rows
-    }
+    return {row.name: source_registry.from_row(conn.engine, row) for row in rows}
 
 
 def _name_facility(entries: list[dict[str, Any]], code: str, facility_id: str) -> None:
@@ -939,26 +926,7 @@ def _stored_outcome(row: Any) -> Outcome:
 
 def _resolve(conn: sa.Connection, router: FhirRouter, unit: Mapped, source: Source) -> list[dict[str, Any]]:
     """The entries standing for the unit's patients (connectors.patients)."""
-    try:
-        from connectors import patients  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        return _fallback_patients(unit)
-    entries: list[dict[str, Any]] = patients.resolve(conn, router, unit, source)
-    return entries
-
-
-# TEMPORARY (until connectors.patients exists): each patient a conditional create on its
-# first identifier, with no matching across identifiers, no merge, no review flag.
-def _fallback_patients(unit: Mapped) -> list[dict[str, Any]]:
-    entries = []
-    for facts in unit.patients:
-        request: dict[str, Any] = {"method": "POST", "url": "Patient"}
-        identifiers = facts.resource.get("identifier") or []
-        first = identifiers[0] if identifiers else None
-        if first and first.get("system") and first.get("value"):
-            request["ifNoneExist"] = f"identifier={first['system']}|{first['value']}"
-        entries.append({"fullUrl": facts.placeholder, "resource": facts.resource, "request": request})
-    return entries
+    return patients.resolve(conn, router, unit, source)
 
 
 def _provenance_entry(

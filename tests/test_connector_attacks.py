@@ -22,6 +22,7 @@ Both backends.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -257,11 +258,6 @@ def test_a_demographic_update_keeps_the_cccd_and_the_managing_organization(hub: 
     assert not after.get("link")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connectors/patients.py _merge: an A40 from a facility that holds neither record "
-    "deactivates another facility's Patient (active=false, replaced-by) found by CCCD alone",
-)
 def test_a_cannot_merge_two_citizens_it_has_never_seen(hub: Hub) -> None:
     first, second, tag = cccd(), cccd(), uuid.uuid4().hex[:8]
     assert code(hub.send(hub.b, adt(FAC_B, f"P{tag}", first))) == "AA"
@@ -491,6 +487,29 @@ def test_a_neighbour_outside_the_allowed_peers_cannot_send(hub: Hub) -> None:
     assert not [m for m in inbox.messages(hub.server.engine, source="atk-a") if m.control_id == f"N{tag}"]
     with _Side(hub, {"allow": ["127.0.0.1"]}) as side:
         assert code(hub.send(side, adt(FAC_A, f"n{tag}", cccd()))) == "AA"
+
+
+def test_a_listener_on_a_network_address_refuses_to_start_open(hub: Hub) -> None:
+    """Fail closed: without 'allow' or client certificates only a loopback address is served."""
+    source = sources.get(hub.server.engine, "atk-a")
+    assert source is not None
+    open_source = dataclasses.replace(
+        source, settings={k: v for k, v in source.settings.items() if k not in ("allow", "client_cafile")}
+    )
+    server = MllpServer(
+        hub.server.engine, open_source, PipelineThreadRunner(hub.router), host="0.0.0.0", port=0
+    )
+    with pytest.raises(ValueError, match="allow"):
+        asyncio.run(server.start())
+    assert server._server is None  # never bound
+    guarded = dataclasses.replace(open_source, settings={**open_source.settings, "allow": ["10.0.0.0/8"]})
+    server = MllpServer(hub.server.engine, guarded, PipelineThreadRunner(hub.router), host="0.0.0.0", port=0)
+
+    async def start_and_stop() -> None:
+        await server.start()
+        await server.stop()
+
+    asyncio.run(start_and_stop())
 
 
 def test_with_client_certificates_only_their_holders_can_send(hub: Hub, tmp_path: Path) -> None:
