@@ -202,8 +202,33 @@ def test_puts_of_free_ids_join_the_bulk_create_and_unchanged_ones_write_nothing(
     # The four current versions read (and locked) with one statement, not one each.
     reads = [s for s in statements if s.startswith("SELECT resource.pid, resource.res_type, resource.res_id")]
     assert len(reads) == 1, reads
-    changed = _run(router, puts(valueString="changed"))
+    with _counting(router.ctx.store.engine) as statements:
+        changed = _run(router, puts(status="amended"))
+    assert [e["response"]["status"] for e in changed] == ["200"] * 4
     assert [e["response"]["etag"] for e in changed] == ['W/"2"'] * 4
+    # The four new versions written together: one UPDATE (executemany), one archive.
+    assert len([s for s in statements if s.startswith("UPDATE resource ")]) == 1
+    assert len([s for s in statements if s.startswith("INSERT INTO resource_history")]) == 1
+    from hub.search import engine as search_engine
+
+    registry = router.ctx.registry
+    with router.ctx.store.read() as conn, serving(system_access_for("test-batching")):
+        for res_id in ids:
+            by_status = {
+                status: search_engine.find_ids(
+                    conn,
+                    registry,
+                    "Observation",
+                    [("identifier", f"{SYSTEM}|{res_id}"), ("status", status)],
+                    "",
+                )
+                for status in ("final", "amended")
+            }
+            assert by_status == {"final": [], "amended": [res_id]}  # the index rows were replaced
+            first = router.ctx.store.get_version(conn, "Observation", res_id, 1)
+            assert orjson.loads(first.content or b"{}")["status"] == "final"  # history kept
+            history, total = router.ctx.store.history(conn, res_type="Observation", res_id=res_id)
+            assert [h.version for h in history] == [2, 1] and total == 2
 
 
 def test_conditions_of_several_types_share_one_lookup_and_keep_their_type(

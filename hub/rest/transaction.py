@@ -475,7 +475,7 @@ def _transaction_in(
             current = bulk[error.item_index] if error.item_index is not None else None
             raise
         responses.update(
-            _unchanged_puts(router, conn, request, [e for e in ordered if e.index not in responses])
+            _plain_updates(router, conn, request, [e for e in ordered if e.index not in responses])
         )
         for current in (e for e in ordered if e.method != "DELETE" and e.index not in responses):
             responses[current.index] = router.handle_in(conn, _entry_request(current, request))
@@ -520,17 +520,18 @@ def _create_all(
     }
 
 
-def _unchanged_puts(
+def _plain_updates(
     router: FhirRouter, conn: sa.Connection, request: FhirRequest, entries: list[Entry]
 ) -> dict[int, FhirResponse]:
-    """The PUT entries that would change nothing, answered as ``interactions.update`` answers
-    them (200, the current version) after one lookup for all (``Store.unchanged``); the
-    others are left to their interaction."""
+    """The plain PUT entries of existing resources (literal, or conditional ones that
+    matched) written together (``Store.update_many``: one locked read, one write of all the
+    new versions; unchanged ones write nothing) and answered as ``interactions.update``
+    answers them (200); the others are left to their interaction."""
     puts = [e for e in entries if _may_create(e)]
     if not puts:
         return {}
     bodies = [(e.resource_type, e.path.split("/")[1], e.resource or {}) for e in puts]
-    found = router.ctx.store.unchanged(conn, bodies)
+    found = router.ctx.store.update_many(conn, bodies)
     return {
         e.index: respond_with(
             router.ctx, _entry_request(e, request), s, 200, f"Updated {s.res_type}/{s.res_id}"

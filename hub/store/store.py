@@ -1,7 +1,7 @@
 """The store: versioned create, read, update and delete of FHIR resources.
 
 Owns: the semantics of each write (version numbers, history, idempotent deletes, no-op
-updates, found for many PUTs at once by ``unchanged``) and the transaction boundaries for callers that do not bring their own; resolving
+updates; ``update_many`` for many PUTs at once) and the transaction boundaries for callers that do not bring their own; resolving
 at write time what decides whose record a version belongs to (conditional references
 ``Type?query`` outside a transaction are rewritten to ``Type/id`` as transactions do;
 identifier references and own-base URLs via ``hub.ops.compartment.resolve``), and refusing
@@ -248,32 +248,48 @@ class Store:
         writer.insert_index_rows(conn, [row.pid], [item])
         return _stored(item), current.deleted
 
-    def unchanged(
+    def update_many(
         self, conn: sa.Connection, puts: Sequence[tuple[str, str, dict[str, Any]]]
     ) -> list[StoredResource | None]:
-        """For PUTs (type, id, body) by a caller that sees every row: the current version of
-        each resource the PUT would leave as it is (``update``'s no-op: content equal but for
-        meta.versionId/lastUpdated), else None (that PUT takes ``update``). One statement
-        for all, the rows locked as ``update`` locks them: a re-sent feed's PUTs (a connector
-        re-sending a QĐ 130 file) cost one lookup instead of one each. Consents always take
-        ``update`` (their writes are checked by consent.governance)."""
+        """``update`` of several existing resources (type, id, body) at once, for a caller
+        that sees every row: each one's new version (or, when its content would not change,
+        its current one, written nothing: ``update``'s no-op), or None where that PUT must
+        take ``update`` itself (the resource is absent or deleted, a check refuses it, a
+        Consent). The current rows are read and locked with one statement and the new
+        versions written together (``writer.replace_many``): a connector's re-sent QĐ 130
+        file, or one whose episodes changed, costs a few statements instead of a dozen per
+        resource."""
         found: list[StoredResource | None] = [None] * len(puts)
         if not puts or not access.unrestricted():
             return found
         rows = reader.current_rows(conn, [(t, i) for t, i, _ in puts], for_update=True)
+        moment = now()
+        changed: list[tuple[int, int, NewResource]] = []  # (position, pid, new version)
         for position, (res_type, res_id, body) in enumerate(puts):
             row = rows.get((res_type, res_id))
             if row is None or row.deleted or res_type == "Consent":
                 continue
             current = reader.to_stored(row)
-            if current.content is None or not same_content(current.content, body):
-                continue
             try:
                 access.authorize_write(conn, res_type, "u", row.pid, None)
+                access.before_write(body)
+                self._resolve_conditional(conn, body)
+                if current.content is not None and same_content(current.content, body):
+                    found[position] = current
+                    continue
+                item = finalize(
+                    self.registry, body, res_id, row.version + 1, max(moment, current.last_updated)
+                )
+                item = self._resolve_members(conn, item)
+                access.authorize_write(conn, res_type, "u", None, item.index_rows)
             except FhirError:
                 continue  # refused: ``update`` refuses it again, for its own entry
-            access.before_write(body)
-            found[position] = current
+            changed.append((position, row.pid, item))
+        if changed:
+            writer.replace_many(conn, [(pid, item) for _, pid, item in changed])
+            access.report([pid for _, pid, _ in changed])
+            for position, _, item in changed:
+                found[position] = _stored(item)
         return found
 
     def _resolve_conditional(self, conn: sa.Connection, body: dict[str, Any]) -> None:

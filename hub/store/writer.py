@@ -1,7 +1,7 @@
 """Writing resource rows and their index rows.
 
 Owns: pid allocation, bulk insertion (COPY on PostgreSQL, executemany on SQLite), moving
-the current version into history (with the compartment rows it had, into
+the current version into history (one resource, or many at once: ``replace_many``) (with the compartment rows it had, into
 ``history_compartment``), replacing index rows (each type's into the table
 ``hub.db.schema.index_table`` names: AuditEvent's references apart), and sealing versions
 that are stored encrypted.
@@ -140,6 +140,57 @@ def archive_current(conn: sa.Connection, pid: int) -> None:
             sa.select(*columns).where(resource.c.pid == pid),
         )
     )
+
+
+def replace_many(conn: sa.Connection, rows: Sequence[tuple[int, NewResource]]) -> None:
+    """New current versions of several resources at once (pid, new version), each current
+    row locked by the caller (``reader.current_rows(for_update=True)``; SQLite: the one
+    writer) so none can change meanwhile: their current versions archived with two
+    statements, the rows updated with one executemany, their index rows replaced with one
+    DELETE per index table and the bulk insert (``replace_current`` does this per resource)."""
+    if not rows:
+        return
+    pids = [pid for pid, _ in rows]
+    for start in range(0, len(pids), 500):
+        chunk = pids[start : start + 500]
+        conn.execute(
+            history_compartment.insert().from_select(
+                ["pid", "version", "patient_id", "labels"],
+                sa.select(
+                    compartment.c.pid, resource.c.version, compartment.c.patient_id, compartment.c.labels
+                )
+                .join(resource, resource.c.pid == compartment.c.pid)
+                .where(compartment.c.pid.in_(chunk)),
+            )
+        )
+        names = ("pid", "version", "res_type", "res_id", "last_updated", "deleted", "content")
+        conn.execute(
+            resource_history.insert().from_select(
+                list(names), sa.select(*(resource.c[n] for n in names)).where(resource.c.pid.in_(chunk))
+            )
+        )
+        for table in INDEX_TABLES.values():
+            conn.execute(table.delete().where(table.c.pid.in_(chunk)))
+    conn.execute(
+        resource.update()
+        .where(resource.c.pid == sa.bindparam("b_pid"))
+        .values(
+            version=sa.bindparam("b_version"),
+            last_updated=sa.bindparam("b_last_updated"),
+            deleted=False,
+            content=sa.bindparam("b_content"),
+        ),
+        [
+            {
+                "b_pid": pid,
+                "b_version": item.version,
+                "b_last_updated": item.last_updated,
+                "b_content": stored_content(conn, item).decode(),
+            }
+            for pid, item in rows
+        ],
+    )
+    insert_index_rows(conn, pids, [item for _, item in rows])
 
 
 def delete_index_rows(conn: sa.Connection, pid: int, *, keep_compartment: bool = False) -> None:
