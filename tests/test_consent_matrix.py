@@ -1853,6 +1853,26 @@ def mutate_and_check(m: Matrix, fx: Fixture, people: list[Who]) -> int:
         for i in world.live()
         if i.comps and AUDIT not in i.labels and not world.sees(doctor, i) and i.type != "AuditEvent"
     ]
+    # A resource in several patients' records cannot open break-glass (one named patient per
+    # request, issue 9): refused, nothing opened.
+    shared = [i for i in closed if len(i.comps) > 1]
+    if shared:
+        target = rng.choice(shared)
+        answer = m.call(
+            doctor, "GET", target.key, headers={"x-break-glass-reason": "Unconscious patient in the ER"}
+        )
+        m.status(doctor, f"GET {target.key} (break-glass, {len(target.comps)} patients)", answer, 400)
+        with m.hub.engine.connect() as conn:
+            opened_rows = conn.execute(sa.select(break_glass.c.patient_id)).all()
+        m.checks += 1
+        if opened_rows:
+            m.fail(
+                "STATUS",
+                doctor,
+                "break-glass",
+                f"a refused request opened {sorted(r[0] for r in opened_rows)}",
+            )
+    closed = [i for i in closed if len(i.comps) == 1]
     if closed:
         target = rng.choice(closed)
         answer = m.call(
