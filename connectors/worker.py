@@ -256,6 +256,9 @@ class Intake:
                 with self._only_here(source) as mine, system_access(f"connectors-intake-{source.name}"):
                     if mine:
                         received += self._poll_one(source)
+            except (Transient, OSError) as error:
+                # Expected while a facility's server or share is away: one line per interval.
+                log.warning("intake of source %s: %s (retried at the next interval)", source.name, error)
             except Exception:  # noqa: BLE001  (one source's trouble never stops the others)
                 log.exception("intake of source %s failed", source.name)
         return received

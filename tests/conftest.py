@@ -243,6 +243,9 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        # Its pooled connections go with it: PostgreSQL's max_connections is shared by every
+        # server a test run starts.
+        self.engine.dispose()
 
 
 @pytest.fixture(scope="session")
