@@ -271,7 +271,7 @@ def test_consent_lines_name_the_reasons_for_this_reader() -> None:
         "tyt": {"resourceType": "Organization", "id": "tyt", "name": "Trạm Y tế xã"},
         "bv": {"resourceType": "Organization", "id": "bv", "name": "Bệnh viện Đa khoa tỉnh"},
     }
-    consent = {
+    consent: dict[str, Any] = {
         "resourceType": "Consent",
         "id": "k",
         "status": "active",
