@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -86,6 +87,9 @@ class GroupCommit(Generic[T]):
         self._closed = False
         self._waiting = 0  # handed in, not yet answered (queued or being written)
         self.batches = 0  # transactions committed (for benchmarks)
+        # time.time() of the start and of the last committed batch (read by the health report)
+        self.started = time.time()
+        self.last_commit: float | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -127,6 +131,11 @@ class GroupCommit(Generic[T]):
         """How many requests wait for their records to commit (queued or being written)."""
         with self._changed:
             return self._waiting
+
+    def running(self) -> bool:
+        """Whether the writer thread is alive and takes items (the health report)."""
+        with self._changed:
+            return self._thread.is_alive() and not self._closed
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new items, write those queued, stop the thread (idempotent)."""
@@ -182,6 +191,7 @@ class GroupCommit(Generic[T]):
             return
         with self._changed:
             self.batches += 1
+            self.last_commit = time.time()
         for pending in batch:
             pending.done.set_result(None)
 

@@ -169,6 +169,11 @@ class AuditTrail:
             )
         return self._group
 
+    @property
+    def group_commit(self) -> GroupCommit[Prepared] | None:
+        """The running writer, if any (read by the health report)."""
+        return self._group
+
     def stop_group_commit(self) -> None:
         """Write what is queued and stop the writer; ``record`` writes directly again."""
         group, self._group = self._group, None
