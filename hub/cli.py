@@ -129,8 +129,10 @@ def demo(
     upgrade(get_settings().database_url)
     router = build_router()
     with system_access("cli-demo"), router.ctx.store.read() as conn:
-        # The practitioner came later: a database loaded before it gets the file again (PUTs).
-        already = len(reader.resolve_bare_ids(conn, ["vn-demo-patient-1", "vn-demo-practitioner-1"])) == 2
+        # Resources of each version of the demo file: a database loaded with an older one gets the
+        # file again (PUTs, so what was there is updated, never doubled).
+        sentinels = ["vn-demo-patient-1", "vn-demo-practitioner-1", "vn-demo-hoa-docref-discharge"]
+        already = len(reader.resolve_bare_ids(conn, sentinels)) == len(sentinels)
     if already:
         console.print("Demo data already loaded.")
     else:
@@ -228,14 +230,24 @@ def audit_head() -> None:
 
 # --- accounts and tokens ----------------------------------------------------------------------
 
-# `hub demo` accounts: (username, role, fhirUser, organizations). Their password is
-# "demo-<role>": for the demo database only, printed by `hub demo`.
+# `hub demo` accounts: (username, role, fhirUser, organizations: Organization ids, as `hub_orgs`
+# and the consent grants name them). Their password is "demo-<role>": for the demo database only,
+# printed by `hub demo`. demo/README.md says who sees what.
 DEMO_USERS: tuple[tuple[str, str, str | None, tuple[str, ...]], ...] = (
     ("admin", "hub-admin", None, ()),
+    # The commune station's doctor: Hoa's family doctor (generalPractitioner), her station manages her record.
     ("bs.tuan", "clinician", "Practitioner/vn-demo-practitioner-1", ("vn-demo-org-tyt-iakrai",)),
+    # The provincial hospital's doctor: sees Hoa's ordinary data through her Consent (until 31/12/2027).
+    ("bs.ha", "clinician", "Practitioner/vn-demo-practitioner-2", ("vn-demo-org-bvdk-gialai",)),
+    # The An Khê hospital's doctor: nothing of Hoa until she consents, or by break-glass.
+    ("bs.khanh", "clinician", "Practitioner/vn-demo-practitioner-4", ("vn-demo-org-bvdk-ankhe",)),
     ("hoa.nguyen", "patient", "Patient/vn-demo-patient-1", ()),
+    # Her husband (proxy of Hoa) and Hoa as the mother of her son (proxy of the child).
+    ("proxy", "proxy", "RelatedPerson/vn-demo-relatedperson-1", ()),
+    ("hoa.proxy", "proxy", "RelatedPerson/vn-demo-relatedperson-2", ()),
     ("auditor", "auditor", None, ()),
     ("qtv.iakrai", "facility-admin", None, ("vn-demo-org-tyt-iakrai",)),
+    ("qtv.bvdk", "facility-admin", None, ("vn-demo-org-bvdk-gialai",)),
 )
 
 
@@ -412,21 +424,19 @@ def token(
 
 
 def _demo_users(engine) -> None:  # type: ignore[no-untyped-def]
-    """Create the demo accounts that are missing, and print all of them."""
-    import orjson
-
+    """Create the demo accounts that are missing, and print all of them. An account bound to a
+    RelatedPerson (a proxy) is made only when the database holds that RelatedPerson."""
     from hub.auth import users
     from hub.store import reader
 
-    demo = orjson.loads((DEMO_DIR / "vn-demo.json").read_bytes())
-    related = [e["resource"]["id"] for e in demo["entry"] if e["resource"]["resourceType"] == "RelatedPerson"]
+    wanted: list[tuple[str, str, str | None, tuple[str, ...]]] = []
     with engine.connect() as conn:
-        related = [
-            rid for rid in related if "RelatedPerson" in reader.resolve_bare_ids(conn, [rid]).get(rid, [])
-        ]
-    wanted = list(DEMO_USERS)
-    if related:  # a proxy only when the demo data has a RelatedPerson to bind it to
-        wanted.append(("proxy", "proxy", f"RelatedPerson/{related[0]}", ()))
+        for username, role, fhir_user, orgs in DEMO_USERS:
+            if fhir_user and fhir_user.startswith("RelatedPerson/"):
+                rid = fhir_user.split("/", 1)[1]
+                if "RelatedPerson" not in reader.resolve_bare_ids(conn, [rid]).get(rid, []):
+                    continue
+            wanted.append((username, role, fhir_user, orgs))
     console.print("Demo accounts (POST /auth/token with grant_type=password; demo passwords only):")
     for username, role, fhir_user, orgs in wanted:
         if users.get_user(engine, username) is None:
