@@ -1,10 +1,14 @@
 """The hub's own accounts: people and service accounts in the ``hub_user`` table.
 
 Owns: adding, reading, listing, disabling accounts and setting their passwords; the
-default scopes of each role; checking that an account's fhirUser fits its role.
-Calls: passwords, principal, scopes, the schema.  Called by: the token service and
-``/auth/token`` (authenticate, re-check on verify), the CLI (``hub users``, ``hub demo``),
-tests.
+default scopes of each role; checking that an account's fhirUser fits its role; and the
+administration of accounts by people (``manage_*``, ``visible_accounts``): who may list,
+add, disable or change which account (hub admins all; a facility admin only accounts of
+their own organizations, never hub-admin, auditor or integration-service ones), each change
+or refused attempt audited as an AuditEvent naming the actor.
+Calls: passwords, principal, scopes, the schema, the audit trail (``AccessEvent``).
+Called by: the token service and ``/auth/token`` (authenticate, re-check on verify), the
+CLI (``hub users``, ``hub demo``), the operator console (``hub.web.views.console``), tests.
 
 An account without a password is a service account: it gets tokens only from
 ``hub token`` run by an operator. One with a password may also log in at ``/auth/token``.
@@ -15,17 +19,24 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy as sa
 
+from hub.audit.events import AccessEvent
 from hub.auth.passwords import burn_verification, hash_password, needs_rehash, verify_password
-from hub.auth.principal import Role
+from hub.auth.principal import Principal, Role
 from hub.auth.scopes import ScopeSet
 from hub.db.schema import hub_user
+
+if TYPE_CHECKING:  # for typing only: this low-level module stays free of the store
+    from hub.audit.trail import AuditTrail
+
+_T = TypeVar("_T")
 
 _PATIENT_SCOPES = (
     "patient/*.rs patient/Consent.cruds patient/Appointment.cruds "
@@ -250,3 +261,253 @@ def _from_row(row: sa.Row) -> User:  # type: ignore[type-arg]
         created=row.created,
         password_hash=row.password_hash,
     )
+
+
+# --- administration of accounts by people (the operator console) ---------------------------
+
+# Roles whose accounts act beyond one facility (or are services): only a hub admin gives,
+# changes or takes them.
+HUB_ONLY_ROLES = frozenset({Role.ADMIN, Role.AUDITOR, Role.SERVICE})
+# A facility admin may create accounts of these roles; changing an existing account's role,
+# they may not make it a facility admin (that would raise its power: an escalation).
+FACILITY_CREATABLE_ROLES = frozenset(Role) - HUB_ONLY_ROLES
+FACILITY_ASSIGNABLE_ROLES = FACILITY_CREATABLE_ROLES - {Role.FACILITY_ADMIN}
+# Who reads the account list: the two administering roles, and auditors (read only).
+ACCOUNT_READER_ROLES = frozenset({Role.ADMIN, Role.FACILITY_ADMIN, Role.AUDITOR})
+AUDIT_PURPOSE = "HSYSADMIN"
+
+
+class AccountForbidden(PermissionError):
+    """The actor may not do this (to this account); the message says why, for the actor."""
+
+
+def account_in_view(actor: Principal, user: User) -> bool:
+    """Whether ``actor`` sees ``user`` in the account list: hub admins and auditors every
+    account, a facility admin the accounts that act for one of their organizations."""
+    if actor.role in (Role.ADMIN, Role.AUDITOR):
+        return True
+    if actor.role is Role.FACILITY_ADMIN:
+        return bool(set(user.organizations) & set(actor.organizations))
+    return False
+
+
+def may_manage(actor: Principal, user: User) -> bool:
+    """Whether ``actor`` may disable, enable or change ``user``: a hub admin any other
+    account; a facility admin an account of a facility role whose organizations are all
+    theirs (an account that also acts for another facility is that facility's business too).
+    Nobody their own account: no lock-out, no self-promotion."""
+    if user.username == actor.subject:
+        return False
+    if actor.role is Role.ADMIN:
+        return True
+    if actor.role is not Role.FACILITY_ADMIN or user.role in HUB_ONLY_ROLES:
+        return False
+    return bool(user.organizations) and set(user.organizations) <= set(actor.organizations)
+
+
+def visible_accounts(
+    engine: sa.Engine,
+    actor: Principal,
+    *,
+    role: str | Role | None = None,
+    organization: str | None = None,
+    disabled: bool | None = None,
+) -> list[User]:
+    """The accounts ``actor`` may see, filtered by role, organization (an id the account acts
+    for) and disabled flag. AccountForbidden for roles that read no accounts."""
+    if actor.role not in ACCOUNT_READER_ROLES:
+        raise AccountForbidden("Only hub admins, facility admins and auditors read the accounts")
+    wanted_role = Role(role) if role else None
+    organization = organization.removeprefix("Organization/") if organization else None
+    return [
+        user
+        for user in list_users(engine)
+        if account_in_view(actor, user)
+        and (wanted_role is None or user.role is wanted_role)
+        and (organization is None or organization in user.organizations)
+        and (disabled is None or user.disabled is disabled)
+    ]
+
+
+def manage_add(
+    engine: sa.Engine,
+    actor: Principal,
+    username: str,
+    role: str | Role,
+    *,
+    fhir_user: str | None = None,
+    organizations: Iterable[str] = (),
+    password: str | None = None,
+    trail: AuditTrail | None = None,
+    client_address: str | None = None,
+) -> User:
+    """Add an account on ``actor``'s authority, with the checks of ``hub users add`` (a
+    person needs a password; only integration-service accounts may have none) and the
+    role's default scopes. Raises AccountForbidden or UserError; audited either way."""
+    orgs = tuple(organizations)
+    detail = _detail(username, role=str(role), fhir_user=fhir_user, organizations=orgs)
+
+    def work() -> User:
+        if actor.role not in (Role.ADMIN, Role.FACILITY_ADMIN):
+            raise AccountForbidden("Only hub admins and facility admins add accounts")
+        checked_role, checked_orgs, _ = validate(username, role, fhir_user, orgs, None)
+        if actor.role is Role.FACILITY_ADMIN:
+            if checked_role not in FACILITY_CREATABLE_ROLES:
+                raise AccountForbidden(f"A facility admin cannot create {checked_role.value} accounts")
+            if not checked_orgs or not set(checked_orgs) <= set(actor.organizations):
+                raise AccountForbidden("A facility admin adds accounts of their own organizations only")
+        if not password and checked_role is not Role.SERVICE:
+            raise UserError("A person's account needs a password")
+        return add_user(
+            engine,
+            username,
+            checked_role,
+            fhir_user=fhir_user,
+            organizations=checked_orgs,
+            password=password or None,
+        )
+
+    return _audited(trail, actor, "users-add", "C", detail, client_address, work)
+
+
+def manage_disable(
+    engine: sa.Engine,
+    actor: Principal,
+    username: str,
+    disabled: bool = True,
+    *,
+    trail: AuditTrail | None = None,
+    client_address: str | None = None,
+) -> User:
+    """Disable (or enable) an account on ``actor``'s authority: its logins stop at once, and
+    its tokens (and so its web sessions) at once in this process, within the token service's
+    re-check interval in others. Raises AccountForbidden or UserError; audited either way."""
+    operation = "users-disable" if disabled else "users-enable"
+
+    def work() -> User:
+        _manageable(engine, actor, username)
+        disable_user(engine, username, disabled)
+        return _existing(engine, username)
+
+    return _audited(trail, actor, operation, "U", _detail(username), client_address, work)
+
+
+def manage_change(
+    engine: sa.Engine,
+    actor: Principal,
+    username: str,
+    *,
+    role: str | Role | None = None,
+    organizations: Iterable[str] | None = None,
+    fhir_user: str | None = None,
+    trail: AuditTrail | None = None,
+    client_address: str | None = None,
+) -> User:
+    """Change an account's role, organizations or fhirUser (None: unchanged) on ``actor``'s
+    authority. A new role brings that role's default scopes. A facility admin may move an
+    account between facility roles (never to facility-admin or a hub-only role) and among
+    their own organizations, and may not change its fhirUser. Tokens issued for the old role
+    stop working. Raises AccountForbidden or UserError; audited either way."""
+    orgs = tuple(organizations) if organizations is not None else None
+    detail = _detail(username, role=str(role) if role else None, fhir_user=fhir_user, organizations=orgs)
+
+    def work() -> User:
+        user = _manageable(engine, actor, username)
+        new_role = Role(role) if role else user.role
+        new_fhir_user = fhir_user if fhir_user is not None else user.fhir_user
+        new_orgs = orgs if orgs is not None else user.organizations
+        if actor.role is Role.FACILITY_ADMIN:
+            if new_role is not user.role and new_role not in FACILITY_ASSIGNABLE_ROLES:
+                raise AccountForbidden(f"A facility admin cannot make an account {new_role.value}")
+            if new_fhir_user != user.fhir_user:
+                raise AccountForbidden("Only a hub admin changes which person an account is")
+            if not new_orgs or not set(new_orgs) <= set(actor.organizations):
+                raise AccountForbidden("A facility admin assigns their own organizations only")
+        scopes = user.scopes if new_role is user.role else None
+        checked_role, checked_orgs, checked_scopes = validate(
+            username, new_role, new_fhir_user, new_orgs, scopes
+        )
+        _update(
+            engine,
+            username,
+            role=checked_role.value,
+            organizations=list(checked_orgs),
+            fhir_user=new_fhir_user,
+            scopes=checked_scopes,
+        )
+        return _existing(engine, username)
+
+    return _audited(trail, actor, "users-change", "U", detail, client_address, work)
+
+
+def _existing(engine: sa.Engine, username: str) -> User:
+    user = get_user(engine, username)
+    if user is None:
+        raise UserError(f"No user {username!r}")
+    return user
+
+
+def _manageable(engine: sa.Engine, actor: Principal, username: str) -> User:
+    if actor.role not in (Role.ADMIN, Role.FACILITY_ADMIN):
+        raise AccountForbidden("Only hub admins and facility admins change accounts")
+    user = _existing(engine, username)
+    if user.username == actor.subject:
+        raise AccountForbidden("Your own account is changed by another administrator")
+    if not may_manage(actor, user):
+        raise AccountForbidden(f"{username!r} is not an account you manage")
+    return user
+
+
+def _detail(username: str, **fields: str | tuple[str, ...] | None) -> str:
+    """What the AuditEvent's query records: the account and the fields asked for (never a
+    password)."""
+    from urllib.parse import urlencode
+
+    pairs: list[tuple[str, str]] = [("username", username)]
+    for name, value in fields.items():
+        if isinstance(value, tuple):
+            pairs.extend((name, v) for v in value)
+        elif value is not None:
+            pairs.append((name, value))
+    return urlencode(pairs)
+
+
+def _audited(
+    trail: AuditTrail | None,
+    actor: Principal,
+    operation: str,
+    action: str,
+    detail: str,
+    client_address: str | None,
+    work: Callable[[], _T],
+) -> _T:
+    """Run ``work`` and write one AuditEvent naming the actor, whatever the outcome (the
+    status: 200, 403 refused, 400 invalid, 404 unknown, 500 failed), as the connectors'
+    admin API does."""
+    status = 500
+    try:
+        result = work()
+        status = 200
+        return result
+    except AccountForbidden:
+        status = 403
+        raise
+    except UserError as error:
+        status = 404 if str(error).startswith("No user") else 400
+        raise
+    finally:
+        if trail is not None:
+            trail.record(
+                [
+                    AccessEvent(
+                        principal=actor,
+                        interaction="operation",
+                        action=action,
+                        operation=operation,
+                        query=detail,
+                        outcome_status=status,
+                        purpose=AUDIT_PURPOSE,
+                        client_address=client_address,
+                    )
+                ]
+            )
