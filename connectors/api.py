@@ -55,6 +55,7 @@ from hub.rest.messages import FHIR_JSON
 if TYPE_CHECKING:
     from hub.rest import FhirRouter
     from hub.settings import Settings
+    from hub.store import Store
 
 TAG = "connectors"
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
@@ -176,6 +177,41 @@ def source_from_json(body: dict[str, Any]) -> Source:
     )
 
 
+def facilities_of(store: Store, principal: Principal) -> set[str]:
+    """The MA_CSKCB codes of the Organizations a facility admin acts for."""
+    codes: set[str] = set()
+    with system_access("connectors-facility-of-admin"), store.read() as conn:
+        for org_id in principal.organizations:
+            try:
+                organization = store.get(conn, "Organization", org_id).parsed()
+            except FhirError:  # not known (or deleted): no facility
+                continue
+            for identifier in organization.get("identifier", []):
+                if identifier.get("system") == FACILITY and identifier.get("value"):
+                    codes.add(str(identifier["value"]))
+    return codes
+
+
+def statuses_visible_to(
+    store: Store, principal: Principal, name: str | None = None
+) -> list[inbox.SourceStatus]:
+    """The status of every source (or of ``name``) the principal may read: a hub admin every
+    source, a facility admin their own facilities' (403 for another's), anyone else 403.
+    Shared by ``GET /connectors`` and the operator console."""
+    engine = store.engine
+    if name is not None and not _known_name(name):
+        return []
+    if principal.role is Role.ADMIN:
+        return list(inbox.status(engine, name))
+    if principal.role is not Role.FACILITY_ADMIN:
+        raise _forbidden("Only hub admins and the facility's admins read a connector's status")
+    codes = facilities_of(store, principal)
+    own = {s.name for s in sources.all_sources(engine) if s.facility_code in codes}
+    if name is not None and name not in own:
+        raise _forbidden("A facility admin reads the status of their own facility's sources only")
+    return [s for s in inbox.status(engine, name) if s.name in own]
+
+
 def mount_connector_routes(
     app: FastAPI, router: FhirRouter, settings: Settings, bearer: Any
 ) -> ConnectorRuntime:
@@ -198,20 +234,6 @@ def mount_connector_routes(
     def require_admin(principal: Principal) -> None:
         if principal.role is not Role.ADMIN:
             raise _forbidden()
-
-    def facilities_of(principal: Principal) -> set[str]:
-        """The MA_CSKCB codes of the Organizations a facility admin acts for."""
-        codes: set[str] = set()
-        with system_access("connectors-facility-of-admin"), store.read() as conn:
-            for org_id in principal.organizations:
-                try:
-                    organization = store.get(conn, "Organization", org_id).parsed()
-                except FhirError:  # not known (or deleted): no facility
-                    continue
-                for identifier in organization.get("identifier", []):
-                    if identifier.get("system") == FACILITY and identifier.get("value"):
-                        codes.add(str(identifier["value"]))
-        return codes
 
     def audit(
         request: Request, principal: Principal, action: str, operation: str, detail: str, status: int
@@ -285,17 +307,7 @@ def mount_connector_routes(
             return who, error
 
     def statuses_for(principal: Principal, name: str | None = None) -> list[Any]:
-        if name is not None and not _known_name(name):
-            return []
-        if principal.role is Role.ADMIN:
-            return list(inbox.status(engine, name))
-        if principal.role is not Role.FACILITY_ADMIN:
-            raise _forbidden("Only hub admins and the facility's admins read a connector's status")
-        codes = facilities_of(principal)
-        own = {s.name for s in sources.all_sources(engine) if s.facility_code in codes}
-        if name is not None and name not in own:
-            raise _forbidden("A facility admin reads the status of their own facility's sources only")
-        return [s for s in inbox.status(engine, name) if _plain(s).get("name") in own]
+        return list(statuses_visible_to(store, principal, name))
 
     def existing(name: str) -> Source:
         source = sources.get(engine, name) if _known_name(name) else None
