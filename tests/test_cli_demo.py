@@ -73,7 +73,7 @@ def test_demo_loads_once_and_serve_answers(fresh_database_url) -> None:  # type:
         observations = httpx.get(
             f"{base}/Observation", params={"patient": "vn-demo-patient-2", "_total": "accurate"}, headers=auth
         ).json()
-        assert observations["total"] == 3
+        assert observations["total"] == 4  # blood pressure, weight, PHQ-9, cholesterol
         # The clinician of the commune station treats patient 2 (managing organization), but
         # the PHQ-9 score is mental-health data: it needs the patient's explicit consent.
         as_doctor = {"Authorization": f"Bearer {doctor['access_token']}"}
@@ -82,7 +82,7 @@ def test_demo_loads_once_and_serve_answers(fresh_database_url) -> None:  # type:
             params={"patient": "vn-demo-patient-2", "_total": "accurate"},
             headers=as_doctor,
         ).json()
-        assert seen["total"] == 2
+        assert seen["total"] == 3
         assert "vn-demo-phq9-2" not in {e["resource"]["id"] for e in seen["entry"]}
         # Patient 4 is the provincial hospital's: not the commune doctor's to read...
         assert httpx.get(f"{base}/Patient/vn-demo-patient-4", headers=as_doctor).status_code == 404
