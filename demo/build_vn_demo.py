@@ -234,7 +234,7 @@ def patient(
             **({"telecom": [{"system": "phone", "value": phone, "use": "mobile"}]} if phone else {}),
             "gender": gender,
             "birthDate": birth,
-            "address": address(village, ward),
+            **({"address": address(village, ward)} if ward else {}),
             "communication": VI,
             "managingOrganization": ref(f"Organization/{org}"),
             **({"generalPractitioner": [ref(f"Practitioner/{gp}")]} if gp else {}),
@@ -286,11 +286,10 @@ patient(
     "xã Ia Krái",
     STATION,
 )
+# Lê Văn Minh: the provincial hospital's patient, no address or phone on file.
 patient(
     "vn-demo-patient-4", "Lê", ["Văn", "Minh"], "male", "1990-07-02", "064090004321", None, None, "", "", PROV
 )
-# Lê Văn Minh has no address on file (as before): drop the empty one written above.
-del entries[-1]["resource"]["address"]
 patient(
     CHILD,
     "Rơ Mah",
@@ -1191,6 +1190,7 @@ put(
                     "code": concept(LOINC, "85354-9", "Blood pressure panel", "Đo huyết áp"),
                     "status": "in-progress",
                     "scheduledTiming": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "mo"}},
+                    # A Location reference in R4; the demo has no Location, so the place is named.
                     "location": {"display": "Trạm Y tế xã Ia Krái (demo)"},
                     "description": "Đo huyết áp hằng tháng tại trạm y tế xã",
                 }
