@@ -52,6 +52,11 @@ PARTS: dict[str, str] = {
     "Consent": N_("consents"),
     "AuditEvent": N_("access log"),
     "Appointment": N_("appointments"),
+    "RelatedPerson": N_("family members"),
+    "Organization": N_("facilities"),
+    "Practitioner": N_("health workers"),
+    "PractitionerRole": N_("health workers"),
+    "Provenance": N_("where the data came from"),
     "Claim": N_("insurance claims"),
     "ExplanationOfBenefit": N_("insurance claims"),
 }
@@ -84,6 +89,10 @@ PURPOSE_WORDS: dict[str, str] = {
     "PUBHLTH": N_("public health"),
     "PATRQT": N_("your own request"),
     "FAMRQT": N_("a family member's request"),
+    "HOPERAT": N_("running the health service"),
+    "HSYSADMIN": N_("running the hub"),
+    "HPAYMT": N_("payment"),
+    "HDIRECT": N_("the directory"),
 }
 
 ROLE_WORDS: dict[str, str] = {
@@ -113,6 +122,7 @@ class AccessEntry:
     reason: str  # the break-glass reason, "" when none
     ok: bool
     outcome: str  # plain words
+    mine: bool = False  # the reader's own access (the page can hide these)
 
 
 @dataclass(frozen=True)
@@ -269,6 +279,7 @@ def describe_event(
         reason=_detail(event, "break-glass-reason"),
         ok=ok,
         outcome=gettext("Done") if ok else gettext("Refused or failed"),
+        mine=bool(ref) and ref == me,
     )
 
 
