@@ -406,6 +406,26 @@ def quantity(value: float, unit: str, code: str) -> dict[str, Any]:
     return {"value": value, "unit": unit, "system": UCUM, "code": code}
 
 
+def blood_pressure(systolic: int, diastolic: int) -> list[dict[str, Any]]:
+    """The two components of a BP panel (85354-9), each with the treatment target as its range
+    (the usual < 140/90 mmHg for a treated hypertensive adult), which the record's chart shades."""
+    parts = []
+    for loinc, display, text, value, low, high in (
+        ("8480-6", "Systolic blood pressure", "Huyết áp tâm thu", systolic, 90, 139),
+        ("8462-4", "Diastolic blood pressure", "Huyết áp tâm trương", diastolic, 60, 89),
+    ):
+        parts.append(
+            {
+                "code": concept(LOINC, loinc, display, text),
+                "valueQuantity": quantity(value, "mmHg", "mm[Hg]"),
+                "referenceRange": [
+                    {"low": quantity(low, "mmHg", "mm[Hg]"), "high": quantity(high, "mmHg", "mm[Hg]")}
+                ],
+            }
+        )
+    return parts
+
+
 def category(code: str) -> list[dict[str, Any]]:
     return [{"coding": [{"system": OBS_CAT, "code": code}]}]
 
@@ -529,16 +549,7 @@ def vitals(
             "vital-signs",
             concept(LOINC, "85354-9", "Blood pressure panel with all children optional", "Huyết áp"),
             org,
-            component=[
-                {
-                    "code": concept(LOINC, "8480-6", "Systolic blood pressure", "Huyết áp tâm thu"),
-                    "valueQuantity": quantity(sys, "mmHg", "mm[Hg]"),
-                },
-                {
-                    "code": concept(LOINC, "8462-4", "Diastolic blood pressure", "Huyết áp tâm trương"),
-                    "valueQuantity": quantity(dia, "mmHg", "mm[Hg]"),
-                },
-            ],
+            component=blood_pressure(sys, dia),
         ),
         observation(
             f"{prefix}-weight",
@@ -1431,16 +1442,7 @@ def old_vitals(n: int, pid: str, day: str, sys_bp: int, dia_bp: int, kg: float) 
         "vital-signs",
         concept(LOINC, "85354-9", "Blood pressure panel with all children optional", "Huyết áp"),
         STATION,
-        component=[
-            {
-                "code": concept(LOINC, "8480-6", "Systolic blood pressure", "Huyết áp tâm thu"),
-                "valueQuantity": quantity(sys_bp, "mmHg", "mm[Hg]"),
-            },
-            {
-                "code": concept(LOINC, "8462-4", "Diastolic blood pressure", "Huyết áp tâm trương"),
-                "valueQuantity": quantity(dia_bp, "mmHg", "mm[Hg]"),
-            },
-        ],
+        component=blood_pressure(sys_bp, dia_bp),
     )
     observation(
         f"vn-demo-weight-{n}",
@@ -1580,16 +1582,7 @@ observation(
     "vital-signs",
     concept(LOINC, "85354-9", "Blood pressure panel with all children optional", "Huyết áp"),
     DISTRICT,
-    component=[
-        {
-            "code": concept(LOINC, "8480-6", "Systolic blood pressure", "Huyết áp tâm thu"),
-            "valueQuantity": quantity(118, "mmHg", "mm[Hg]"),
-        },
-        {
-            "code": concept(LOINC, "8462-4", "Diastolic blood pressure", "Huyết áp tâm trương"),
-            "valueQuantity": quantity(76, "mmHg", "mm[Hg]"),
-        },
-    ],
+    component=blood_pressure(118, 76),
 )
 
 
