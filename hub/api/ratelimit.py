@@ -39,6 +39,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub.api.auth_routes import TokenFormError, login_identity, parse_token_form
+from hub.api.limits import LOGIN_PATHS
 from hub.api.proxies import TrustedProxies
 from hub.errors import FhirError, Issue
 from hub.rest.messages import FHIR_JSON
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 Message = MutableMapping[str, Any]
 
-LOGIN_PATH = "/auth/token"
 EXEMPT_PATHS = frozenset({"/healthz"})  # load balancers probe it; it must never be throttled
 # A Redis call slower than this counts as Redis being down (see fail-open below).
 _REDIS_TIMEOUT_SECONDS = 0.5
@@ -204,6 +204,8 @@ async def _peek_login(scope: Scope, receive: Receive, cap: int) -> tuple[str | N
 
 def _too_many(path: str, verdict: Verdict) -> tuple[bytes, str]:
     message = f"Too many requests; retry after {verdict.reset_seconds} s"
+    if path.rstrip("/") == "/login":  # a person at the login page: words, not JSON
+        return message.encode(), "text/plain; charset=utf-8"
     if path.startswith("/auth/"):
         # RFC 6749 error shape, which OAuth clients parse; it has no code for rate limits,
         # and "temporarily_unavailable" (section 4.1.2.1) is the nearest.
@@ -240,7 +242,7 @@ class RateLimitMiddleware:
         token = _bearer(scope)
         if token:
             checks.append(Check(self.limiter.per_token, "token", _digest(token)))
-        is_login = scope["method"] == "POST" and path.rstrip("/") == LOGIN_PATH
+        is_login = scope["method"] == "POST" and path.rstrip("/") in LOGIN_PATHS
         if is_login:
             # Brute-force guard: per IP (one attacker, many names) and per user name (many
             # attackers, one name; a distributed guess at one password).

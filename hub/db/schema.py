@@ -355,6 +355,21 @@ hub_user = sa.Table(
     sa.Column("created", Moment, nullable=False),
 )
 
+# Sessions of the pages (hub.web.session): the cookie carries a random id, the row its SHA-256,
+# so the table alone cannot be replayed as cookies. ``token`` is the hub access token the login
+# issued (verified on every page request like a bearer token: a disabled account stops at once).
+web_session = sa.Table(
+    "web_session",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("username", sa.String(200), nullable=False, index=True),
+    sa.Column("token", sa.Text, nullable=False),
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("created", Moment, nullable=False),
+    sa.Column("last_seen", Moment, nullable=False),
+    sa.Column("expires", Moment, nullable=False, index=True),
+)
+
 # The audit trail's hash chain: one row per AuditEvent, in commit order. chain =
 # sha256(previous chain || digest of the AuditEvent's stored JSON); `hub audit verify`
 # recomputes it to detect edits, deletions and reordering.
