@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,11 @@ from pathlib import Path
 
 import httpx
 from conftest import REPO, _free_port, auth_env
+
+from consent.context import system_access
+from hub.app_factory import build_router
+from hub.ingest.pipeline import Importer
+from hub.settings import Settings
 
 HUB = str(Path(sys.executable).parent / "hub")
 
@@ -115,3 +121,30 @@ def test_demo_loads_once_and_serve_answers(fresh_database_url) -> None:  # type:
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_demo_reloads_a_database_holding_an_older_demo_file(fresh_database_url, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A database loaded from an earlier, thinner vn-demo.json (it has Hoa and Dr Tuấn, not the
+    newer resources) gets the current file on the next `hub demo`, instead of "already loaded"."""
+    url = fresh_database_url("demo_old")
+    bundle = json.loads((REPO / "demo" / "vn-demo.json").read_text(encoding="utf-8"))
+    wanted = {"Patient/vn-demo-patient-1", "Practitioner/vn-demo-practitioner-1"}
+    # The first demo file's sentinels, and the Organizations they reference.
+    old = [
+        e
+        for e in bundle["entry"]
+        if e["request"]["url"] in wanted or e["resource"]["resourceType"] == "Organization"
+    ]
+    path = tmp_path / "old-demo.json"
+    path.write_text(json.dumps({**bundle, "entry": old}), encoding="utf-8")
+    router = build_router(Settings(database_url=url))
+    with system_access("test-old-demo"):
+        assert Importer(router, workers=1).run([path]).errors == []
+    router.ctx.store.engine.dispose()
+    env = {**os.environ, "DATABASE_URL": url, **auth_env()}
+    again = subprocess.run(
+        [HUB, "demo", "--no-serve"], env=env, capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert "already loaded" not in again.stdout
+    assert "No errors" in again.stdout and "DocumentReference" in again.stdout
