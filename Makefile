@@ -27,7 +27,7 @@ node_modules/.installed: package.json package-lock.json
 
 # The browser of the page tests: Debian's Chromium (Playwright cannot download its own here).
 browser:
-	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium fonts-noto-core; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
