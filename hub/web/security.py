@@ -1,6 +1,7 @@
 """Security headers of every response the hub sends.
 
-Owns: the Content-Security-Policy of the pages (scripts, styles, images, connections from the
+Owns: ``Server-Timing: app;dur=<ms>`` on every response (the server time of a page, read by
+bench/pages.py and the browser's devtools), the Content-Security-Policy of the pages (scripts, styles, images, connections from the
 hub itself only; no inline script or style, no eval, no framing, forms post only to the hub),
 ``X-Content-Type-Options``, ``X-Frame-Options``, ``Referrer-Policy``, and ``Cache-Control:
 no-store`` on HTML (pages hold health data: no browser or proxy keeps a copy).
@@ -9,6 +10,7 @@ Calls: nothing.  Called by: ``hub.web.app.mount_pages`` (installed as ASGI middl
 
 from __future__ import annotations
 
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -39,9 +41,13 @@ class SecurityHeadersMiddleware:
             await self.app(scope, receive, send)
             return
 
+        started = time.perf_counter()
+
         async def with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                headers.append((b"server-timing", f"app;dur={elapsed_ms:.1f}".encode()))
                 present = {name.lower() for name, _ in headers}
                 content_type = next((v for n, v in headers if n.lower() == b"content-type"), b"")
                 added = [h for h in _ALWAYS if h[0] not in present]
