@@ -9,18 +9,19 @@ Part 2 (marked ``pages``: PostgreSQL + Redis runs only) drives the pages over HT
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import httpx
 import pytest
-from conftest import LiveServer
+import sqlalchemy as sa
+from conftest import LiveServer, WebHub, make_token, web_login
 
 from hub.audit.events import HUB_OPERATIONS
 from hub.auth import users
 from hub.auth.principal import Principal, Role
 from hub.auth.scopes import ScopeSet
 from hub.auth.users import AccountForbidden, UserError
+from hub.db.schema import connector_message
 
 
 def _principal(role: Role, subject: str, organizations: tuple[str, ...] = ()) -> Principal:
@@ -233,5 +234,368 @@ def test_other_roles_read_or_change_nothing(live_server: LiveServer, uid: str) -
     assert "test-admin" not in disabled
 
 
-def _unused() -> tuple[type[httpx.Client], str]:  # keeps the imports of part 2 while it is written
-    return httpx.Client, uuid.uuid4().hex
+# --- part 2: the pages (PostgreSQL + Redis runs) ---------------------------------------------
+
+PAGES = [
+    "/console",
+    "/console/users",
+    "/console/facilities",
+    "/console/break-glass",
+    "/console/audit",
+    "/console/connectors",
+    "/console/health",
+]
+IAKRAI = "vn-demo-org-tyt-iakrai"
+SCRIPT = "<script>alert(1)</script>"
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+def _english(client: httpx.Client) -> httpx.Client:
+    client.cookies.set("hub_lang", "en")
+    return client
+
+
+def _no_csrf(client: httpx.Client) -> httpx.Client:
+    """The same session without the CSRF header: what a forged cross-site form sends."""
+    other = httpx.Client(base_url=client.base_url, cookies=client.cookies, headers={"Accept": "text/html"})
+    return other
+
+
+@pytest.mark.pages
+@pytest.mark.parametrize(
+    ("username", "allowed"),
+    [
+        ("admin", set(PAGES)),
+        ("qtv.iakrai", set(PAGES) - {"/console/health"}),
+        ("auditor", set(PAGES) - {"/console/health", "/console/connectors"}),
+        ("bs.tuan", set()),
+        ("hoa.nguyen", set()),
+    ],
+)
+def test_each_role_sees_only_its_part(web_hub: WebHub, username: str, allowed: set[str]) -> None:
+    with web_login(web_hub, username) as client:
+        for path in PAGES:
+            answer = client.get(path)
+            expected = 200 if path in allowed else 403
+            assert answer.status_code == expected, (username, path, answer.status_code, answer.text[:300])
+            if expected == 200:
+                assert "text/html" in answer.headers["content-type"]
+                assert "<h1>" in answer.text
+        # The nav offers what the role may open (base.html, per role).
+        home = client.get("/console")
+        if allowed:
+            assert ('href="/console/health"' in home.text) == ("/console/health" in allowed)
+
+
+@pytest.mark.pages
+def test_facility_admin_lists_and_disables_only_their_organizations_accounts(
+    web_hub: WebHub, uid: str
+) -> None:
+    engine = web_hub.engine
+    ours = users.add_user(
+        engine,
+        f"ours-{uid}",
+        "clinician",
+        fhir_user="Practitioner/o",
+        organizations=[IAKRAI],
+        password="pw-1",
+    )
+    theirs = users.add_user(
+        engine,
+        f"theirs-{uid}",
+        "clinician",
+        fhir_user="Practitioner/t",
+        organizations=[f"org-{uid}"],
+        password="pw-1",
+    )
+    with web_login(web_hub, "qtv.iakrai") as client:
+        listed = client.get("/console/users").text
+        assert ours.username in listed and "bs.tuan" in listed
+        assert theirs.username not in listed and "hoa.nguyen" not in listed and "test-admin" not in listed
+        assert client.get(f"/console/users/{theirs.username}").status_code == 404
+        refused = client.post(f"/console/users/{theirs.username}/disable")
+        assert refused.status_code == 403
+        assert not users.get_user(engine, theirs.username).disabled  # type: ignore[union-attr]
+        # htmx: the row comes back, disabled, with a text for the live region.
+        done = client.post(f"/console/users/{ours.username}/disable", headers={"HX-Request": "true"})
+        assert done.status_code == 200, done.text[:300]
+        assert done.text.lstrip().startswith("<tr") and "data-announce=" in done.text
+        assert users.get_user(engine, ours.username).disabled  # type: ignore[union-attr]
+        # Without htmx the form posts and comes back to the list.
+        back = client.post(f"/console/users/{ours.username}/enable")
+        assert back.status_code == 303 and back.headers["location"] == "/console/users"
+        assert not users.get_user(engine, ours.username).disabled  # type: ignore[union-attr]
+        # Adding: own organization yes, a hub-only role or another organization no.
+        form = {
+            "username": f"new-{uid}",
+            "role": "clinician",
+            "fhir_user": "Practitioner/n",
+            "password": "pw-2",
+        }
+        assert client.post("/console/users", data={**form, "organizations": f"org-{uid}"}).status_code == 403
+        assert (
+            client.post("/console/users", data={**form, "role": "auditor", "fhir_user": ""}).status_code
+            == 403
+        )
+        assert users.get_user(engine, f"new-{uid}") is None
+        assert client.post("/console/users", data={**form, "organizations": IAKRAI}).status_code == 201
+        assert users.get_user(engine, f"new-{uid}").organizations == (IAKRAI,)  # type: ignore[union-attr]
+
+
+@pytest.mark.pages
+def test_auditor_reads_accounts_but_changes_none(web_hub: WebHub, uid: str) -> None:
+    target = users.add_user(
+        web_hub.engine,
+        f"t-{uid}",
+        "clinician",
+        fhir_user="Practitioner/a",
+        organizations=[IAKRAI],
+        password="pw",
+    )
+    with web_login(web_hub, "auditor") as client:
+        page = client.get("/console/users")
+        assert page.status_code == 200 and target.username in page.text
+        assert 'action="/console/users"' not in page.text.replace('method="get" action="/console/users"', "")
+        assert "/disable" not in page.text
+        assert client.post(f"/console/users/{target.username}/disable").status_code == 403
+        assert (
+            client.post(
+                "/console/users", data={"username": f"x-{uid}", "role": "auditor", "password": "p"}
+            ).status_code
+            == 403
+        )
+        assert (
+            client.post(
+                "/console/facilities", data={"name": "X", "code": "99999", "level": "other"}
+            ).status_code
+            == 403
+        )
+    assert not users.get_user(web_hub.engine, target.username).disabled  # type: ignore[union-attr]
+    assert users.get_user(web_hub.engine, f"x-{uid}") is None
+
+
+@pytest.mark.pages
+def test_posts_without_the_csrf_token_are_refused(web_hub: WebHub, uid: str) -> None:
+    target = users.add_user(
+        web_hub.engine,
+        f"c-{uid}",
+        "clinician",
+        fhir_user="Practitioner/c",
+        organizations=[IAKRAI],
+        password="pw",
+    )
+    with web_login(web_hub, "admin") as client, _no_csrf(client) as forged:
+        for path, data in [
+            (f"/console/users/{target.username}/disable", {}),
+            ("/console/users", {"username": f"f-{uid}", "role": "auditor", "password": "p"}),
+            (f"/console/users/{target.username}", {"role": "auditor"}),
+            ("/console/facilities", {"name": "Forged", "code": uid[:5], "level": "other"}),
+            ("/console/break-glass/1/review", {"verdict": "justified"}),
+            ("/console/audit/verify", {}),
+            ("/console/connectors/replay", {"source": "x"}),
+        ]:
+            answer = forged.post(path, data=data)
+            assert answer.status_code == 403, (path, answer.status_code)
+            wrong = forged.post(path, data={**data, "csrf_token": "not-the-token"})
+            assert wrong.status_code == 403, path
+    assert not users.get_user(web_hub.engine, target.username).disabled  # type: ignore[union-attr]
+    assert users.get_user(web_hub.engine, f"f-{uid}") is None
+
+
+@pytest.mark.pages
+def test_a_disabled_account_cannot_log_in_and_its_session_stops(web_hub: WebHub, uid: str) -> None:
+    name = f"gone-{uid}"
+    users.add_user(
+        web_hub.engine,
+        name,
+        "clinician",
+        fhir_user="Practitioner/g",
+        organizations=[IAKRAI],
+        password="pw-gone",
+    )
+    with web_login(web_hub, name, "pw-gone") as victim, web_login(web_hub, "admin") as admin:
+        assert victim.get("/account").status_code == 200
+        assert admin.post(f"/console/users/{name}/disable", headers={"HX-Request": "true"}).status_code == 200
+        stopped = victim.get("/account")
+        assert stopped.status_code == 303 and stopped.headers["location"].startswith("/login")
+    with httpx.Client(base_url=web_hub.url) as client:
+        client.get("/login")
+        answer = client.post(
+            "/login",
+            data={
+                "username": name,
+                "password": "pw-gone",
+                "csrf_token": client.cookies.get("hub_login_csrf") or "",
+            },
+        )
+        assert answer.status_code == 400
+
+
+@pytest.mark.pages
+def test_user_supplied_strings_show_as_text(web_hub: WebHub, uid: str) -> None:
+    from connectors import inbox, sources
+    from connectors.model import Source
+    from consent.context import system_access
+
+    code = uid[:5].upper()
+    name = f"esc-{uid}"
+    with system_access("test-console"):
+        source = sources.add(
+            web_hub.app.state.router,
+            Source(
+                name=name,
+                facility_code=code,
+                facility_name=f"BV {SCRIPT}",
+                facility_level="district",
+                kind="xml130",
+                paused=True,
+            ),
+        )
+    [received] = inbox.receive(web_hub.engine, source, [f"<GIAMDINHHS>{uid}</GIAMDINHHS>".encode()])
+    with web_hub.engine.begin() as conn:  # a dead letter whose error quotes what the facility sent
+        conn.execute(
+            sa.update(connector_message)
+            .where(connector_message.c.id == received.id)
+            .values(state="dead", attempts=5, error=f"HOSO[1]/XML1/HO_TEN: {SCRIPT}")
+        )
+    with web_login(web_hub, "admin") as admin:
+        page = admin.get("/console/connectors")
+        assert page.status_code == 200
+        assert SCRIPT not in page.text
+        assert f"BV {ESCAPED}" in page.text and f"HO_TEN: {ESCAPED}" in page.text
+        # A user name that is not one: refused, and the refusal quotes it as text.
+        answer = admin.post("/console/users", data={"username": SCRIPT, "role": "auditor", "password": "p"})
+        assert answer.status_code == 400
+        assert SCRIPT not in answer.text and ESCAPED in answer.text
+        # A facility's name typed into the console.
+        added = admin.post(
+            "/console/facilities", data={"name": f"TYT {SCRIPT}", "code": code[::-1], "level": "commune"}
+        )
+        assert added.status_code in (201, 409), added.text[:300]
+        listed = admin.get("/console/facilities").text
+        assert SCRIPT not in listed
+        # Replay of the dead letter: queued again, audited.
+        replayed = admin.post("/console/connectors/replay", data={"source": name, "id": str(received.id)})
+        assert replayed.status_code == 200
+    with web_hub.engine.connect() as conn:
+        state = conn.execute(
+            sa.select(connector_message.c.state).where(connector_message.c.id == received.id)
+        ).scalar_one()
+    assert state != "dead"
+
+
+@pytest.mark.pages
+def test_break_glass_alert_is_reviewed_from_the_console(web_hub: WebHub, uid: str) -> None:
+    token = make_token(
+        web_hub,
+        role=Role.CLINICIAN,
+        fhir_user="Practitioner/vn-demo-practitioner-1",
+        organizations=[IAKRAI],
+        username=f"bg-{uid}",
+    )
+    with web_hub.client(token) as clinician:
+        opened = clinician.get(
+            "Patient/vn-demo-patient-2", headers={"X-Break-Glass-Reason": f"{SCRIPT} unconscious {uid}"}
+        )
+        assert opened.status_code == 200, opened.text[:300]
+    with web_login(web_hub, "qtv.iakrai") as qtv:
+        page = qtv.get("/console/break-glass?status=open")
+        assert uid in page.text and SCRIPT not in page.text and ESCAPED in page.text
+        alert_id = _alert_id(web_hub, f"bg-{uid}")
+        reviewed = qtv.post(
+            f"/console/break-glass/{alert_id}/review", data={"verdict": "justified", "note": f"ok {SCRIPT}"}
+        )
+        assert reviewed.status_code == 200
+        assert SCRIPT not in reviewed.text
+        bad = qtv.post(f"/console/break-glass/{alert_id}/review", data={"verdict": "maybe"})
+        assert bad.status_code == 400
+    with httpx.Client(base_url=web_hub.url, headers=web_hub.auth) as api:
+        [alert] = [a for a in api.get("/access/break-glass").json() if a["id"] == alert_id]
+    assert alert["status"] == "reviewed"
+    assert alert["reviews"][0]["reviewer"] == "qtv.iakrai" and alert["reviews"][0]["verdict"] == "justified"
+
+
+def _alert_id(hub: WebHub, subject: str) -> int:
+    from hub.db.schema import break_glass
+
+    with hub.engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.select(break_glass.c.id)
+                .where(break_glass.c.subject == subject)
+                .order_by(break_glass.c.id.desc())
+            )
+            .scalars()
+            .first()
+        )
+
+
+@pytest.mark.pages
+def test_audit_chain_verify_on_demand(web_hub: WebHub) -> None:
+    with web_login(web_hub, "auditor") as auditor:
+        before = _english(auditor).get("/console/audit")
+        assert (
+            before.status_code == 200
+            and "Not verified since the hub started" in before.text
+            or "verified at" in before.text
+        )
+        ran = auditor.post("/console/audit/verify")
+        assert ran.status_code == 200
+        assert "Intact" in ran.text and "entries verified at" in ran.text and "by auditor" in ran.text
+    with web_login(web_hub, "qtv.iakrai") as qtv:
+        assert qtv.post("/console/audit/verify").status_code == 403
+        assert "Verify the chain now" not in _english(qtv).get("/console/audit").text
+
+
+@pytest.mark.pages
+def test_facilities_added_by_a_hub_admin(web_hub: WebHub, uid: str) -> None:
+    code = uid[-5:].upper()
+    with web_login(web_hub, "admin") as admin:
+        _english(admin)
+        added = admin.post(
+            "/console/facilities", data={"name": f"TYT xã {uid}", "code": code, "level": "commune"}
+        )
+        assert added.status_code == 201, added.text[:300]
+        assert f"TYT xã {uid}" in added.text and code in added.text
+        again = admin.post("/console/facilities", data={"name": "Other", "code": code, "level": "commune"})
+        assert again.status_code == 409
+        assert (
+            admin.post(
+                "/console/facilities", data={"name": "X", "code": "12", "level": "commune"}
+            ).status_code
+            == 400
+        )
+    with web_hub.admin_client() as api:
+        found = api.get(
+            "Organization", params={"identifier": f"https://ehealth-hub.vn/sid/cskcb|{code}"}
+        ).json()
+    assert len(found.get("entry", [])) == 1
+    with web_login(web_hub, "qtv.iakrai") as qtv:
+        assert (
+            qtv.post(
+                "/console/facilities", data={"name": "Y", "code": "ZZZZZ", "level": "commune"}
+            ).status_code
+            == 403
+        )
+
+
+@pytest.mark.pages
+def test_health_details_json_for_hub_admins_only(web_hub: WebHub) -> None:
+    with httpx.Client(base_url=web_hub.url) as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}  # unchanged
+        assert anonymous.get("/healthz/details").status_code == 401
+    clinician = make_token(web_hub, role=Role.CLINICIAN, fhir_user="Practitioner/h", organizations=[IAKRAI])
+    with httpx.Client(base_url=web_hub.url, headers={"Authorization": f"Bearer {clinician}"}) as other:
+        assert other.get("/healthz/details").status_code == 403
+    with httpx.Client(base_url=web_hub.url, headers=web_hub.auth) as admin:
+        details = admin.get("/healthz/details")
+    assert details.status_code == 200 and details.headers["cache-control"] == "no-store"
+    body = details.json()
+    assert [c["name"] for c in body["checks"]] == ["database", "redis", "disk", "audit"]
+    assert body["checks"][0]["status"] == "ok"
+    with web_login(web_hub, "admin") as session:  # a page session works too
+        assert session.get("/healthz/details").status_code == 200
+        page = _english(session).get("/console/health")
+        assert "Database" in page.text and "Audit writer" in page.text
+    with web_login(web_hub, "qtv.iakrai") as qtv:
+        assert qtv.get("/healthz/details").status_code == 403
