@@ -282,8 +282,15 @@ class Trend:
         """Every time of any series, ascending: the rows of the chart's table."""
         return sorted({p.time for s in self.series for p in s.points})
 
-    def value_at(self, series: Series, time: str) -> float | None:
-        return next((p.value for p in series.points if p.time == time), None)
+    @property
+    def rows(self) -> list[tuple[str, list[float | None]]]:
+        """The chart's table: one row per time, one value (or None) per series."""
+        by_time = [{p.time: p.value for p in s.points} for s in self.series]
+        return [(time, [values.get(time) for values in by_time]) for time in self.times]
+
+    @property
+    def has_range(self) -> bool:
+        return any(s.low is not None or s.high is not None for s in self.series)
 
 
 @dataclass
@@ -851,6 +858,7 @@ class ConsentLine:
     start: str = ""
     end: str = ""
     consent_id: str = ""
+    ref: str = ""  # the policy line's Organization, Practitioner or CareTeam reference
 
 
 def consent_lines(
@@ -876,10 +884,10 @@ def consent_lines(
 
     managing = patient.get("managingOrganization")
     if ref_key(managing) in orgs:
-        lines.append(ConsentLine("managing", named(managing), ["TREAT"]))
+        lines.append(ConsentLine("managing", named(managing), ["TREAT"], ref=ref_key(managing)))
     for gp in _dicts(patient.get("generalPractitioner")):
         if ref_key(gp) in mine:
-            lines.append(ConsentLine("gp", named(gp), ["TREAT"]))
+            lines.append(ConsentLine("gp", named(gp), ["TREAT"], ref=ref_key(gp)))
     teams: set[str] = set()
     by_type: dict[str, list[Mapping[str, Any]]] = {}
     for resource in resources:
@@ -890,8 +898,9 @@ def consent_lines(
         members = {ref_key(p.get("member")) for p in _dicts(team.get("participant"))}
         members |= {ref_key(o) for o in _dicts(team.get("managingOrganization"))}
         if members & mine:
-            teams.add(f"CareTeam/{_str(team.get('id'))}")
-            lines.append(ConsentLine("care-team", _str(team.get("name")), ["TREAT"]))
+            team_ref = f"CareTeam/{_str(team.get('id'))}"
+            teams.add(team_ref)
+            lines.append(ConsentLine("care-team", _str(team.get("name")), ["TREAT"], ref=team_ref))
     for consent in by_type.get("Consent", []):
         if consent.get("status") != "active":
             continue
