@@ -3,7 +3,8 @@
 Owns: the ``web_session`` table (docs/storage.md): a login checks the password
 (``hub.auth.users.authenticate``: Argon2, one answer for unknown, wrong and disabled),
 issues a hub access token for the account exactly as ``POST /auth/token`` would, and keeps
-it server-side under the SHA-256 of a random cookie value. Every page request loads the row
+it server-side under the SHA-256 of a random cookie value, encrypted (AES-GCM) with a key
+derived from that cookie value: the table alone yields neither cookies nor usable tokens. Every page request loads the row
 and verifies its token with the bearer verifier, so a disabled account or a changed role
 stops the session as it stops the account's API tokens. A session ends at logout, after
 ``WEB_SESSION_IDLE_MINUTES`` unused, or ``WEB_SESSION_HOURS`` after login.
@@ -13,6 +14,7 @@ Called by: ``hub.web.app`` (login, logout), ``hub.web.context`` (every page requ
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hub.auth import users
 from hub.auth.principal import Principal
@@ -36,6 +40,24 @@ _TOUCH_INTERVAL = timedelta(minutes=1)
 
 def _hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _key(cookie: str) -> bytes:
+    # Domain-separated from the row's id hash, so the id says nothing about the key.
+    return hashlib.sha256(b"hub-web-session-token-key\x00" + cookie.encode()).digest()
+
+
+def _seal(cookie: str, token: str) -> str:
+    nonce = secrets.token_bytes(12)
+    return base64.b64encode(nonce + AESGCM(_key(cookie)).encrypt(nonce, token.encode(), None)).decode()
+
+
+def _open(cookie: str, sealed: str) -> str | None:
+    try:
+        raw = base64.b64decode(sealed)
+        return AESGCM(_key(cookie)).decrypt(raw[:12], raw[12:], None).decode()
+    except (InvalidTag, ValueError):
+        return None
 
 
 def new_token() -> str:
@@ -87,7 +109,7 @@ class Sessions:
                 sa.insert(web_session).values(
                     id_hash=_hash(cookie),
                     username=user.username,
-                    token=issued.token,
+                    token=_seal(cookie, issued.token),
                     csrf=new_token(),
                     created=now,
                     last_seen=now,
@@ -110,8 +132,11 @@ class Sessions:
         if now >= expires or now - last_seen > self.idle:
             self.end(cookie)
             return None
+        token = _open(cookie, row.token)
         try:
-            principal = self.tokens.verify(row.token)
+            if token is None:
+                raise AuthError("The session's token cannot be opened")
+            principal = self.tokens.verify(token)
         except AuthError:  # disabled, role changed, key rotated: the session is over
             self.end(cookie)
             return None
