@@ -92,7 +92,7 @@ LEVEL_LABELS = {
 }
 CHECK_LABELS = {
     "database": N_("Database"),
-    "redis": N_("Redis"),
+    "redis": "Redis",  # a name: the same in every language
     "disk": N_("Disk"),
     "audit": N_("Audit writer"),
 }
@@ -652,7 +652,7 @@ def _replay(page: Page, fields: dict[str, list[str]]) -> HTMLResponse:
     runtime = getattr(state, "connectors", None)
     if runtime is not None:
         runtime.wake()
-    text = page.ngettext("%(count)s message queued again.", "%(count)s messages queued again.", count)
+    text = page.gettext("Messages queued again: %(count)s.")
     return _connectors_page(page, message=text % {"count": count})
 
 
