@@ -239,7 +239,7 @@ def _what(event: Mapping[str, Any], gettext: Gettext) -> str:
     verb = gettext(ACTIONS.get(str(interaction), N_("used")))
     if not parts:
         return gettext("{verb} your record").format(verb=verb)
-    return gettext("{verb} {parts}").format(verb=verb, parts=", ".join(parts))
+    return f"{verb} {', '.join(parts)}"  # verb before object in Vietnamese and English alike
 
 
 def describe_event(
