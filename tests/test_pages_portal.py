@@ -292,3 +292,13 @@ def test_names_from_resources_are_escaped(web_hub: WebHub, citizen: Citizen, uid
         assert evil not in page.text
         assert "&lt;script&gt;" in page.text and f"Organization/{org}" in page.text
         assert not re.search(r"<script>alert", page.text)
+
+
+def test_consents_page_explains_the_default_policy_and_the_consents_in_force(web_hub: WebHub) -> None:
+    with web_login(web_hub, "hoa.nguyen") as client:
+        text = plain(client.get("/portal/consents").text)
+    assert "Trạm Y tế xã Ia Krái (demo) quản lý hồ sơ này" in text
+    assert "Bác sĩ gia đình Phạm Minh Tuấn được xem dữ liệu thông thường" in text
+    # The demo's consent to the provincial hospital, in words, with its end date.
+    assert "Bệnh viện Đa khoa tỉnh Gia Lai (demo) được xem dữ liệu thông thường để khám, chữa bệnh" in text
+    assert "31/12/2027" in text

@@ -245,7 +245,17 @@ def _consents_page(
         "Consent", [("patient", patient_id), ("_sort", "-_lastUpdated"), ("_count", "100")]
     )
     organizations = page.fhir.search_resources("Organization", [("_count", "200"), ("_sort", "name")])
+    try:
+        care_teams = page.fhir.search_resources("CareTeam", [("patient", patient_id), ("_count", "50")])
+    except PageFhirError:
+        care_teams = []  # a proxy whose scopes leave CareTeam out: the policy words say less
     wanted = [r for c in consents for r in consent_words.consent_actors(c)]
+    wanted += [
+        str(r.get("reference")) for r in [subject.get("managingOrganization") or {}] if r.get("reference")
+    ]
+    wanted += [
+        str(r.get("reference")) for r in subject.get("generalPractitioner") or [] if r.get("reference")
+    ]
     names = _names(page, wanted)
     for org in organizations:
         if isinstance(org.get("name"), str) and org.get("id"):
@@ -266,6 +276,7 @@ def _consents_page(
     return page.render(
         "portal/consents.html",
         status=status,
+        policy=consent_words.policy_reasons(subject, care_teams, names, page.gettext),
         consents=[i for i in items if i["state"] == "active"],
         past=[i for i in items if i["state"] != "active"],
         organizations=[
