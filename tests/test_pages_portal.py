@@ -302,3 +302,48 @@ def test_consents_page_explains_the_default_policy_and_the_consents_in_force(web
     # The demo's consent to the provincial hospital, in words, with its end date.
     assert "Bệnh viện Đa khoa tỉnh Gia Lai (demo) được xem dữ liệu thông thường để khám, chữa bệnh" in text
     assert "31/12/2027" in text
+
+
+def test_a_proxy_cannot_lift_a_deny_and_sees_the_hub_s_refusal(
+    web_hub: WebHub, citizen: Citizen, uid: str
+) -> None:
+    consent = {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": f"Patient/{citizen.patient}"},
+        "provision": {
+            "type": "deny",
+            "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}],
+        },
+    }
+    with web_hub.admin_client() as admin:
+        consent_id = admin.post("Consent", json=consent).json()["id"]
+        person = admin.post(
+            "RelatedPerson",
+            json={
+                "resourceType": "RelatedPerson",
+                "active": True,
+                "patient": {"reference": f"Patient/{citizen.patient}"},
+            },
+        ).json()["id"]
+    users.add_user(
+        web_hub.engine, f"px-{uid}", "proxy", fhir_user=f"RelatedPerson/{person}", password=f"pw-{uid}"
+    )
+    with web_login(web_hub, f"px-{uid}", f"pw-{uid}") as client:
+        page = client.get("/portal/consents", params={"patient": citizen.patient})
+        assert "Không ai được xem dữ liệu sức khỏe tâm thần" in plain(page.text)
+        assert f"/portal/consents/{consent_id}/withdraw" not in page.text  # not offered
+        assert "chỉ người bệnh mới rút lại được" in page.text
+        answer = client.post(f"/portal/consents/{consent_id}/withdraw", data={"patient": citizen.patient})
+        assert answer.status_code == 403 and "Hệ thống từ chối thay đổi này" in answer.text
+    assert consents_of(web_hub, citizen.patient)[0]["status"] == "active"
+    # The patient can.
+    with web_login(web_hub, citizen.username, citizen.password) as client:
+        page = client.get("/portal/consents")
+        assert f"/portal/consents/{consent_id}/withdraw" in page.text

@@ -19,6 +19,7 @@ from hub.web.consent_words import (
     describe_consent,
     grant_consent,
     grants_sensitive,
+    has_deny,
     policy_reasons,
 )
 
@@ -83,6 +84,7 @@ def test_deny_without_actor_is_no_one_and_nested_provisions_inherit() -> None:
         "facility unknown-org may not see any of the data",
     ]
     assert consent_actors(consent) == ["Practitioner/dr-1", "Organization/unknown-org"]
+    assert has_deny(consent) and not has_deny(grant_consent("p1", GIALAI, "TREAT", ["N"]))
 
 
 def test_withdrawn_and_pending_consents_say_so_first() -> None:

@@ -296,6 +296,19 @@ def grants_sensitive(consent: Mapping[str, Any]) -> bool:
     return isinstance(root, Mapping) and walk(root, "permit")
 
 
+def has_deny(consent: Mapping[str, Any]) -> bool:
+    """Whether any provision of the Consent denies (only the patient may lift a deny)."""
+
+    def walk(provision: Mapping[str, Any], effect: str) -> bool:
+        effect = provision.get("type") or effect
+        return effect == "deny" or any(
+            walk(c, effect) for c in provision.get("provision", ()) or () if isinstance(c, Mapping)
+        )
+
+    root = consent.get("provision")
+    return isinstance(root, Mapping) and walk(root, "permit")
+
+
 def grant_consent(
     patient_id: str,
     actor: str,

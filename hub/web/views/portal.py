@@ -268,6 +268,7 @@ def _consents_page(
             "sentences": consent_words.describe_consent(c, names, page.gettext, fmt),
             "date": c.get("dateTime") or (c.get("meta") or {}).get("lastUpdated", ""),
             "sensitive": consent_words.grants_sensitive(c),
+            "has_deny": consent_words.has_deny(c),
         }
         for c in consents
     ]
