@@ -18,7 +18,7 @@ import pytest
 from conftest import LiveServer, make_token
 
 from hub.auth.principal import Role
-from hub.web import finder
+from hub.web import finder, record
 from hub.web.finder import find_patients, parse_patient_query
 from hub.web.record import (
     BHYT_SYSTEM,
@@ -554,3 +554,18 @@ def test_finder_pages(
 )
 def test_parse_patient_query(text: str, params: list[tuple[str, str]]) -> None:
     assert parse_patient_query(text) == params
+
+
+def test_fetch_record_of_a_record_bigger_than_one_page(
+    live_server: LiveServer, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the page size (here 10 for a record of 11), the record is read as its types without
+    Observations plus the newest Observations, and the page says the list may be capped."""
+    monkeypatch.setattr(record, "_RECORD_CAP", 10)
+    with _clinician(live_server, world["ids"]["tyt"]) as client:
+        fetched = fetch_record(HttpFhir(client), world["hoa"])
+    assert fetched.patient is not None and fetched.observations_capped
+    view = build_record(fetched.patient, fetched.resources, fetched.organizations, fetched.practitioners)
+    assert len(view.timeline) == 3 and len(view.facilities) == 3
+    bp = next(t for t in view.trends if t.key == "http://loinc.org|85354-9")
+    assert [len(s.points) for s in bp.series] == [3, 3]
