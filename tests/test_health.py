@@ -32,6 +32,15 @@ from hub.store import Store
 REDIS_URL = os.environ.get("HUB_TEST_REDIS_URL")
 
 
+def _known(check: health.Check) -> health.Check:
+    """Every text a check produces is one the console translates (HEALTH_MESSAGES)."""
+    from hub.web.views.console import HEALTH_MESSAGES
+
+    assert check.text in HEALTH_MESSAGES, check.text
+    assert check.message == check.text.format(**check.params)
+    return check
+
+
 @pytest.fixture(scope="module")
 def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return auth_settings(database_url, export_dir=tmp_path_factory.mktemp("health-exports") / "exports")
@@ -40,17 +49,17 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
 def test_report_of_a_migrated_database(engine: sa.Engine, settings: Settings) -> None:
     report = health.health_report(engine, settings, None, None)
     assert [c.name for c in report.checks] == ["database", "redis", "disk", "audit"]
-    database = report.check("database")
+    database = _known(report.check("database"))
     assert database.status == health.OK, database
     assert database.details["backend"] == engine.dialect.name
     assert database.details["revision"] == database.details["head"] == ",".join(health.code_head())
     assert 0 < database.details["latency_ms"] < 5000
-    assert report.check("redis").status == health.OK
-    assert "Not configured" in report.check("redis").message
-    disk = report.check("disk")
+    assert _known(report.check("redis")).status == health.OK
+    assert "Not configured" in _known(report.check("redis")).message
+    disk = _known(report.check("disk"))
     assert disk.details["export"]["total_bytes"] > disk.details["export"]["free_bytes"] > 0
     # No trail given: auditing is off in this caller, a warning, and the worst status is it.
-    assert report.check("audit").status == health.WARN
+    assert _known(report.check("audit")).status == health.WARN
     assert report.status == health.WARN
     body = report.as_json()
     assert body["status"] == "warn" and body["generated"].endswith("Z")
@@ -62,7 +71,7 @@ def test_schema_behind_the_head_is_a_warning(fresh_database_url, settings: Setti
     downgrade(url, "-1")
     behind = create_engine(url)
     try:
-        check = health.check_database(behind)
+        check = _known(health.check_database(behind))
     finally:
         behind.dispose()
     assert check.status == health.WARN
@@ -82,23 +91,23 @@ def test_unreachable_database_fails(tmp_path) -> None:  # type: ignore[no-untype
         report = health.health_report(engine, Settings(database_url=url), None, None)
     finally:
         engine.dispose()
-    assert report.check("database").status == health.FAIL
-    assert report.check("database").message == "The database is unreachable"
+    assert _known(report.check("database")).status == health.FAIL
+    assert _known(report.check("database")).message == "The database is unreachable"
     # The other checks still ran: one failure hides nothing.
-    assert report.check("audit").status == health.FAIL
-    assert report.check("redis").status == health.OK
+    assert _known(report.check("audit")).status == health.FAIL
+    assert _known(report.check("redis")).status == health.OK
     assert report.status == health.FAIL
 
 
 @pytest.mark.skipif(not REDIS_URL, reason="HUB_TEST_REDIS_URL not set")
 def test_redis_answers() -> None:
-    check = health.check_redis(REDIS_URL)
+    check = _known(health.check_redis(REDIS_URL))
     assert check.status in (health.OK, health.WARN)
     assert check.details["latency_ms"] >= 0
 
 
 def test_redis_that_does_not_answer_fails() -> None:
-    check = health.check_redis("redis://:secret@127.0.0.1:1/0")
+    check = _known(health.check_redis("redis://:secret@127.0.0.1:1/0"))
     assert check.status == health.FAIL
     assert "secret" not in str(check.as_json())  # the URL is shown without its password
 
@@ -106,9 +115,9 @@ def test_redis_that_does_not_answer_fails() -> None:
 def test_disk_thresholds(engine: sa.Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     # Thresholds above any real disk: the same free space is then reported low.
     monkeypatch.setattr(health, "DISK_WARN_BYTES", 2**62)
-    assert health.check_disk(engine, settings).status == health.WARN
+    assert _known(health.check_disk(engine, settings)).status == health.WARN
     monkeypatch.setattr(health, "DISK_FAIL_BYTES", 2**62)
-    check = health.check_disk(engine, settings)
+    check = _known(health.check_disk(engine, settings))
     assert check.status == health.FAIL
     assert check.message.startswith("Little free disk space")
 
@@ -118,7 +127,7 @@ def test_audit_writer_of_a_running_server(live_server: LiveServer) -> None:
         assert client.get("Patient", params={"_count": "1"}).status_code == 200  # an audited read
     trail = live_server.app.state.router.gate.trail
     report = health.health_report(live_server.engine, live_server.settings, None, trail)
-    audit = report.check("audit")
+    audit = _known(report.check("audit"))
     assert audit.status == health.OK, audit
     assert audit.details["running"] is True
     assert audit.details["batches"] >= 1
@@ -172,7 +181,7 @@ def test_a_stuck_audit_writer_fails(
         while writer.waiting() < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.3)  # past the (lowered) stuck threshold
-        check = health.check_audit(engine, writer_trail)
+        check = _known(health.check_audit(engine, writer_trail))
         assert check.status == health.FAIL, check
         assert check.details["queue_depth"] == 3
     finally:
@@ -180,7 +189,7 @@ def test_a_stuck_audit_writer_fails(
         for thread in threads:
             thread.join(timeout=30)
     # Once the lock is released the three records commit and the writer is healthy again.
-    check = health.check_audit(engine, writer_trail)
+    check = _known(health.check_audit(engine, writer_trail))
     assert check.status == health.OK, check
     assert check.details["queue_depth"] == 0
     assert check.details["batches"] >= 1
@@ -188,10 +197,10 @@ def test_a_stuck_audit_writer_fails(
 
 def test_a_stopped_writer_is_a_warning(engine: sa.Engine) -> None:
     trail = AuditTrail(Store(engine, get_registry()), "http://hub.test/fhir")
-    assert health.check_audit(engine, trail).status == health.WARN  # never started
+    assert _known(health.check_audit(engine, trail)).status == health.WARN  # never started
     trail.start_group_commit()
-    assert health.check_audit(engine, trail).status == health.OK
+    assert _known(health.check_audit(engine, trail)).status == health.OK
     trail.stop_group_commit()
-    check = health.check_audit(engine, trail)
+    check = _known(health.check_audit(engine, trail))
     assert check.status == health.WARN
     assert check.details["running"] is False

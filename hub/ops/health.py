@@ -56,8 +56,16 @@ AUDIT_QUEUE_WARN = 200  # requests waiting for their audit at once
 class Check:
     name: str  # database | redis | disk | audit
     status: str  # ok | warn | fail
-    message: str  # one sentence for an operator (English; the page translates the name and status)
+    # One sentence for an operator: an English message id with {placeholders} filled from
+    # ``params`` (the console translates it: every id is in hub/web/views/console.py's
+    # HEALTH_MESSAGES and hub/web/locale/vi/console.po).
+    text: str
     details: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        return self.text.format(**self.params)
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "message": self.message, "details": self.details}
@@ -102,7 +110,9 @@ def _guarded(name: str, run: Any) -> Check:
         check: Check = run()
         return check
     except Exception as error:  # noqa: BLE001  (the report names the failure, never raises)
-        return Check(name, FAIL, f"The check failed: {type(error).__name__}", {"error": _short(error)})
+        return Check(
+            name, FAIL, "The check failed: {error}", {"error": _short(error)}, {"error": type(error).__name__}
+        )
 
 
 def _short(error: BaseException) -> str:
@@ -142,11 +152,15 @@ def check_database(engine: sa.Engine) -> Check:
         "head": ",".join(head),
     }
     if revision != head:
-        message = "The database schema is not at the code's migration head: run `hub db upgrade`"
-        return Check("database", WARN if revision else FAIL, message, details)
+        text = "The database schema is not at the code's migration head: run `hub db upgrade`"
+        return Check("database", WARN if revision else FAIL, text, details)
     if latency_ms > DB_SLOW_MS:
-        return Check("database", WARN, f"The database answers slowly ({latency_ms:.0f} ms)", details)
-    return Check("database", OK, f"Reachable in {latency_ms:.1f} ms, schema at the head", details)
+        return Check(
+            "database", WARN, "The database answers slowly ({ms} ms)", details, {"ms": round(latency_ms)}
+        )
+    return Check(
+        "database", OK, "Reachable in {ms} ms, schema at the head", details, {"ms": round(latency_ms, 1)}
+    )
 
 
 def check_redis(redis_url: str | None) -> Check:
@@ -168,8 +182,8 @@ def check_redis(redis_url: str | None) -> Check:
         client.close()
     details = {"url": safe, "latency_ms": round(latency_ms, 2)}
     if latency_ms > REDIS_SLOW_MS:
-        return Check("redis", WARN, f"Redis answers slowly ({latency_ms:.0f} ms)", details)
-    return Check("redis", OK, f"PING answered in {latency_ms:.1f} ms", details)
+        return Check("redis", WARN, "Redis answers slowly ({ms} ms)", details, {"ms": round(latency_ms)})
+    return Check("redis", OK, "PING answered in {ms} ms", details, {"ms": round(latency_ms, 1)})
 
 
 def make_url_safe(url: str) -> str:
@@ -220,9 +234,9 @@ def check_disk(engine: sa.Engine, settings: Settings) -> Check:
             "free_percent": round(fraction * 100, 1),
             "status": status,
         }
-        lines.append(f"{label} {usage.free / 1024**3:.1f} GiB free ({fraction * 100:.0f} %)")
-    message = "; ".join(lines) if worst == OK else "Little free disk space: " + "; ".join(lines)
-    return Check("disk", worst, message, details)
+        lines.append(f"{label} {usage.free / 1024**3:.1f} GiB ({fraction * 100:.0f} %)")
+    text = "Free disk space: {summary}" if worst == OK else "Little free disk space: {summary}"
+    return Check("disk", worst, text, details, {"summary": "; ".join(lines)})
 
 
 def check_audit(engine: sa.Engine, trail: AuditTrail | None) -> Check:
@@ -257,11 +271,26 @@ def check_audit(engine: sa.Engine, trail: AuditTrail | None) -> Check:
         return Check(
             "audit",
             FAIL,
-            f"{waiting} requests wait for their audit and nothing was committed for "
-            f"{AUDIT_STUCK_SECONDS:.0f} s or more",
+            "{waiting} requests wait for their audit and nothing was committed for {seconds} s or more",
             details,
+            {"waiting": waiting, "seconds": round(AUDIT_STUCK_SECONDS)},
         )
     if waiting > AUDIT_QUEUE_WARN:
-        return Check("audit", WARN, f"{waiting} requests wait for their audit records", details)
-    since = f"last batch {age:.0f} s ago" if writer.last_commit else "no batch yet"
-    return Check("audit", OK, f"Group commit running, {waiting} waiting, {since}", details)
+        return Check(
+            "audit", WARN, "{waiting} requests wait for their audit records", details, {"waiting": waiting}
+        )
+    if writer.last_commit is None:
+        return Check(
+            "audit",
+            OK,
+            "Group commit running, {waiting} waiting, no batch yet",
+            details,
+            {"waiting": waiting},
+        )
+    return Check(
+        "audit",
+        OK,
+        "Group commit running, {waiting} waiting, last batch {age} s ago",
+        details,
+        {"waiting": waiting, "age": round(age)},
+    )

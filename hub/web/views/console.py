@@ -53,9 +53,9 @@ from hub.auth import users
 from hub.auth.principal import Principal, Role
 from hub.auth.tokens import AuthError
 from hub.errors import FhirError, Issue
-from hub.ops.health import HealthReport, health_report
+from hub.ops.health import Check, HealthReport, health_report
 from hub.rest.messages import FHIR_JSON
-from hub.web import render
+from hub.web import i18n, render
 from hub.web.context import Page, base_context, page_for
 from hub.web.fhir_handle import PageFhirError
 from hub.web.i18n import N_
@@ -97,6 +97,27 @@ CHECK_LABELS = {
     "audit": N_("Audit writer"),
 }
 STATUS_LABELS = {"ok": N_("OK"), "warn": N_("Warning"), "fail": N_("Failing")}
+# Every text hub.ops.health writes (``Check.text``), so the page shows it translated
+# (tests/test_health.py checks that each text a check produces is listed here).
+HEALTH_MESSAGES = (
+    N_("The check failed: {error}"),
+    N_("The database is unreachable"),
+    N_("The database schema is not at the code's migration head: run `hub db upgrade`"),
+    N_("The database answers slowly ({ms} ms)"),
+    N_("Reachable in {ms} ms, schema at the head"),
+    N_("Not configured: rate limits and connector work stay in this process"),
+    N_("Redis does not answer"),
+    N_("Redis answers slowly ({ms} ms)"),
+    N_("PING answered in {ms} ms"),
+    N_("Free disk space: {summary}"),
+    N_("Little free disk space: {summary}"),
+    N_("Auditing is off in this process"),
+    N_("The group commit writer is not running in this process"),
+    N_("{waiting} requests wait for their audit and nothing was committed for {seconds} s or more"),
+    N_("{waiting} requests wait for their audit records"),
+    N_("Group commit running, {waiting} waiting, no batch yet"),
+    N_("Group commit running, {waiting} waiting, last batch {age} s ago"),
+)
 
 
 # --- shared state of this process -------------------------------------------------------------
@@ -326,7 +347,7 @@ def _set_disabled(page: Page, username: str, disabled: bool) -> Response:
         return RedirectResponse("/console/users", 303)
     text = page.gettext("%(name)s disabled.") if disabled else page.gettext("%(name)s enabled.")
     return page.render(
-        "console/_user_row.html",
+        "console/_user_cells.html",
         account=user,
         manageable=users.may_manage(principal, user),
         role_labels=ROLE_LABELS,
@@ -668,9 +689,23 @@ def _health(request: Request) -> HealthReport:
 @router.get("/console/health", include_in_schema=False)
 def health(page: Page = Depends(admin_page)) -> HTMLResponse:
     report = _health(page.request)
+    messages = {check.name: _health_message(page, check) for check in report.checks}
     return page.render(
-        "console/health.html", report=report, check_labels=CHECK_LABELS, status_labels=STATUS_LABELS
+        "console/health.html",
+        report=report,
+        messages=messages,
+        check_labels=CHECK_LABELS,
+        status_labels=STATUS_LABELS,
     )
+
+
+def _health_message(page: Page, check: Check) -> str:
+    """A check's sentence in the page's language, its numbers written the locale's way."""
+    params = {
+        key: i18n.display_number(value, page.locale) if isinstance(value, int | float) else value
+        for key, value in check.params.items()
+    }
+    return page.gettext(check.text).format(**params)
 
 
 @router.get("/healthz/details", include_in_schema=False)
