@@ -247,3 +247,56 @@ def test_not_for_other_roles(web_hub: WebHub) -> None:
     with web_login(web_hub, "hoa.nguyen") as patient:
         page = patient.get("/clinician/patients/vn-demo-patient-1")
         assert page.status_code == 403
+
+
+def test_a_consent_opens_the_record_to_another_hospital_and_says_so(web_hub: WebHub, uid: str) -> None:
+    pid = _person(web_hub, uid, STATION)
+    hospital = f"bv-{uid}"
+    _put(
+        web_hub,
+        {"resourceType": "Organization", "id": hospital, "name": f"Bệnh viện Đa khoa tỉnh {uid}"},
+        {
+            "resourceType": "Consent",
+            "id": f"k-{uid}",
+            "status": "active",
+            "scope": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                        "code": "patient-privacy",
+                    }
+                ]
+            },
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": f"Patient/{pid}"},
+            "dateTime": "2026-11-01T08:00:00+07:00",
+            "provision": {
+                "type": "permit",
+                "period": {"start": "2026-01-01", "end": "2027-12-31"},
+                "actor": [
+                    {
+                        "role": {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                    "code": "IRCP",
+                                }
+                            ]
+                        },
+                        "reference": {"reference": f"Organization/{hospital}"},
+                    }
+                ],
+                "purpose": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}
+                ],
+            },
+        },
+    )
+    with _doctor(web_hub, uid, hospital, "bv") as doctor:
+        page = doctor.get(f"/clinician/patients/{pid}")
+        assert page.status_code == 200, page.text[:300]
+        access = page.text.split('id="access-title"')[1].split("</section>")[0]
+        assert f"Bệnh viện Đa khoa tỉnh {uid}" in access and "31/12/2027" in access
+        assert "141" in page.text  # the blood pressure, ordinary data
+    with _doctor(web_hub, uid, f"elsewhere-{uid}", "other") as other:
+        assert other.get(f"/clinician/patients/{pid}").status_code == 404
