@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from conftest import WebHub, axe_check, login_page, make_token, new_page, screenshot
 
 from hub.auth import users
@@ -98,7 +99,46 @@ def test_facility_admin_reviews_a_break_glass_alert(browser: Any, web_hub: WebHu
     page.context.close()
 
 
-def test_console_pages_are_accessible(browser: Any, web_hub: WebHub) -> None:
+def _source_with_a_dead_letter(hub: WebHub, uid: str) -> str:
+    """A paused QĐ 130 source of a facility with one message dead-lettered (its error as the
+    pipeline writes them), for the connectors page to show and replay."""
+    from connectors import inbox, sources
+    from connectors.model import Source
+    from consent.context import system_access
+    from hub.db.schema import connector_message
+
+    name = f"ttyt-demo-{uid[:6]}"
+    with system_access("test-console"):
+        source = sources.add(
+            hub.app.state.router,
+            Source(
+                name=name,
+                facility_code=uid[:5].upper(),
+                facility_name="Trung tâm Y tế huyện Ia Grai",
+                facility_level="district",
+                kind="xml130",
+                paused=True,
+            ),
+        )
+    received = inbox.receive(
+        hub.engine, source, [f"<GIAMDINHHS>{n}-{uid}</GIAMDINHHS>".encode() for n in (1, 2)]
+    )
+    with hub.engine.begin() as conn:
+        conn.execute(
+            sa.update(connector_message)
+            .where(connector_message.c.id == received[0].id)
+            .values(
+                state="dead",
+                attempts=5,
+                error="OperationalError (SQLSTATE 40P01): deadlock detected",
+                error_where=None,
+            )
+        )
+    return name
+
+
+def test_console_pages_are_accessible(browser: Any, web_hub: WebHub, uid: str) -> None:
+    source = _source_with_a_dead_letter(web_hub, uid)
     page = new_page(browser)
     violations = _csp_violations(page)
     login_page(page, web_hub, "admin")
@@ -114,6 +154,13 @@ def test_console_pages_are_accessible(browser: Any, web_hub: WebHub) -> None:
         axe_check(page)
         if shot:
             screenshot(page, shot)
+    # Replay the dead letter with its button: queued again, said so.
+    page.goto(f"{web_hub.url}/console/connectors")
+    section = page.locator("section.card", has_text=source)
+    section.locator("form[action='/console/connectors/replay'] button").first.click()
+    page.wait_for_load_state("networkidle")
+    assert page.locator("p.success").is_visible()
+    axe_check(page)
     page.goto(f"{web_hub.url}/console/audit")
     page.click("form[action='/console/audit/verify'] button")
     page.wait_for_load_state("networkidle")
