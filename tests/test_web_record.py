@@ -569,3 +569,46 @@ def test_fetch_record_of_a_record_bigger_than_one_page(
     assert len(view.timeline) == 3 and len(view.facilities) == 3
     bp = next(t for t in view.trends if t.key == "http://loinc.org|85354-9")
     assert [len(s.points) for s in bp.series] == [3, 3]
+
+
+def _render_record(view: Any, locale: str) -> str:
+    from markupsafe import Markup
+
+    from hub.web import render
+
+    context = {
+        "user": None,
+        "area": "clinician",
+        "here": "/",
+        "here_quoted": "%2F",
+        "csrf_token": "t",
+        "csrf_field": lambda: Markup(""),
+        "other_locale": "en",
+        "record": view,
+        "patient_id": "p",
+        "consent_sentences": [],
+        "break_glass_reason": "",
+        "reason": "",
+        "reason_min": 10,
+    }
+    return render.render("clinician/record.html", locale, context)
+
+
+@pytest.mark.parametrize("locale", ["vi", "en"])
+def test_record_page_template_renders_odd_and_synthea_records(locale: str) -> None:
+    """The record templates (clinician/record.html and the shared record/ partials) with odd,
+    empty and real-world views: no template error, values escaped, every chart has its table."""
+    odd = build_record(
+        {"resourceType": "Patient", "id": "p", "name": [{"text": "<b>x</b>"}]}, [], {}, {}, today=TODAY
+    )
+    html = _render_record(odd, locale)
+    assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
+    for path in sorted(SYNTHEA.glob("*.json"))[:3]:
+        resources = _resolved(path)
+        patient, orgs, practitioners = _split(resources)
+        view = build_record(patient, resources, orgs, practitioners, today=TODAY)
+        html = _render_record(view, locale)
+        assert (
+            html.count('class="chart" data-chart=') == len(view.trends) == html.count('class="trend-table"')
+        )
+        assert html.count('class="encounter"') == len(view.timeline)
