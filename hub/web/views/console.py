@@ -30,6 +30,7 @@ Called by: hub.web.app (includes ``router``).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ from hub.web.i18n import N_
 from hub.web.session import COOKIE
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 ADMIN, FACILITY_ADMIN, AUDITOR = Role.ADMIN.value, Role.FACILITY_ADMIN.value, Role.AUDITOR.value
 console_page = page_for(ADMIN, FACILITY_ADMIN, AUDITOR)
@@ -133,8 +135,19 @@ class VerifyRun:
     seconds: float
 
 
+@dataclass(frozen=True)
+class VerifyJob:
+    """A verification under way (one at a time per process: it walks the whole chain)."""
+
+    started: datetime
+    by: str
+    done: threading.Event
+
+
+VERIFY_WAIT_SECONDS = 20.0  # how long the verify button's request waits for the result
 _last_verify: VerifyRun | None = None
-_verify_lock = threading.Lock()  # one verify at a time: it walks the whole chain
+_running_verify: VerifyJob | None = None
+_verify_lock = threading.Lock()  # guards _running_verify
 
 
 def _state(request: Request) -> Any:
@@ -591,30 +604,49 @@ def _audit_page(page: Page, status: int = 200, *, error: str | None = None) -> H
         last=last,
         problems=problems,
         may_verify=page.user.role in (ADMIN, AUDITOR),
+        running=_running_verify,
         error=error,
     )
 
 
 @router.post("/console/audit/verify", include_in_schema=False)
 def audit_verify(page: Page = Depends(page_for(ADMIN, AUDITOR))) -> HTMLResponse:
-    global _last_verify
-    if not _verify_lock.acquire(blocking=False):
-        return _audit_page(
-            page, 409, error=page.gettext("A verification is already running. Try again shortly.")
-        )
-    try:
-        started = datetime.now(UTC)
+    """Start a verification (or join the one running) and wait a little for its result: a
+    small chain answers at once, a large one (about 1 ms per event) keeps running in the
+    background and the page says so; reloading shows the result when it is there."""
+    with _verify_lock:
+        job = _running_verify or _start_verify(page)
+    job.done.wait(VERIFY_WAIT_SECONDS)
+    return _audit_page(page)
+
+
+def _start_verify(page: Page) -> VerifyJob:
+    global _running_verify
+    job = VerifyJob(datetime.now(UTC), page.user.username, threading.Event())
+    engine = _state(page.request).engine
+
+    def run() -> None:
+        global _last_verify, _running_verify
         status = 500
         try:
-            report = verify_chain(_state(page.request).engine)
+            report = verify_chain(engine)
             status = 200
+            elapsed = (datetime.now(UTC) - job.started).total_seconds()
+            _last_verify = VerifyRun(job.started, job.by, report, elapsed)
+        except Exception:  # noqa: BLE001  (logged; the page shows no new result)
+            log.exception("audit chain verification failed")
         finally:
-            _audit(page, "audit-verify", "E", None, status)
-        elapsed = (datetime.now(UTC) - started).total_seconds()
-        _last_verify = VerifyRun(started, page.user.username, report, elapsed)
-    finally:
-        _verify_lock.release()
-    return _audit_page(page)
+            with _verify_lock:
+                _running_verify = None
+            job.done.set()
+            try:
+                _audit(page, "audit-verify", "E", None, status)
+            except Exception:  # noqa: BLE001  (the audit writer's own failure is logged there)
+                log.exception("the audit-verify run could not be audited")
+
+    _running_verify = job
+    threading.Thread(target=run, name="console-audit-verify", daemon=True).start()
+    return job
 
 
 # --- connectors -------------------------------------------------------------------------------
