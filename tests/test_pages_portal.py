@@ -347,3 +347,19 @@ def test_a_proxy_cannot_lift_a_deny_and_sees_the_hub_s_refusal(
     with web_login(web_hub, citizen.username, citizen.password) as client:
         page = client.get("/portal/consents")
         assert f"/portal/consents/{consent_id}/withdraw" in page.text
+
+
+def test_access_log_pages_newest_first(web_hub: WebHub, citizen: Citizen) -> None:
+    with web_login(web_hub, citizen.username, citizen.password) as client:
+        for _ in range(15):  # each record page is two audited requests ($everything, Observations)
+            assert client.get("/portal").status_code == 200
+        first = client.get("/portal/access-log", params={"mine": "1"}).text
+        times = re.findall(r'<time datetime="([^"]+)"', first)
+        assert len(times) == 20 and times == sorted(times, reverse=True)
+        older = re.search(r'href="(/portal/access-log\?[^"]*cursor=[^"]+)"', first)
+        assert older, "no link to older entries"
+        second = client.get(older.group(1).replace("&amp;", "&")).text
+        more = re.findall(r'<time datetime="([^"]+)"', second)
+        assert more and max(more) <= min(times)
+        # The oldest entries are the admin's writes that created this person's record.
+        assert "Newest" in second or "Mới nhất" in second
