@@ -396,7 +396,9 @@ def load_demo(server: LiveServer) -> None:
 def web_hub(fresh_database_url) -> Iterator[WebHub]:  # type: ignore[no-untyped-def]
     """The pages tests' shared hub: demo data and accounts, loaded once per run. Tests that
     change what others see (consents, accounts) make their own or undo their change."""
-    with WebHub(fresh_database_url("web")) as server:
+    # Login limits out of the way too: every pages test logs in from 127.0.0.1 on this one
+    # server (tests/test_ratelimit.py and test_pages_attacks.py test the limits themselves).
+    with WebHub(fresh_database_url("web"), rate_limit_login="1000000/second") as server:
         load_demo(server)
         yield server
 

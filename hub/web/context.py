@@ -62,6 +62,10 @@ def local_path(target: str | None, default: str = "/") -> str:
     """A redirect target on this site only: a path, never ``//host`` or a scheme."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return default
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
+        # Browsers drop tabs and newlines from URLs ("/\t/host" becomes "//host"): a target
+        # with control characters is never a page of ours, and is not echoed into a form.
+        return default
     return target
 
 

@@ -1,0 +1,555 @@
+"""The pages attacked over real HTTP (``web_hub``: the demo data and accounts): what a patient,
+a proxy, a clinician of another facility, a facility admin, an auditor, a guest or an anonymous
+caller could read, infer, write or exhaust through the pages, their parameters, htmx partials,
+forms, error pages, redirects, cookies and the audit trail.
+
+Covers: CSRF on every state-changing page route (enumerated from the app, so a new route is
+covered by itself) and no cookie-authenticated write outside the pages; the session (fixation,
+cookie flags, absolute and idle expiry, logout everywhere, what the table holds); open
+redirects and header injection; reflection in error pages; resources carrying markup shown
+as text on every page that shows them; pages never showing what the API hides; hidden and
+missing records answering alike; proxies and patients confined to their records; break-glass
+from the page; every record view audited; facility admins' console without patient data;
+htmx partials guarded like pages.
+Calls: the running hub (pages and, for comparison, /fhir with the same account's token).
+Called by: pytest (PostgreSQL run: ``pages`` marker).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from conftest import ADMIN_AUTH, DEMO_DIR, LiveServer, WebHub, web_login
+from fastapi.routing import APIRoute
+
+from hub.auth import users
+from hub.auth.tokens import AuthError
+from hub.db.schema import web_session
+
+pytestmark = pytest.mark.pages
+
+PAGE_PREFIXES = ("/login", "/logout", "/lang", "/account", "/clinician", "/portal", "/console")
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+CSRF_TEXT = "did not come from this site"  # the English CSRF error page
+HOA = "vn-demo-patient-1"
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _english(client: httpx.Client) -> httpx.Client:
+    client.cookies.set("hub_lang", "en")
+    return client
+
+
+def _login(hub: WebHub, username: str, password: str | None = None) -> httpx.Client:
+    return _english(web_login(hub, username, password))
+
+
+def _fhir(hub: WebHub, token: str | None = None) -> httpx.Client:
+    headers = {"Accept": "application/fhir+json"}
+    headers["Authorization"] = f"Bearer {token}" if token else ADMIN_AUTH["Authorization"]
+    return httpx.Client(base_url=f"{hub.url}/fhir", headers=headers, timeout=60)
+
+
+def _token_of(hub: WebHub, username: str) -> str:
+    """A bearer token of the same account a page session runs as."""
+    user = users.get_user(hub.engine, username)
+    assert user is not None
+    return hub.tokens.issue(user)
+
+
+def _api_routes(routes: Iterable[Any], prefix: str = "") -> Iterator[tuple[str, APIRoute]]:
+    """Every APIRoute with its full path, into included routers (FastAPI >= 0.165 keeps them
+    as lazily expanded ``_IncludedRouter`` entries of ``app.routes``)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield prefix + route.path, route
+        elif hasattr(route, "original_router"):
+            context = getattr(route, "include_context", None)
+            yield from _api_routes(
+                route.original_router.routes, prefix + (getattr(context, "prefix", "") or "")
+            )
+
+
+def _page_routes(hub: LiveServer) -> list[tuple[str, str]]:
+    """(method, path) of every state-changing route of the app."""
+    found = []
+    for path, route in _api_routes(hub.app.routes):
+        for method in sorted(route.methods or ()):
+            if method in STATE_CHANGING:
+                found.append((method, path))
+    return found
+
+
+def _is_page(path: str) -> bool:
+    return path == "/" or path.startswith(PAGE_PREFIXES)
+
+
+def _fill(path: str) -> str:
+    """The route's path with harmless values (ids that exist nowhere)."""
+
+    def value(match: re.Match[str]) -> str:
+        name, convertor = match.group(1), match.group(2) or ""
+        return "987654321" if convertor == ":int" else f"no-such-{name}-x"
+
+    return re.sub(r"\{(\w+)(:\w+)?\}", value, path)
+
+
+def _without_tokens(text: str) -> str:
+    """A page with its per-session and per-request secrets blanked."""
+    text = re.sub(r'"X-CSRF-Token": "[^"]+"', '"X-CSRF-Token": ""', text)
+    return re.sub(r'name="csrf_token" value="[^"]*"', 'name="csrf_token" value=""', text)
+
+
+def _where_browser_goes(hub: WebHub, location: str) -> str:
+    """The host a browser would go to for this Location (WHATWG: tabs and newlines removed,
+    backslashes as slashes, leading controls and spaces trimmed)."""
+    cleaned = re.sub(r"[\t\n\r]", "", location).strip("\x00 \x01\x02\x03\x04\x05\x06\x07\x08\x0b\x0c")
+    cleaned = cleaned.replace("\\", "/")
+    return urlsplit(urljoin(hub.url + "/", cleaned)).netloc
+
+
+def _session_row(hub: WebHub, cookie: str) -> Any:
+    with hub.engine.connect() as conn:
+        return conn.execute(
+            sa.select(web_session).where(web_session.c.id_hash == hashlib.sha256(cookie.encode()).hexdigest())
+        ).first()
+
+
+@pytest.fixture(scope="module")
+def sessions(web_hub: WebHub) -> Iterator[dict[str, httpx.Client]]:
+    clients = {name: _login(web_hub, name) for name in ("bs.tuan", "hoa.nguyen", "admin")}
+    yield clients
+    for client in clients.values():
+        client.close()
+
+
+# --- CSRF -------------------------------------------------------------------------------------
+
+
+def test_the_app_has_the_page_routes_this_file_attacks(web_hub: WebHub) -> None:
+    paths = {(m, p) for m, p in _page_routes(web_hub) if _is_page(p)}
+    for expected in (
+        ("POST", "/login"),
+        ("POST", "/logout"),
+        ("POST", "/clinician/patients/{patient_id}/break-glass"),
+        ("POST", "/portal/consents"),
+        ("POST", "/console/users/{username}/disable"),
+    ):
+        assert expected in paths, (expected, sorted(paths))
+
+
+def test_every_state_changing_page_route_refuses_a_request_without_the_sessions_token(
+    web_hub: WebHub, sessions: dict[str, httpx.Client]
+) -> None:
+    routes = [(m, p) for m, p in _page_routes(web_hub) if _is_page(p)]
+    other_token = sessions["hoa.nguyen"].headers["X-CSRF-Token"]
+    checked = 0
+    for method, path in routes:
+        url = _fill(path)
+        if path == "/login":
+            continue  # a double-submit cookie, not a session: tests/test_pages_web.py and below
+        for name, client in sessions.items():
+            token = client.headers["X-CSRF-Token"]
+            attempts: list[tuple[str, dict[str, Any]]] = [
+                ("no token", {"headers": {"X-CSRF-Token": ""}}),
+                ("another session's token", {"headers": {"X-CSRF-Token": other_token}}),
+                ("forged token", {"headers": {"X-CSRF-Token": "A" * 43}}),
+                (
+                    "token in the query only",
+                    {"headers": {"X-CSRF-Token": ""}, "params": {"csrf_token": token}},
+                ),
+                (
+                    "a cross-site text/plain form",
+                    {
+                        "headers": {"X-CSRF-Token": "", "Content-Type": "text/plain"},
+                        "content": f"csrf_token={token}",
+                    },
+                ),
+            ]
+            if name == "hoa.nguyen":
+                attempts = attempts[:1] + attempts[2:]  # her own token is "another session's" for others
+            for what, options in attempts:
+                answer = client.request(method, url, **options)
+                assert answer.status_code == 403 and CSRF_TEXT in answer.text, (
+                    name,
+                    method,
+                    url,
+                    what,
+                    answer.status_code,
+                    answer.text[:300],
+                )
+                checked += 1
+        # Anonymous: sent to the login page, never served.
+        with httpx.Client(base_url=web_hub.url) as anonymous:
+            answer = anonymous.request(method, url, data={"csrf_token": "x"})
+            assert answer.status_code in (303, 403), (method, url, answer.status_code)
+            assert answer.status_code == 403 or answer.headers["location"].startswith("/login")
+    assert checked >= 5 * 3 * 4
+
+
+def test_with_the_sessions_token_the_same_requests_pass_the_csrf_check(
+    web_hub: WebHub, sessions: dict[str, httpx.Client]
+) -> None:
+    """The refusals above are the CSRF check's, not an accident of the dummy ids."""
+    for method, path in _page_routes(web_hub):
+        if not _is_page(path) or path in ("/login", "/logout"):
+            continue
+        for client in sessions.values():
+            answer = client.request(method, _fill(path))
+            assert CSRF_TEXT not in answer.text, (method, path, answer.status_code)
+
+
+def test_no_write_outside_the_pages_is_accepted_on_a_session_cookie_alone(
+    web_hub: WebHub, sessions: dict[str, httpx.Client]
+) -> None:
+    """Cookies ride along on cross-site requests: every other state-changing route (the FHIR,
+    auth, access and connector APIs) must want a bearer token, never the page session."""
+    admin = sessions["admin"]
+    cookies = {"hub_session": admin.cookies["hub_session"]}
+    for method, path in _page_routes(web_hub):
+        if _is_page(path) or path.startswith("/auth/"):
+            continue
+        url = _fill(path)
+        with httpx.Client(base_url=web_hub.url, cookies=cookies, timeout=60) as client:
+            answer = client.request(
+                method, url, content=b"{}", headers={"Content-Type": "application/fhir+json"}
+            )
+        assert answer.status_code in (400, 401, 404, 405, 415), (method, path, answer.status_code)
+        assert answer.status_code < 200 or answer.status_code >= 300
+
+
+def test_refused_writes_change_nothing(web_hub: WebHub, sessions: dict[str, httpx.Client], uid: str) -> None:
+    name = f"csrf-victim-{uid}"
+    users.add_user(web_hub.engine, name, "auditor", password="pw-123456")
+    admin = sessions["admin"]
+    answer = admin.post(f"/console/users/{name}/disable", headers={"X-CSRF-Token": ""})
+    assert answer.status_code == 403
+    victim = users.get_user(web_hub.engine, name)
+    assert victim is not None and not victim.disabled
+    hoa = sessions["hoa.nguyen"]
+    with _fhir(web_hub) as api:
+        before = api.get("Consent", params={"patient": HOA, "_summary": "count"}).json()["total"]
+        answer = hoa.post(
+            "/portal/consents",
+            data={"actor": "Organization/vn-demo-org-bvdk-ankhe", "purpose": "TREAT", "category": "N"},
+            headers={"X-CSRF-Token": ""},
+        )
+        assert answer.status_code == 403
+        assert api.get("Consent", params={"patient": HOA, "_summary": "count"}).json()["total"] == before
+
+
+def test_the_login_form_needs_its_own_double_submit_token(web_hub: WebHub) -> None:
+    with httpx.Client(base_url=web_hub.url) as client:
+        client.get("/login")
+        good = client.cookies["hub_login_csrf"]
+        # The cookie alone, the field alone, or two different values: refused.
+        for cookie, field in ((good, ""), ("", good), (good, "B" * 43)):
+            client.cookies.set("hub_login_csrf", cookie)
+            answer = client.post(
+                "/login", data={"username": "bs.tuan", "password": "demo-clinician", "csrf_token": field}
+            )
+            assert answer.status_code == 403 and "hub_session" not in answer.headers.get("set-cookie", "")
+
+
+# --- session ----------------------------------------------------------------------------------
+
+
+def test_a_session_cookie_planted_before_login_is_never_adopted(web_hub: WebHub) -> None:
+    with httpx.Client(base_url=web_hub.url) as attacker:  # the attacker's own valid session
+        token = attacker.get("/login") and attacker.cookies["hub_login_csrf"]
+        attacker.post("/login", data={"username": "proxy", "password": "demo-proxy", "csrf_token": token})
+        attackers_cookie = attacker.cookies["hub_session"]
+    for planted in ("attacker-chosen-value-" + "x" * 30, attackers_cookie):
+        with httpx.Client(base_url=web_hub.url) as victim:
+            victim.cookies.set("hub_session", planted)
+            token = victim.get("/login") and victim.cookies["hub_login_csrf"]
+            answer = victim.post(
+                "/login", data={"username": "hoa.nguyen", "password": "demo-patient", "csrf_token": token}
+            )
+            assert answer.status_code == 303
+            issued = re.search(r"hub_session=([^;]+)", answer.headers["set-cookie"])
+            assert issued and issued.group(1) != planted
+        # The planted value still means what it meant before: nothing, or the attacker's session.
+        with httpx.Client(base_url=web_hub.url, cookies={"hub_session": planted}) as later:
+            account = later.get("/account")
+            if planted == attackers_cookie:
+                assert account.status_code == 200 and "hoa.nguyen" not in account.text
+            else:
+                assert account.status_code == 303
+
+
+def test_cookies_are_secure_when_the_hub_is_served_over_https(web_hub: WebHub) -> None:
+    with LiveServer(web_hub.settings.database_url, base_url="https://hub.example.vn/fhir") as https_hub:
+        base = f"http://127.0.0.1:{https_hub.port}"
+        with httpx.Client(base_url=base) as client:
+            form = client.get("/login")
+            login_cookie = form.headers["set-cookie"]
+            assert (
+                "hub_login_csrf=" in login_cookie and "Secure" in login_cookie and "HttpOnly" in login_cookie
+            )
+            token = re.search(r"hub_login_csrf=([^;]+)", login_cookie)
+            assert token
+            answer = client.post(
+                "/login",
+                data={"username": "auditor", "password": "demo-auditor", "csrf_token": token.group(1)},
+                headers={"Cookie": f"hub_login_csrf={token.group(1)}"},
+            )
+            assert answer.status_code == 303
+            session = [c for c in answer.headers.get_list("set-cookie") if c.startswith("hub_session=")]
+            assert session and "Secure" in session[0] and "HttpOnly" in session[0]
+            assert "samesite=lax" in session[0].lower() or "samesite=strict" in session[0].lower()
+            lang = client.get("/lang/en", params={"next": "/login"}).headers["set-cookie"]
+            assert "hub_lang=en" in lang and "Secure" in lang
+
+
+def test_a_session_ends_at_its_absolute_expiry_and_when_idle(web_hub: WebHub) -> None:
+    settings = web_hub.settings
+    for column in ("expires", "last_seen"):
+        with _login(web_hub, "auditor") as client:
+            cookie = client.cookies["hub_session"]
+            row = _session_row(web_hub, cookie)
+            assert row is not None
+            lifetime = _aware(row.expires) - _aware(row.created)
+            assert abs(lifetime - timedelta(hours=settings.web_session_hours)) < timedelta(seconds=5)
+            assert client.get("/account").status_code == 200
+            now = datetime.now(UTC)
+            moved = (
+                {"expires": now - timedelta(seconds=1)}
+                if column == "expires"
+                else {"last_seen": now - timedelta(minutes=settings.web_session_idle_minutes, seconds=5)}
+            )
+            with web_hub.engine.begin() as conn:
+                conn.execute(
+                    sa.update(web_session).where(web_session.c.id_hash == row.id_hash).values(**moved)
+                )
+            answer = client.get("/account")
+            assert answer.status_code == 303 and answer.headers["location"].startswith("/login"), column
+            assert _session_row(web_hub, cookie) is None, column  # the row is gone, not just refused
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def test_disabling_an_account_in_the_console_logs_it_out_everywhere(
+    web_hub: WebHub, sessions: dict[str, httpx.Client], uid: str
+) -> None:
+    name = f"two-browsers-{uid}"
+    users.add_user(web_hub.engine, name, "auditor", password="pw-123456")
+    browsers = [_login(web_hub, name, "pw-123456") for _ in range(2)]
+    try:
+        assert all(b.get("/account").status_code == 200 for b in browsers)
+        answer = sessions["admin"].post(f"/console/users/{name}/disable")
+        assert answer.status_code in (200, 303)
+        with web_hub.engine.connect() as conn:
+            left = conn.execute(sa.select(sa.func.count()).where(web_session.c.username == name)).scalar()
+        assert left == 0
+        for browser in browsers:
+            assert browser.get("/account").status_code == 303
+        # And the login form refuses it.
+        with httpx.Client(base_url=web_hub.url) as again:
+            token = again.get("/login") and again.cookies["hub_login_csrf"]
+            answer = again.post(
+                "/login", data={"username": name, "password": "pw-123456", "csrf_token": token}
+            )
+            assert answer.status_code == 400
+    finally:
+        for browser in browsers:
+            browser.close()
+
+
+def test_the_session_table_holds_neither_cookies_nor_usable_tokens(web_hub: WebHub) -> None:
+    with _login(web_hub, "bs.tuan") as client:
+        cookie = client.cookies["hub_session"]
+        row = _session_row(web_hub, cookie)
+        assert row is not None
+        with web_hub.engine.connect() as conn:
+            everything = [str(v) for r in conn.execute(sa.select(web_session)) for v in r]
+        assert not any(cookie in value for value in everything)
+        # A database reader cannot act as the user with what the row holds.
+        with pytest.raises(AuthError):
+            web_hub.tokens.verify(row.token)
+        with _fhir(web_hub, row.token) as api:
+            assert api.get("Patient", params={"_count": "1"}).status_code == 401
+        with httpx.Client(base_url=web_hub.url, cookies={"hub_session": row.id_hash}) as thief:
+            assert thief.get("/account").status_code == 303
+
+
+def test_oversized_or_odd_session_cookies_are_simply_no_session(web_hub: WebHub) -> None:
+    for value in ("x" * 5000, "", "'; DROP TABLE web_session; --", "\u00e9" * 10):
+        with httpx.Client(base_url=web_hub.url) as client:
+            client.headers["Cookie"] = f"hub_session={value}".encode("utf-8", "replace").decode("latin-1")
+            answer = client.get("/account")
+            assert answer.status_code == 303 and answer.headers["location"].startswith("/login")
+
+
+# --- redirects and reflection -----------------------------------------------------------------
+
+EVIL_TARGETS = [
+    "//evil.example/",
+    "https://evil.example/",
+    "http:evil.example",
+    "/\\evil.example",
+    "\\\\evil.example",
+    "/\t/evil.example",
+    "/\n/evil.example",
+    "/\r\n/evil.example",
+    " //evil.example",
+    "/%2F/evil.example",
+    "/%5Cevil.example",
+    "javascript:alert(1)",
+    "/\r\nSet-Cookie: injected=1",
+    "/%0d%0aSet-Cookie:%20injected=1",
+    "/\x00//evil.example",
+]
+
+
+@pytest.mark.parametrize("evil", EVIL_TARGETS, ids=[f"t{i}" for i in range(len(EVIL_TARGETS))])
+def test_no_redirect_leaves_the_hub_or_injects_a_header(web_hub: WebHub, evil: str) -> None:
+    host = urlsplit(web_hub.url).netloc
+    with httpx.Client(base_url=web_hub.url) as client:
+        answers = [client.get("/lang/en", params={"next": evil})]
+        token = client.get("/login") and client.cookies["hub_login_csrf"]
+        answers.append(
+            client.post(
+                "/login",
+                data={"username": "auditor", "password": "demo-auditor", "csrf_token": token, "next": evil},
+            )
+        )
+        # Logged in, a page that needs another role, and the login page's own next field.
+        answers.append(client.get("/login", params={"next": evil}))
+    for answer in answers:
+        assert "injected" not in answer.headers.get("set-cookie", "")
+        assert not any(name.lower() == "injected" for name in answer.headers)
+        location = answer.headers.get("location")
+        if location is not None:
+            assert "\r" not in location and "\n" not in location
+            assert _where_browser_goes(web_hub, location) == host, (evil, location)
+    # The login page keeps no foreign target in its form.
+    kept = re.search(r'name="next" value="([^"]*)"', answers[2].text)
+    assert kept is None or _where_browser_goes(web_hub, html.unescape(kept.group(1))) == host
+
+
+def test_the_login_redirect_after_a_timeout_keeps_the_user_on_the_hub(web_hub: WebHub) -> None:
+    host = urlsplit(web_hub.url).netloc
+    with httpx.Client(base_url=web_hub.url) as client:
+        answer = client.get("/clinician", params={"q": "//evil.example/"})
+        assert answer.status_code == 303
+        assert _where_browser_goes(web_hub, answer.headers["location"]) == host
+        next_value = answer.headers["location"].split("next=", 1)[1]
+        login = client.get("/login?next=" + next_value)
+        assert 'name="next" value="/clinician?q=%2F%2Fevil.example%2F"' in login.text
+        token = client.cookies["hub_login_csrf"]
+        done = client.post(
+            "/login",
+            data={
+                "username": "bs.tuan",
+                "password": "demo-clinician",
+                "csrf_token": token,
+                "next": "/clinician?q=%2F%2Fevil.example%2F",
+            },
+        )
+        assert done.headers["location"] == "/clinician?q=%2F%2Fevil.example%2F"
+
+
+XSS = '"><script>alert(1)</script><img src=x onerror=alert(1)>'
+RAW_MARKERS = ("<script>alert(1)", "<img src=x onerror", "onerror=alert(1)>")
+
+
+def _no_raw_markup(text: str, where: str) -> None:
+    for marker in RAW_MARKERS:
+        assert marker not in text, (where, marker, text[max(0, text.find(marker) - 200) :][:400])
+
+
+def test_error_pages_and_forms_do_not_reflect_markup(
+    web_hub: WebHub, sessions: dict[str, httpx.Client]
+) -> None:
+    from urllib.parse import quote
+
+    with httpx.Client(base_url=web_hub.url, headers={"Accept": "text/html"}) as anonymous:
+        for path in (
+            "/no-such/" + quote(XSS, safe=""),
+            "/login?next=/" + quote(XSS, safe=""),
+            "/login?next=" + quote(XSS, safe=""),
+            "/clinician/patients/" + quote(XSS, safe="") + "?x=" + quote(XSS, safe=""),
+            "/static/" + quote(XSS, safe=""),
+        ):
+            answer = anonymous.get(path)
+            _no_raw_markup(answer.text, path)
+            _no_raw_markup(answer.headers.get("location", ""), path)
+        token = anonymous.get("/login") and anonymous.cookies["hub_login_csrf"]
+        answer = anonymous.post("/login", data={"username": XSS, "password": "x", "csrf_token": token})
+        assert answer.status_code == 400
+        _no_raw_markup(answer.text, "login username")
+    q = quote(XSS, safe="")
+    per_user = {
+        "bs.tuan": [
+            f"/clinician?q={q}",
+            f"/clinician?q=hoa&cursor={q}",
+            f"/clinician/patients/{q}",
+        ],
+        "hoa.nguyen": [
+            f"/portal?patient={q}",
+            f"/portal/consents?patient={q}&done={q}",
+            f"/portal/access-log?patient={q}&cursor={q}&mine={q}",
+            f"/portal/access-log?cursor={q}",
+            f"/portal/download?patient={q}",
+            f"/portal/family?patient={q}",
+        ],
+        "admin": [
+            f"/console/users?role={q}&org={q}&disabled={q}",
+            f"/console/users/{q}",
+            f"/console/break-glass?status={q}",
+            f"/console/facilities?x={q}",
+        ],
+    }
+    for username, paths in per_user.items():
+        client = sessions[username]
+        for path in paths:
+            answer = client.get(path)
+            assert answer.status_code < 500, (path, answer.status_code)
+            _no_raw_markup(answer.text, path)
+    # Form fields shown back after a refusal.
+    tuan = sessions["bs.tuan"]
+    # Too long a reason: refused (no break-glass) and shown back in its textarea.
+    reason = "</textarea>" + XSS + "x" * 500
+    answer = tuan.post(f"/clinician/patients/{HOA}/break-glass", data={"reason": reason})
+    assert answer.status_code == 400 and "</textarea><script>" not in answer.text
+    admin = sessions["admin"]
+    for path, data in (
+        ("/console/users", {"username": XSS, "role": "auditor", "organizations": XSS, "fhir_user": XSS}),
+        ("/console/facilities", {"name": XSS, "code": "12", "level": "commune"}),
+        ("/console/break-glass/987654321/review", {"verdict": XSS, "note": XSS}),
+        ("/console/connectors/replay", {"source": XSS, "id": XSS}),
+    ):
+        answer = admin.post(path, data=data)
+        assert answer.status_code in (400, 403, 404, 409, 422), (path, answer.status_code)
+        _no_raw_markup(answer.text, path)
+    hoa = sessions["hoa.nguyen"]
+    answer = hoa.post("/portal/consents", data={"actor": XSS, "purpose": XSS, "category": XSS, "end": XSS})
+    assert answer.status_code == 400
+    _no_raw_markup(answer.text, "portal grant")
+
+
+def _demo_resources() -> dict[tuple[str, str], dict[str, Any]]:
+    bundle = json.loads((DEMO_DIR / "vn-demo.json").read_text(encoding="utf-8"))
+    return {
+        (e["resource"]["resourceType"], e["resource"]["id"]): e["resource"] for e in bundle.get("entry") or []
+    }
+
+
+def _uid() -> str:
+    return uuid.uuid4().hex[:12]
