@@ -143,9 +143,10 @@ def test_console_pages_are_accessible(browser: Any, web_hub: WebHub, uid: str) -
     violations = _csp_violations(page)
     login_page(page, web_hub, "admin")
     for path, shot in [
-        ("/console", None),
-        ("/console/facilities", None),
-        ("/console/break-glass", None),
+        ("/console", "console-overview"),
+        ("/console/facilities", "console-facilities"),
+        ("/console/break-glass", "console-break-glass"),
+        ("/console/users/bs.tuan", "console-user"),
         ("/console/connectors", "console-connectors"),
         ("/console/health", "console-health"),
     ]:
@@ -172,6 +173,16 @@ def test_console_pages_are_accessible(browser: Any, web_hub: WebHub, uid: str) -
     login_page(phone, web_hub, "qtv.iakrai")
     phone.goto(f"{web_hub.url}/console/users")
     axe_check(phone)
+    screenshot(phone, "console-users-phone")
+    for path in ("/console", "/console/break-glass", "/console/connectors", "/console/audit"):
+        phone.goto(f"{web_hub.url}{path}")
+        axe_check(phone)
+    auditor = new_page(browser)
+    login_page(auditor, web_hub, "auditor")
+    for path in ("/console", "/console/users", "/console/facilities", "/console/audit"):
+        auditor.goto(f"{web_hub.url}{path}")
+        axe_check(auditor)
+    auditor.context.close()
     assert not violations, violations
     phone.context.close()
     page.context.close()

@@ -599,3 +599,34 @@ def test_health_details_json_for_hub_admins_only(web_hub: WebHub) -> None:
         assert "Database" in page.text and "Audit writer" in page.text
     with web_login(web_hub, "qtv.iakrai") as qtv:
         assert qtv.get("/healthz/details").status_code == 403
+
+
+@pytest.mark.pages
+def test_account_changed_from_its_page(web_hub: WebHub, uid: str) -> None:
+    name = f"chg-{uid}"
+    users.add_user(
+        web_hub.engine,
+        name,
+        "clinician",
+        fhir_user="Practitioner/c",
+        organizations=[IAKRAI],
+        password="pw-chg",
+    )
+    with web_login(web_hub, name, "pw-chg") as person, web_login(web_hub, "qtv.iakrai") as qtv:
+        assert qtv.get(f"/console/users/{name}").status_code == 200
+        # Saving what is already there changes nothing and keeps the person logged in.
+        same = qtv.post(f"/console/users/{name}", data={"role": "clinician", "organizations": IAKRAI})
+        assert same.status_code == 200
+        assert person.get("/account").status_code == 200
+        promoted = qtv.post(
+            f"/console/users/{name}", data={"role": "facility-admin", "organizations": IAKRAI}
+        )
+        assert promoted.status_code == 403
+        assert users.get_user(web_hub.engine, name).role is Role.CLINICIAN  # type: ignore[union-attr]
+        moved = qtv.post(
+            f"/console/users/{name}", data={"role": "food-safety-inspector", "organizations": IAKRAI}
+        )
+        assert moved.status_code == 200
+        assert users.get_user(web_hub.engine, name).role is Role.INSPECTOR  # type: ignore[union-attr]
+        # The old role's session is over.
+        assert person.get("/account").status_code == 303

@@ -423,8 +423,9 @@ def _change_account(page: Page, username: str, fields: dict[str, list[str]]) -> 
     state = _state(page.request)
     organizations = [org for value in fields.get("organizations", []) for org in _split(value)]
     fhir_user = _one(fields, "fhir_user") or None
+    before = users.get_user(state.engine, username)
     try:
-        users.manage_change(
+        after = users.manage_change(
             state.engine,
             page.user.principal,
             username,
@@ -438,7 +439,12 @@ def _change_account(page: Page, username: str, fields: dict[str, list[str]]) -> 
         return _user_page(page, username, 403, error=str(error))
     except users.UserError as error:
         return _user_page(page, username, 400, error=str(error))
-    state.pages.sessions.end_all(username)  # its sessions carry the old role: they end
+    if before is not None and (before.role, before.organizations, before.fhir_user) != (
+        after.role,
+        after.organizations,
+        after.fhir_user,
+    ):
+        state.pages.sessions.end_all(username)  # its sessions act as the old account: they end
     return _user_page(page, username, message=page.gettext("The account was changed."))
 
 
