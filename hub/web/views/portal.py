@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import UTC, date, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -126,6 +127,7 @@ def my_record(patient: str | None = None, page: Page = Depends(portal_page)) -> 
         if patient is None and page.user.role == "proxy":
             return RedirectResponse("/portal/family", 303)
         return _not_visible(page)
+    started = time.perf_counter()
     fetched = fetch_record(page.fhir, str(subject["id"]))
     if fetched.patient is None:
         return _not_visible(page)
@@ -138,13 +140,16 @@ def my_record(patient: str | None = None, page: Page = Depends(portal_page)) -> 
     )
     results = [t for t in record.trends if t.category != "vital-signs"]
     vitals = [t for t in record.trends if t.category == "vital-signs"]
-    return page.render(
+    response = page.render(
         "portal/record.html",
         record=record,
         results=results,
         vitals=vitals,
         **_common(page, fetched.patient, "record"),
     )
+    # Server time of the page (fetch + build + render), as the clinician's record page reports it.
+    response.headers["Server-Timing"] = f"page;dur={(time.perf_counter() - started) * 1000:.1f}"
+    return response
 
 
 @router.get("/portal/family", include_in_schema=False)
