@@ -300,3 +300,39 @@ def test_a_consent_opens_the_record_to_another_hospital_and_says_so(web_hub: Web
         assert "141" in page.text  # the blood pressure, ordinary data
     with _doctor(web_hub, uid, f"elsewhere-{uid}", "other") as other:
         assert other.get(f"/clinician/patients/{pid}").status_code == 404
+
+
+def test_sensitive_data_stays_off_the_page_until_break_glass(web_hub: WebHub, uid: str) -> None:
+    """The station manages the record (ordinary data for treatment), but a depression diagnosis
+    (PSY) needs a consent naming it: the page leaves it out, exactly as the API does."""
+    pid = _person(web_hub, uid, STATION)
+    _put(
+        web_hub,
+        {
+            "resourceType": "Condition",
+            "id": f"psy-{uid}",
+            "clinicalStatus": {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}
+                ]
+            },
+            "code": {
+                "coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "F32.1"}],
+                "text": f"Trầm cảm {uid}",
+            },
+            "subject": {"reference": f"Patient/{pid}"},
+            "encounter": {"reference": f"Encounter/e-{uid}"},
+        },
+    )
+    with _doctor(web_hub, uid, STATION, "tyt") as doctor:
+        page = doctor.get(f"/clinician/patients/{pid}")
+        assert page.status_code == 200 and f"Mai{uid}" in page.text
+        assert f"Trầm cảm {uid}" not in page.text
+        api = httpx.get(
+            f"{web_hub.base}/Condition", params={"patient": pid}, headers=web_hub.auth
+        ).json()  # the admin sees it: it exists
+        assert any(e["resource"]["id"] == f"psy-{uid}" for e in api.get("entry", []))
+        opened = doctor.post(
+            f"/clinician/patients/{pid}/break-glass", data={"reason": "Ý định tự sát, cần tiền sử tâm thần"}
+        )
+        assert opened.status_code == 200 and f"Trầm cảm {uid}" in opened.text
