@@ -23,6 +23,7 @@ from hub.web.finder import find_patients, parse_patient_query
 from hub.web.record import (
     BHYT_SYSTEM,
     CCCD_SYSTEM,
+    POINTS_CAP,
     address_text,
     age_on,
     build_record,
@@ -180,7 +181,12 @@ def test_trend_reference_range_newest_and_order() -> None:
     series = trends[0].series[0]
     assert [p.value for p in series.points] == [5.1, 6.0, 7.2]
     assert (series.low, series.high, series.unit) == (3.9, 6.4, "mmol/L")
-    assert trends[0].times == ["2025-01-01", "2025-06-01", "2026-03-01"]
+    assert trends[0].times == ["2025-01-01", "2025-06-01", "2026-03-01"] and not trends[0].truncated
+    many = build_trends(
+        [_obs(f"m{i}", f"2020-01-01T00:{i // 60:02d}:{i % 60:02d}Z", i) for i in range(POINTS_CAP + 5)]
+    )
+    assert many[0].truncated and [p.value for p in many[0].series[0].points][:1] == [5.0]
+    assert len(many[0].series[0].points) == POINTS_CAP
 
 
 def test_odd_data_does_not_break_the_view() -> None:

@@ -277,6 +277,7 @@ class Trend:
     label: str
     category: str  # vital-signs | laboratory | other
     series: list[Series] = field(default_factory=list)
+    truncated: bool = False  # older points than the newest POINTS_CAP of a series left out
 
     @property
     def times(self) -> list[str]:
@@ -682,7 +683,9 @@ def build_trends(observations: Iterable[Mapping[str, Any]]) -> list[Trend]:
     for trend in out:
         for series in trend.series:
             series.points.sort(key=lambda p: p.time)
-            del series.points[:-POINTS_CAP]
+            if len(series.points) > POINTS_CAP:
+                trend.truncated = True
+                del series.points[:-POINTS_CAP]
     return out
 
 
