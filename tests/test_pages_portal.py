@@ -273,7 +273,7 @@ def test_break_glass_shows_in_who_looked(web_hub: WebHub, citizen: Citizen) -> N
         assert page.status_code == 200
         text = page.text
         assert "Truy cập khẩn cấp (phá kính)" in text  # the alert section
-        assert text.count('class="break-glass"') >= 2  # the alert and the audited read
+        assert text.count('class="break-glass notice"') >= 2  # the alert and the audited read
         assert "Hồ Văn Khánh" in text and "Bệnh viện Đa khoa khu vực An Khê (demo)" in text
         assert "Bat tinh khi nhap vien (cap cuu)" in text
         # The refused read before the break-glass is in the log too, marked as refused.
