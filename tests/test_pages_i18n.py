@@ -21,18 +21,31 @@ WEB = Path(i18n.__file__).parent
 KEYWORDS = {"_": None, "gettext": None, "ngettext": (1, 2), "N_": None}
 
 
-def extracted() -> dict[str, list[str]]:
-    found: dict[str, list[str]] = defaultdict(list)
+def extracted() -> dict[str | tuple[str, str], list[str]]:
+    """Message ids and where they are; a plural is its (singular, plural) pair."""
+    found: dict[str | tuple[str, str], list[str]] = defaultdict(list)
     method_map = [("**.py", "python"), ("templates/**.html", "jinja2.ext:babel_extract")]
     options = {"templates/**.html": {"extensions": "jinja2.ext.i18n", "trimmed": "true"}}
     for filename, lineno, message, _comments, _context in extract_from_dir(
         str(WEB), method_map, options, keywords=KEYWORDS
     ):
-        ids = message if isinstance(message, tuple) else (message,)
-        for msgid in ids:
-            if msgid:
-                found[msgid].append(f"{filename}:{lineno}")
+        if isinstance(message, tuple):
+            if len(message) >= 2 and message[0] and message[1]:
+                found[(message[0], message[1])].append(f"{filename}:{lineno}")
+        elif message:
+            found[message].append(f"{filename}:{lineno}")
     return found
+
+
+def _translated(catalogue: object, msgid: str | tuple[str, str]) -> bool:
+    if isinstance(msgid, tuple):
+        singular, plural = msgid
+        # Vietnamese has one form; either form translated counts.
+        return (
+            catalogue.ngettext(singular, plural, 1) != singular
+            or catalogue.ngettext(singular, plural, 2) != plural
+        )  # type: ignore[attr-defined]
+    return catalogue.gettext(msgid) != msgid  # type: ignore[attr-defined]
 
 
 def test_every_page_text_has_a_vietnamese_translation() -> None:

@@ -64,20 +64,33 @@ def pick_locale(requested: str | None) -> str:
     return requested if requested in LOCALES else DEFAULT_LOCALE
 
 
+# Parsed once: Babel's Locale.parse per value was most of a record page's render time.
+_PARSED = {code: Locale.parse(code) for code in LOCALES}
+
+
+def _babel_locale(locale: str) -> Locale:
+    return _PARSED.get(locale) or _PARSED[DEFAULT_LOCALE]
+
+
+# A record page writes the same dates and values many times (a chart's table, the timeline):
+# formatting is memoised per (value, locale).
+@lru_cache(maxsize=8192)
 def display_date(value: date, locale: str) -> str:
-    return format_date(value, _DATE_PATTERN.get(locale, _DATE_PATTERN["vi"]), locale=Locale.parse(locale))
+    return format_date(value, _DATE_PATTERN.get(locale, _DATE_PATTERN["vi"]), locale=_babel_locale(locale))
 
 
+@lru_cache(maxsize=8192)
 def display_datetime(value: datetime, locale: str) -> str:
     if value.tzinfo is not None:
         value = value.astimezone(DISPLAY_ZONE)
     pattern = _DATETIME_PATTERN.get(locale, _DATETIME_PATTERN["vi"])
-    return format_datetime(value, pattern, locale=Locale.parse(locale))
+    return format_datetime(value, pattern, locale=_babel_locale(locale))
 
 
+@lru_cache(maxsize=8192)
 def display_number(value: float | int | Decimal, locale: str, digits: int | None = None) -> str:
     """``1.234.567,8`` in Vietnamese, ``1,234,567.8`` in English; ``digits`` fixes the decimals."""
     if digits is not None:
         pattern = "#,##0" + ("." + "0" * digits if digits else "")
-        return format_decimal(value, format=pattern, locale=Locale.parse(locale))
-    return format_decimal(value, locale=Locale.parse(locale))
+        return format_decimal(value, format=pattern, locale=_babel_locale(locale))
+    return format_decimal(value, locale=_babel_locale(locale))
