@@ -553,3 +553,326 @@ def _demo_resources() -> dict[tuple[str, str], dict[str, Any]]:
 
 def _uid() -> str:
     return uuid.uuid4().hex[:12]
+
+
+# --- what pages show is what the API shows ----------------------------------------------------
+
+CLINICIANS = ("bs.tuan", "bs.ha", "bs.khanh")
+PORTAL_USERS = ("hoa.nguyen", "proxy", "hoa.proxy")
+DEMO_PATIENTS = [f"vn-demo-patient-{n}" for n in range(1, 6)]
+PSY_TEXT = "Giai đoạn trầm cảm nhẹ"  # Hoa's PSY-labelled Condition (demo/README.md)
+
+
+def _texts(resource: dict[str, Any]) -> set[str]:
+    """The words of a resource a page could show: names, coded texts and displays, notes,
+    narratives (as text), string values, identifiers' values."""
+    found: set[str] = set()
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, dict):
+            if key == "meta":
+                return
+            if "family" in value or "given" in value:
+                from hub.web.render import human_name
+
+                found.add(human_name([value]))
+            for k, v in value.items():
+                walk(v, k)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, str):
+            if key == "div":
+                found.update(t.strip() for t in re.split(r"<[^>]+>", value) if t.strip())
+            elif key in ("text", "display", "valueString", "name", "description", "title", "line", "value"):
+                found.add(value.strip())
+
+    walk(resource)
+    return {t for t in found if len(t) >= 8 and not t.startswith(("http", "urn:"))}
+
+
+def _visible(hub: WebHub, token: str) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """The demo resources this token reads through /fhir, and those it does not."""
+    seen, hidden = set(), set()
+    with _fhir(hub, token) as api:
+        for key in _demo_resources():
+            answer = api.get(f"{key[0]}/{key[1]}")
+            assert answer.status_code in (200, 403, 404), (key, answer.status_code)
+            (seen if answer.status_code == 200 else hidden).add(key)
+    return seen, hidden
+
+
+def _pages_of(username: str) -> list[str]:
+    if username in CLINICIANS:
+        pages = ["/clinician?q=nguyen", "/clinician?q=tran", "/clinician?q=ksor", "/clinician?q=le van"]
+        return pages + [f"/clinician/patients/{p}" for p in DEMO_PATIENTS]
+    pages = ["/portal", "/portal/family", "/portal/consents", "/portal/access-log?mine=1"]
+    for patient in DEMO_PATIENTS:
+        pages += [f"/portal?patient={patient}", f"/portal/consents?patient={patient}"]
+    return pages
+
+
+@pytest.mark.parametrize("username", CLINICIANS + PORTAL_USERS)
+def test_pages_never_show_what_the_api_hides_from_the_same_person(web_hub: WebHub, username: str) -> None:
+    resources = _demo_resources()
+    seen, hidden = _visible(web_hub, _token_of(web_hub, username))
+    shown_anyway = set().union(*(_texts(resources[k]) for k in seen)) if seen else set()
+    secret = set().union(*(_texts(resources[k]) for k in hidden)) - shown_anyway if hidden else set()
+    assert secret, "the demo world hides something from everyone but the admin"
+    with _login(web_hub, username) as client:
+        # The pages' own words (the search help names "Nguyễn Thị Hoa" as an example) are not a leak.
+        chrome = html.unescape(
+            client.get("/clinician?q=zzqxzzqx" if username in CLINICIANS else "/account").text
+        )
+        secret = {t for t in secret if t not in chrome}
+        for path in _pages_of(username):
+            for headers in ({}, {"HX-Request": "true"}):
+                answer = client.get(path, headers=headers)
+                assert answer.status_code in (200, 303, 404), (path, answer.status_code)
+                text = html.unescape(answer.text)
+                leaked = sorted(t for t in secret if t in text)
+                assert not leaked, (username, path, leaked[:5])
+
+
+def test_the_psy_condition_is_shown_to_hoa_and_to_nobody_else(web_hub: WebHub) -> None:
+    """The positive control of the test above: the page does show the sensitive Condition to
+    the one person the API shows it to."""
+    with _login(web_hub, "hoa.nguyen") as hoa:
+        assert PSY_TEXT in html.unescape(hoa.get("/portal").text)
+    for username, path in (
+        ("bs.tuan", f"/clinician/patients/{HOA}"),
+        ("bs.ha", f"/clinician/patients/{HOA}"),
+    ):
+        with _login(web_hub, username) as client:
+            page = client.get(path)
+            assert page.status_code == 200 and "Nguyễn Thị Hoa" in html.unescape(page.text)
+            assert PSY_TEXT not in html.unescape(page.text) and "F32" not in page.text
+    with _login(web_hub, "proxy") as proxy:
+        page = proxy.get(f"/portal?patient={HOA}")
+        assert page.status_code == 200 and PSY_TEXT not in html.unescape(page.text)
+
+
+@pytest.mark.parametrize("username", PORTAL_USERS)
+def test_the_download_holds_only_what_the_api_lets_the_same_person_read(
+    web_hub: WebHub, username: str
+) -> None:
+    token = _token_of(web_hub, username)
+    with _login(web_hub, username) as client, _fhir(web_hub, token) as api:
+        for patient in DEMO_PATIENTS:
+            answer = client.get("/portal/download", params={"patient": patient})
+            readable = api.get(f"Patient/{patient}").status_code == 200
+            if not readable:
+                assert answer.status_code == 404, (username, patient)
+                assert "application/fhir+json" not in answer.headers.get("content-type", "")
+                continue
+            assert answer.status_code == 200
+            entries = answer.json()["entry"]
+            assert entries
+            for entry in entries:
+                resource = entry["resource"]
+                key = f"{resource['resourceType']}/{resource['id']}"
+                assert api.get(key).status_code == 200, (username, patient, key)
+
+
+# --- markup in resources is shown as text -----------------------------------------------------
+
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"  # how the payload must appear in a page
+
+
+class World:
+    """A citizen (managed by bs.tuan's station) whose every field carries markup, with an
+    Organization, a Practitioner, an Encounter, a Condition, an Observation, a CarePlan, a
+    Composition (its narrative shown through the sanitiser); a patient account."""
+
+    def __init__(self, hub: WebHub) -> None:
+        uid = _uid()
+        self.uid = uid
+        self.payload = f'"><script>alert(1)</script><img src=x onerror=alert(1)> {uid}'
+        self.patient = f"atk-{uid}"
+        self.org = f"atk-org-{uid}"
+        self.practitioner = f"atk-pr-{uid}"
+        self.cccd = "0" + str(uuid.uuid4().int)[:11]
+        self.username = f"atk-pt-{uid}"
+        narrative = {
+            "status": "generated",
+            "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><p>Ghi chú <a href="javascript:alert(1)">{uid}</a>'
+            f"<b>ok-{uid}</b></p></div>",
+        }
+        p = self.payload
+        resources: list[dict[str, Any]] = [
+            {
+                "resourceType": "Organization",
+                "id": self.org,
+                "name": f"Phòng khám {p}",
+                "identifier": [{"system": "https://ehealth-hub.vn/sid/cskcb", "value": uid[:5]}],
+            },
+            {
+                "resourceType": "Practitioner",
+                "id": self.practitioner,
+                "name": [{"family": p, "given": ["BS"]}],
+            },
+            {
+                "resourceType": "Patient",
+                "id": self.patient,
+                "text": narrative,
+                "identifier": [{"system": "https://ehealth-hub.vn/sid/cccd", "value": self.cccd}],
+                "name": [{"use": "official", "family": f"Atk{uid}", "given": [p], "text": f"Atk{uid} {p}"}],
+                "gender": "female",
+                "birthDate": "1990-01-01",
+                "address": [{"line": [p], "city": p, "text": f"{p}, Gia Lai"}],
+                "managingOrganization": {"reference": "Organization/vn-demo-org-tyt-iakrai"},
+                "generalPractitioner": [{"reference": f"Practitioner/{self.practitioner}"}],
+            },
+            {
+                "resourceType": "Encounter",
+                "id": f"atk-enc-{uid}",
+                "status": "finished",
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                "type": [{"text": f"Khám {p}"}],
+                "subject": {"reference": f"Patient/{self.patient}"},
+                "period": {"start": "2026-01-05T08:00:00+07:00", "end": "2026-01-05T08:30:00+07:00"},
+                "reasonCode": [{"text": f"Lý do {p}"}],
+                "serviceProvider": {"reference": f"Organization/{self.org}"},
+            },
+            {
+                "resourceType": "Condition",
+                "id": f"atk-cond-{uid}",
+                "text": narrative,
+                "clinicalStatus": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                            "code": "active",
+                        }
+                    ]
+                },
+                "code": {
+                    "coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "I10", "display": p}],
+                    "text": p,
+                },
+                "subject": {"reference": f"Patient/{self.patient}"},
+                "encounter": {"reference": f"Encounter/atk-enc-{uid}"},
+                "recordedDate": "2026-01-05",
+                "note": [{"text": f"Ghi chú {p}"}],
+            },
+            {
+                "resourceType": "Observation",
+                "id": f"atk-obs-{uid}",
+                "status": "final",
+                "category": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                "code": "laboratory",
+                            }
+                        ]
+                    }
+                ],
+                "code": {
+                    "coding": [{"system": "http://loinc.org", "code": "2345-7"}],
+                    "text": f"Glucose {p}",
+                },
+                "subject": {"reference": f"Patient/{self.patient}"},
+                "encounter": {"reference": f"Encounter/atk-enc-{uid}"},
+                "effectiveDateTime": "2026-01-05T08:10:00+07:00",
+                "valueQuantity": {
+                    "value": 6.1,
+                    "unit": p,
+                    "system": "http://unitsofmeasure.org",
+                    "code": "mmol/L",
+                },
+                "referenceRange": [{"text": p, "low": {"value": 3.9}, "high": {"value": 6.4}}],
+                "note": [{"text": f"Ghi chú {p}"}],
+            },
+            {
+                "resourceType": "CarePlan",
+                "id": f"atk-cp-{uid}",
+                "text": narrative,
+                "status": "active",
+                "intent": "plan",
+                "title": f"Kế hoạch {p}",
+                "description": p,
+                "subject": {"reference": f"Patient/{self.patient}"},
+                "period": {"start": "2026-01-05"},
+            },
+            {
+                "resourceType": "Composition",
+                "id": f"atk-comp-{uid}",
+                "text": narrative,
+                "status": "final",
+                "type": {"text": f"Tóm tắt {p}"},
+                "subject": {"reference": f"Patient/{self.patient}"},
+                "encounter": {"reference": f"Encounter/atk-enc-{uid}"},
+                "date": "2026-01-05T09:00:00+07:00",
+                "author": [{"reference": f"Practitioner/{self.practitioner}"}],
+                "title": f"Tóm tắt {p}",
+            },
+        ]
+        with _fhir(hub) as api:
+            for resource in resources:
+                answer = api.put(f"{resource['resourceType']}/{resource['id']}", json=resource)
+                assert answer.status_code in (200, 201), (resource["resourceType"], answer.text[:500])
+        users.add_user(
+            hub.engine, self.username, "patient", fhir_user=f"Patient/{self.patient}", password="pw-123456"
+        )
+
+
+@pytest.fixture(scope="module")
+def world(web_hub: WebHub) -> World:
+    return World(web_hub)
+
+
+def _shows_as_text(answer: httpx.Response, world: World, where: str) -> None:
+    assert answer.status_code == 200, (where, answer.status_code, answer.text[:300])
+    _no_raw_markup(answer.text, where)
+    assert "javascript:" not in answer.text, where
+    assert ESCAPED in answer.text and world.uid in answer.text, (
+        where,
+        "the payload is not on the page at all",
+    )
+
+
+def test_markup_in_a_patients_data_is_text_on_the_clinicians_pages(web_hub: WebHub, world: World) -> None:
+    with _login(web_hub, "bs.tuan") as client:
+        for headers in ({}, {"HX-Request": "true"}):
+            for q in (world.cccd, f"atk{world.uid}"):
+                _shows_as_text(
+                    client.get("/clinician", params={"q": q}, headers=headers), world, f"search {q}"
+                )
+        record = client.get(f"/clinician/patients/{world.patient}")
+        _shows_as_text(record, world, "record")
+        text = html.unescape(record.text)
+        for part in ("Phòng khám", "Lý do", "Glucose", "Kế hoạch"):
+            assert f"{part} {world.payload}" in text, (part, "not shown")
+        assert f"<b>ok-{world.uid}</b>" in record.text  # the narrative itself, sanitised, is shown
+
+
+def test_markup_in_a_patients_data_is_text_in_the_portal(web_hub: WebHub, world: World) -> None:
+    with _login(web_hub, "bs.tuan") as clinician:
+        clinician.get(f"/clinician/patients/{world.patient}")  # so the access log names someone
+    with _login(web_hub, world.username, "pw-123456") as client:
+        _shows_as_text(client.get("/portal"), world, "portal record")
+        for path in ("/portal/family", "/portal/consents", "/portal/access-log", "/portal/access-log?mine=1"):
+            answer = client.get(path)
+            assert answer.status_code == 200, path
+            _no_raw_markup(answer.text, path)
+            assert "javascript:" not in answer.text
+        # The facility with markup in its name is offered for consent: as text.
+        _shows_as_text(client.get("/portal/consents"), world, "portal consents")
+        download = client.get("/portal/download")
+        assert download.headers["content-type"].startswith("application/fhir+json")
+        assert "attachment" in download.headers["content-disposition"]
+        assert download.headers.get("x-content-type-options") == "nosniff"
+
+
+def test_markup_in_directory_data_is_text_in_the_console(web_hub: WebHub, world: World) -> None:
+    with _login(web_hub, "admin") as client:
+        _shows_as_text(client.get("/console/facilities"), world, "console facilities")
+        answer = client.post(
+            "/console/users",
+            data={"username": f"x{world.uid}<script>", "role": "auditor", "password": "pw-123456"},
+        )
+        assert answer.status_code in (201, 400)
+        _no_raw_markup(answer.text, "console add user")
+        assert "<script>" not in answer.text.replace("<script src=", "")
