@@ -234,6 +234,55 @@ def test_other_roles_read_or_change_nothing(live_server: LiveServer, uid: str) -
     assert "test-admin" not in disabled
 
 
+def test_accounts_json_api(live_server: LiveServer, uid: str) -> None:
+    """/admin/users: the same functions with bearer tokens (both backends)."""
+    base = live_server.base.removesuffix("/fhir")
+    org = f"org-api-{uid}"
+    qtv = make_token(live_server, role=Role.FACILITY_ADMIN, organizations=[org], username=f"qtv-api-{uid}")
+    with httpx.Client(base_url=base, headers=live_server.auth) as admin:
+        added = admin.post(
+            "/admin/users",
+            json={
+                "username": f"api-{uid}",
+                "role": "clinician",
+                "fhirUser": "Practitioner/api",
+                "organizations": [org],
+                "password": "pw-api",
+            },
+        )
+        assert added.status_code == 201, added.text
+        assert added.json()["organizations"] == [org] and "password" not in added.text.lower().replace(
+            "haspassword", ""
+        )
+        again = admin.post(
+            "/admin/users", json={"username": f"api-{uid}", "role": "auditor", "password": "p"}
+        )
+        assert again.status_code == 409 and again.json()["resourceType"] == "OperationOutcome"
+        bad = admin.post("/admin/users", json={"username": "a b", "role": "auditor", "password": "p"})
+        assert bad.status_code == 400
+        assert admin.post("/admin/users", content=b"[1]").status_code == 400
+        assert admin.post("/admin/users", json={"username": "x\u0000", "role": "auditor"}).status_code == 400
+        assert admin.post("/admin/users/no%00body/disable").status_code == 404
+        listed = admin.get("/admin/users", params={"org": org}).json()
+        assert [u["username"] for u in listed] == [f"api-{uid}", f"qtv-api-{uid}"]
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {qtv}"}) as facility:
+        changed = facility.patch(f"/admin/users/api-{uid}", json={"role": "food-safety-inspector"})
+        assert changed.status_code == 200 and changed.json()["role"] == "food-safety-inspector"
+        assert facility.patch(f"/admin/users/api-{uid}", json={"role": "hub-admin"}).status_code == 403
+        assert facility.post(f"/admin/users/api-{uid}/disable").json()["disabled"] is True
+        assert facility.post("/admin/users/test-admin/disable").status_code == 403
+        assert [u["username"] for u in facility.get("/admin/users").json()] == [
+            f"api-{uid}",
+            f"qtv-api-{uid}",
+        ]
+    with httpx.Client(base_url=base) as anonymous:
+        assert anonymous.get("/admin/users").status_code == 401
+    patient = make_token(live_server, role=Role.PATIENT, fhir_user=f"Patient/p-{uid}")
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {patient}"}) as other:
+        assert other.get("/admin/users").status_code == 403
+    assert [e["outcome"] for e in _audits(live_server, "users-disable", f"api-{uid}")] == ["0"]
+
+
 # --- part 2: the pages (PostgreSQL + Redis runs) ---------------------------------------------
 
 PAGES = [

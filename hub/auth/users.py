@@ -440,8 +440,14 @@ def manage_change(
     return _audited(trail, actor, "users-change", "U", detail, client_address, work)
 
 
+def looks_like_username(username: str) -> bool:
+    """Whether ``username`` could name an account (anything else is no account: answered
+    without a query, and never a NUL for PostgreSQL's text)."""
+    return _USERNAME_RE.match(username) is not None
+
+
 def _existing(engine: sa.Engine, username: str) -> User:
-    user = get_user(engine, username)
+    user = get_user(engine, username) if looks_like_username(username) else None
     if user is None:
         raise UserError(f"No user {username!r}")
     return user

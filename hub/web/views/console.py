@@ -392,7 +392,7 @@ def _user_page(
 ) -> HTMLResponse:
     engine = _state(page.request).engine
     principal = page.user.principal
-    user = users.get_user(engine, username)
+    user = users.get_user(engine, username) if users.looks_like_username(username) else None
     if user is None or not users.account_in_view(principal, user):
         return _error_page(page, 404, "")
     manageable = users.may_manage(principal, user)
@@ -423,7 +423,7 @@ def _change_account(page: Page, username: str, fields: dict[str, list[str]]) -> 
     state = _state(page.request)
     organizations = [org for value in fields.get("organizations", []) for org in _split(value)]
     fhir_user = _one(fields, "fhir_user") or None
-    before = users.get_user(state.engine, username)
+    before = users.get_user(state.engine, username) if users.looks_like_username(username) else None
     try:
         after = users.manage_change(
             state.engine,
@@ -769,3 +769,209 @@ def health_details(request: Request) -> Response:
         forbidden = FhirError(403, [Issue("forbidden", "Only hub admins read the health details")])
         return Response(forbidden.outcome_bytes(), 403, media_type=FHIR_JSON)
     return JSONResponse(_health(request).as_json(), headers={"Cache-Control": "no-store"})
+
+
+# --- the accounts as a JSON API (bearer tokens; the same functions and rules as the pages) ------
+
+
+def _api_error(status: int, code: str, message: str) -> Response:
+    return Response(FhirError(status, [Issue(code, message)]).outcome_bytes(), status, media_type=FHIR_JSON)
+
+
+def _api_principal(request: Request) -> Principal | Response:
+    """The bearer token's principal, or the 401 answer. No session cookie: a cookie-borne
+    JSON call would need the pages' CSRF token, and scripts have tokens."""
+    state = _state(request)
+    authorization = request.headers.get("authorization")
+    try:
+        principal = Bearer(state.settings, state.tokens).principal(authorization)
+    except AuthError as error:
+        answer = unauthorized(error)
+        return Response(answer.body, 401, headers=answer.headers, media_type=FHIR_JSON)
+    if principal is None:
+        answer = unauthorized(AuthError("A bearer token is required", None))
+        return Response(answer.body, 401, headers=answer.headers, media_type=FHIR_JSON)
+    return principal
+
+
+def account_json(user: users.User, actor: Principal) -> dict[str, Any]:
+    """An account as the API shows it (never its password hash)."""
+    return {
+        "username": user.username,
+        "role": user.role.value,
+        "fhirUser": user.fhir_user,
+        "organizations": list(user.organizations),
+        "scopes": user.scopes,
+        "disabled": user.disabled,
+        "hasPassword": user.has_password,
+        "created": user.created.isoformat() if user.created else None,
+        "manageable": users.may_manage(actor, user),
+    }
+
+
+def _api_call(request: Request, work: Any, status: int = 200) -> Response:
+    principal = _api_principal(request)
+    if isinstance(principal, Response):
+        return principal
+    try:
+        result = work(principal)
+    except users.AccountForbidden as error:
+        return _api_error(403, "forbidden", str(error))
+    except users.UserError as error:
+        text = str(error)
+        if text.startswith("No user"):
+            return _api_error(404, "not-found", text)
+        if text.endswith("already exists"):
+            return _api_error(409, "duplicate", text)
+        return _api_error(400, "invalid", text)
+    return JSONResponse(result, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+async def _api_body(request: Request) -> dict[str, Any] | Response:
+    import json
+
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _api_error(400, "invalid", "The body must be a JSON object")
+    if not isinstance(body, dict) or _has_nul(body):
+        return _api_error(400, "invalid", "The body must be a JSON object without NUL characters")
+    return body
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _strings(body: dict[str, Any], name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise users.UserError(f"{name} must be a list of strings")
+    return list(value)
+
+
+def _string(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise users.UserError(f"{name} must be a string")
+    return value
+
+
+@router.get("/admin/users", tags=["admin"], summary="Accounts the caller may see")
+def api_users(request: Request) -> Response:
+    state = _state(request)
+    query = request.query_params
+    disabled = {"true": True, "false": False}.get(query.get("disabled", ""))
+
+    def work(actor: Principal) -> list[dict[str, Any]]:
+        role = query.get("role") or None
+        if role is not None and role not in ROLE_LABELS:
+            raise users.UserError(f"Unknown role {role!r}")
+        found = users.visible_accounts(
+            state.engine, actor, role=role, organization=query.get("org") or None, disabled=disabled
+        )
+        return [account_json(u, actor) for u in found]
+
+    return _api_call(request, work)
+
+
+@router.post("/admin/users", tags=["admin"], summary="Add an account (as `hub users add`)")
+async def api_users_add(request: Request) -> Response:
+    body = await _api_body(request)
+    if isinstance(body, Response):
+        return body
+    state = _state(request)
+
+    def work(actor: Principal) -> dict[str, Any]:
+        user = users.manage_add(
+            state.engine,
+            actor,
+            _string(body, "username") or "",
+            _string(body, "role") or "",
+            fhir_user=_string(body, "fhirUser"),
+            organizations=_strings(body, "organizations") or [],
+            password=_string(body, "password"),
+            trail=state.router.gate.trail,
+            client_address=state.pages.client_address(request),
+        )
+        return account_json(user, actor)
+
+    return await run_in_threadpool(_api_call, request, work, 201)
+
+
+@router.patch(
+    "/admin/users/{username}", tags=["admin"], summary="Change an account's role, organizations, fhirUser"
+)
+async def api_users_change(username: str, request: Request) -> Response:
+    body = await _api_body(request)
+    if isinstance(body, Response):
+        return body
+    state = _state(request)
+
+    def work(actor: Principal) -> dict[str, Any]:
+        before = users.get_user(state.engine, username) if users.looks_like_username(username) else None
+        user = users.manage_change(
+            state.engine,
+            actor,
+            username,
+            role=_string(body, "role"),
+            organizations=_strings(body, "organizations"),
+            fhir_user=_string(body, "fhirUser"),
+            trail=state.router.gate.trail,
+            client_address=state.pages.client_address(request),
+        )
+        if before is not None and (before.role, before.organizations, before.fhir_user) != (
+            user.role,
+            user.organizations,
+            user.fhir_user,
+        ):
+            state.pages.sessions.end_all(username)
+        return account_json(user, actor)
+
+    return await run_in_threadpool(_api_call, request, work)
+
+
+def _api_disable_route(disabled: bool) -> Any:
+    def endpoint(username: str, request: Request) -> Response:
+        state = _state(request)
+
+        def work(actor: Principal) -> dict[str, Any]:
+            user = users.manage_disable(
+                state.engine,
+                actor,
+                username,
+                disabled,
+                trail=state.router.gate.trail,
+                client_address=state.pages.client_address(request),
+            )
+            if disabled:
+                state.pages.sessions.end_all(username)
+            return account_json(user, actor)
+
+        return _api_call(request, work)
+
+    return endpoint
+
+
+router.add_api_route(
+    "/admin/users/{username}/disable",
+    _api_disable_route(True),
+    methods=["POST"],
+    tags=["admin"],
+    summary="Disable an account (logins, tokens and page sessions stop)",
+)
+router.add_api_route(
+    "/admin/users/{username}/enable",
+    _api_disable_route(False),
+    methods=["POST"],
+    tags=["admin"],
+    summary="Enable an account again",
+)
