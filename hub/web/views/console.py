@@ -18,7 +18,11 @@ Owns the routes (HTML; POSTs need the session's CSRF token, ``hub.web.context``)
   rules of ``GET /connectors``), and for hub admins the dead letters with their errors and
   ``POST /console/connectors/replay`` (audited as ``connectors-replay``, as the API);
 * ``/console/health``: ``hub.ops.health.health_report`` (hub admins); the same as JSON at
-  ``/healthz/details`` (hub admins, by bearer token or page session; ``/healthz`` unchanged).
+  ``/healthz/details`` (hub admins, by bearer token or page session; ``/healthz`` unchanged);
+* ``/admin/users`` (JSON, bearer tokens only, OperationOutcome errors): ``GET`` (``?role=&org=
+  &disabled=true|false``), ``POST`` (``{"username", "role", "fhirUser", "organizations",
+  "password"}``), ``PATCH /admin/users/{name}`` (``{"role", "organizations", "fhirUser"}``),
+  ``POST /admin/users/{name}/disable|enable``: the console's account functions for scripts.
 
 Who may do what is decided by the functions called (``hub.auth.users.manage_*``,
 ``consent.breakglass``, ``connectors.api``), never by what the page shows; the page only
