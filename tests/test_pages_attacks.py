@@ -876,3 +876,318 @@ def test_markup_in_directory_data_is_text_in_the_console(web_hub: WebHub, world:
         assert answer.status_code in (201, 400)
         _no_raw_markup(answer.text, "console add user")
         assert "<script>" not in answer.text.replace("<script src=", "")
+
+
+# --- hidden and missing answer alike; people stay in their records -----------------------------
+
+
+def _same_page(first: httpx.Response, second: httpx.Response, replace: tuple[str, str]) -> None:
+    assert first.status_code == second.status_code, (first.status_code, second.status_code)
+    assert first.headers.get("content-type") == second.headers.get("content-type")
+    one = _without_tokens(first.text).replace(replace[0], "ID")
+    two = _without_tokens(second.text).replace(replace[1], "ID")
+    assert one == two, "a hidden record and a missing one give different pages"
+
+
+def test_a_hidden_record_and_a_missing_one_give_the_same_clinician_page(web_hub: WebHub) -> None:
+    hidden, missing = HOA, "vn-demo-patient-9"  # same length: the pages must be byte-identical
+    with _login(web_hub, "bs.khanh") as client:
+        for headers in ({}, {"HX-Request": "true"}):
+            _same_page(
+                client.get(f"/clinician/patients/{hidden}", headers=headers),
+                client.get(f"/clinician/patients/{missing}", headers=headers),
+                (hidden, missing),
+            )
+            # Hoa's CCCD and one nobody has: the same empty result.
+            _same_page(
+                client.get("/clinician", params={"q": "064188001234"}, headers=headers),
+                client.get("/clinician", params={"q": "064188009999"}, headers=headers),
+                ("064188001234", "064188009999"),
+            )
+        for reason in ("", "short"):
+            _same_page(
+                client.post(f"/clinician/patients/{hidden}/break-glass", data={"reason": reason}),
+                client.post(f"/clinician/patients/{missing}/break-glass", data={"reason": reason}),
+                (hidden, missing),
+            )
+
+
+PORTAL_PAGES = ("/portal", "/portal/consents", "/portal/access-log", "/portal/download")
+
+
+@pytest.mark.parametrize(
+    ("username", "hidden"), [("hoa.nguyen", "vn-demo-patient-2"), ("proxy", "vn-demo-patient-5")]
+)
+def test_a_hidden_record_and_a_missing_one_give_the_same_portal_page(
+    web_hub: WebHub, username: str, hidden: str
+) -> None:
+    missing = "vn-demo-patient-9"
+    with _login(web_hub, username) as client:
+        for path in PORTAL_PAGES:
+            first = client.get(path, params={"patient": hidden})
+            assert first.status_code == 404, (path, first.status_code)
+            _same_page(first, client.get(path, params={"patient": missing}), (hidden, missing))
+
+
+NAMES = {
+    "vn-demo-patient-1": "Nguyễn Thị Hoa",
+    "vn-demo-patient-2": "Trần Văn Đức",
+    "vn-demo-patient-3": "Ksor H'Bia",
+    "vn-demo-patient-4": "Lê Văn Minh",
+    "vn-demo-patient-5": "Rơ Mah Gia Bảo",
+}
+
+
+@pytest.mark.parametrize(
+    ("username", "own"), [("hoa.nguyen", {HOA}), ("proxy", {HOA}), ("hoa.proxy", {"vn-demo-patient-5"})]
+)
+def test_a_patient_or_proxy_reaches_no_other_record_through_any_portal_url(
+    web_hub: WebHub, username: str, own: set[str]
+) -> None:
+    others = [p for p in NAMES if p not in own]
+    cccd = {
+        r["id"]: i["value"]
+        for (kind, _), r in _demo_resources().items()
+        if kind == "Patient"
+        for i in r.get("identifier") or []
+        if i.get("system", "").endswith("/cccd")
+    }
+    with _login(web_hub, username) as client:
+        for other in others:
+            # hoa.proxy is Hoa herself (her son's proxy): her own name is on her RelatedPerson.
+            name = cccd[other] if (username, other) == ("hoa.proxy", HOA) else NAMES[other]
+            tricks = [
+                {"patient": other},
+                {"patient": f"Patient/{other}"},
+                {"patient": f"{other},{next(iter(own))}"},
+                {"patient": f"{next(iter(own))},{other}"},
+                {"patient": other.upper()},
+                {"patient": f" {other}"},
+            ]
+            for path in (*PORTAL_PAGES, "/portal/family"):
+                for params in tricks:
+                    answer = client.get(path, params=params)
+                    assert name not in html.unescape(answer.text), (username, path, params)
+                    assert answer.status_code in (200, 303, 404), (path, params, answer.status_code)
+                # A repeated parameter: whichever the app takes, never the other's record.
+                for order in ((next(iter(own)), other), (other, next(iter(own)))):
+                    answer = client.get(path + f"?patient={order[0]}&patient={order[1]}")
+                    assert name not in html.unescape(answer.text), (username, path, order)
+            # Writes on another's record: refused as "not found", nothing written.
+            with _fhir(web_hub) as api:
+                before = api.get("Consent", params={"patient": other, "_summary": "count"}).json()["total"]
+                answer = client.post(
+                    "/portal/consents",
+                    data={
+                        "patient": other,
+                        "actor": "Organization/vn-demo-org-bvdk-ankhe",
+                        "purpose": "TREAT",
+                        "category": "N",
+                    },
+                )
+                assert answer.status_code == 404, (username, other, answer.status_code)
+                assert (
+                    api.get("Consent", params={"patient": other, "_summary": "count"}).json()["total"]
+                    == before
+                )
+        # Hoa's own consent, withdrawn by someone who does not represent her, or through a record
+        # they do represent: not found, and still active.
+        if HOA not in own:
+            for patient in (HOA, next(iter(own))):
+                answer = client.post(
+                    "/portal/consents/vn-demo-hoa-consent-bvdk/withdraw", data={"patient": patient}
+                )
+                assert answer.status_code == 404, (username, patient, answer.status_code)
+            with _fhir(web_hub) as api:
+                assert api.get("Consent/vn-demo-hoa-consent-bvdk").json()["status"] == "active"
+
+
+# --- break-glass and the audit trail ----------------------------------------------------------
+
+
+def _audit_events(hub: WebHub, patient: str) -> list[dict[str, Any]]:
+    """The patient's AuditEvents, but those of this test reading the trail (test-admin)."""
+    with _fhir(hub) as api:
+        bundle = api.get("AuditEvent", params={"patient": patient, "_count": "200", "_sort": "-date"}).json()
+    events = [e["resource"] for e in bundle.get("entry") or []]
+    return [e for e in events if '"test-admin"' not in _agents(e)]
+
+
+def _agents(event: dict[str, Any]) -> str:
+    return json.dumps(event.get("agent") or [], ensure_ascii=False)
+
+
+def _alerts_for(hub: WebHub, patient: str) -> list[dict[str, Any]]:
+    with httpx.Client(base_url=hub.url, headers=ADMIN_AUTH, timeout=60) as client:
+        answer = client.get("/access/break-glass")
+        assert answer.status_code == 200
+        return [a for a in answer.json() if a.get("patient") == f"Patient/{patient}"]
+
+
+def test_break_glass_from_the_page_needs_a_reason_and_is_audited_and_alerted(web_hub: WebHub) -> None:
+    uid = _uid()
+    patient = f"atk-bg-{uid}"
+    with _fhir(web_hub) as api:
+        answer = api.put(
+            f"Patient/{patient}",
+            json={
+                "resourceType": "Patient",
+                "id": patient,
+                "name": [{"family": f"Bg{uid}", "given": ["Khẩn"]}],
+                "managingOrganization": {"reference": "Organization/vn-demo-org-bvdk-gialai"},
+            },
+        )
+        assert answer.status_code in (200, 201)
+    users.add_user(
+        web_hub.engine, f"bg-{uid}", "patient", fhir_user=f"Patient/{patient}", password="pw-123456"
+    )
+    reason = f"Bệnh nhân hôn mê tại cấp cứu, cần tiền sử dị ứng {uid}"
+    with _login(web_hub, "bs.khanh") as khanh:
+        assert khanh.get(f"/clinician/patients/{patient}").status_code == 404
+        for refused in ("", "   ", "too short", " ".join(["x"] * 4), "y" * 501):
+            answer = khanh.post(f"/clinician/patients/{patient}/break-glass", data={"reason": refused})
+            assert answer.status_code == 400 and f"Bg{uid}" not in answer.text, repr(refused)
+        # Other roles cannot break the glass from the page at all.
+        for username in ("hoa.nguyen", "proxy", "qtv.iakrai", "auditor"):
+            with _login(web_hub, username) as other:
+                answer = other.post(f"/clinician/patients/{patient}/break-glass", data={"reason": reason})
+                assert answer.status_code == 403 and f"Bg{uid}" not in answer.text, username
+        assert _alerts_for(web_hub, patient) == []
+        assert not [e for e in _audit_events(web_hub, patient) if "BTG" in json.dumps(e.get("meta"))]
+        # With a reason: the record opens, flagged in the trail and alerted.
+        answer = khanh.post(f"/clinician/patients/{patient}/break-glass", data={"reason": reason})
+        assert answer.status_code == 200 and f"Bg{uid}" in answer.text
+    flagged = [e for e in _audit_events(web_hub, patient) if "BTG" in json.dumps(e.get("meta"))]
+    assert flagged, "no AuditEvent flagged BTG"
+    for event in flagged:
+        purposes = json.dumps(event.get("purposeOfEvent"))
+        assert "ETREAT" in purposes and "Practitioner/vn-demo-practitioner-4" in _agents(event)
+    alerts = _alerts_for(web_hub, patient)
+    assert len(alerts) == 1 and alerts[0]["reason"] == reason and alerts[0]["user"] == "bs.khanh"
+    # The patient sees it in "who looked", with the reason.
+    with _login(web_hub, f"bg-{uid}", "pw-123456") as owner:
+        log = html.unescape(owner.get("/portal/access-log").text)
+        assert reason in log
+
+
+def test_every_record_page_view_leaves_an_audit_event_naming_the_clinician(
+    web_hub: WebHub, world: World
+) -> None:
+    with _login(web_hub, "bs.tuan") as client:
+        before = {e["id"] for e in _audit_events(web_hub, world.patient)}
+        assert client.get(f"/clinician/patients/{world.patient}").status_code == 200
+        after = _audit_events(web_hub, world.patient)
+        new = [e for e in after if e["id"] not in before]
+        assert new, "the record page left no AuditEvent"
+        assert all("Practitioner/vn-demo-practitioner-1" in _agents(e) for e in new)
+        assert all("TREAT" in json.dumps(e.get("purposeOfEvent")) for e in new)
+        # The search page is audited too (a Patient search by this clinician).
+        before = {e["id"] for e in after}
+        assert client.get("/clinician", params={"q": world.cccd}).status_code == 200
+        new = [e for e in _audit_events(web_hub, world.patient) if e["id"] not in before]
+        assert new and all("Practitioner/vn-demo-practitioner-1" in _agents(e) for e in new)
+    with _login(web_hub, world.username, "pw-123456") as owner:
+        before = {e["id"] for e in _audit_events(web_hub, world.patient)}
+        assert owner.get("/portal").status_code == 200
+        new = [e for e in _audit_events(web_hub, world.patient) if e["id"] not in before]
+        assert new and all(f"Patient/{world.patient}" in _agents(e) for e in new)
+
+
+# --- the console and the htmx partials --------------------------------------------------------
+
+
+def _get_routes(hub: WebHub, prefix: str) -> list[str]:
+    paths = set()
+    for path, route in _api_routes(hub.app.routes):
+        if "GET" in (route.methods or ()) and path.startswith(prefix):
+            paths.add(path)
+    return sorted(paths)
+
+
+@pytest.mark.parametrize("username", ["qtv.iakrai", "qtv.bvdk", "auditor"])
+def test_the_console_of_a_facility_admin_or_auditor_shows_no_patient_data(
+    web_hub: WebHub, world: World, username: str
+) -> None:
+    resources = _demo_resources()
+    directory = ("Organization", "Practitioner", "PractitionerRole")
+    clinical = set().union(*(_texts(r) for (kind, _), r in resources.items() if kind not in directory))
+    clinical -= set().union(*(_texts(r) for (kind, _), r in resources.items() if kind in directory))
+    identifiers = {
+        i["value"]
+        for (kind, _), r in resources.items()
+        if kind == "Patient"
+        for i in r.get("identifier") or []
+    }
+    token = _token_of(web_hub, username)
+    with httpx.Client(base_url=web_hub.url, headers={"Authorization": f"Bearer {token}"}) as api:
+        alerts = api.get("/access/break-glass")
+        allowed_refs = {a["patient"] for a in alerts.json()} if alerts.status_code == 200 else set()
+    with _login(web_hub, username) as client:
+        chrome = html.unescape(client.get("/account").text)
+        paths = [p.replace("{username}", username) for p in _get_routes(web_hub, "/console")]
+        assert "/console/break-glass" in paths and "/console/users/" + username in paths
+        for path in paths:
+            if "{" in path:
+                continue
+            answer = client.get(path)
+            assert answer.status_code in (200, 403), (path, answer.status_code)
+            text = html.unescape(answer.text)
+            leaked = sorted(
+                t for t in clinical | set(NAMES.values()) | identifiers if t in text and t not in chrome
+            )
+            assert not leaked, (username, path, leaked[:5])
+            assert world.payload not in text or "Phòng khám" in text  # only the directory's markup
+            if path.startswith("/console/users"):
+                continue  # an account's fhirUser (Patient/...) is the account, not health data
+            for ref in re.findall(r"Patient/[A-Za-z0-9.-]+", text):
+                assert ref in allowed_refs, (username, path, ref)
+
+
+def test_htmx_partials_are_guarded_exactly_like_pages(web_hub: WebHub) -> None:
+    pages = [p for p in _get_routes(web_hub, "/") if _is_page(p) and p not in ("/login", "/lang/{locale}")]
+    assert "/clinician" in pages and "/portal" in pages and "/console/users" in pages
+    filled = [_fill(p) for p in pages]
+    with httpx.Client(base_url=web_hub.url) as anonymous:
+        for path in filled:
+            answer = anonymous.get(path, headers={"HX-Request": "true"})
+            assert answer.status_code in (204, 303), (path, answer.status_code)
+            assert answer.status_code == 303 or answer.headers["hx-redirect"].startswith("/login")
+            assert len(answer.content) < 100 or "/login" in answer.headers.get("location", ""), path
+    # A role's partials are refused to other roles, with no data.
+    with _login(web_hub, "hoa.nguyen") as hoa, _login(web_hub, "qtv.iakrai") as facility:
+        for client, path in (
+            (hoa, "/clinician?q=nguyen"),
+            (facility, "/clinician?q=nguyen"),
+            (facility, f"/portal?patient={HOA}"),
+            (hoa, "/console/users"),
+        ):
+            answer = client.get(path, headers={"HX-Request": "true"})
+            assert answer.status_code == 403, (path, answer.status_code)
+            assert "Nguyễn Thị Hoa" not in html.unescape(answer.text) and "qtv.bvdk" not in answer.text
+        # A facility admin's htmx disable of another facility's account: refused, nothing swapped.
+        answer = facility.post("/console/users/qtv.bvdk/disable", headers={"HX-Request": "true"})
+        assert answer.status_code == 403
+        account = users.get_user(web_hub.engine, "qtv.bvdk")
+        assert account is not None and not account.disabled
+
+
+def test_the_login_form_is_rate_limited_per_address_and_account(web_hub: WebHub) -> None:
+    """Password guessing through the form meets the same limits as ``POST /auth/token``."""
+    with (
+        LiveServer(web_hub.settings.database_url) as hub,
+        httpx.Client(base_url=f"http://127.0.0.1:{hub.port}") as client,
+    ):
+        client.get("/login")
+        token = client.cookies["hub_login_csrf"]
+        statuses = []
+        for attempt in range(25):
+            answer = client.post(
+                "/login", data={"username": "bs.tuan", "password": f"guess-{attempt}", "csrf_token": token}
+            )
+            statuses.append(answer.status_code)
+        assert 429 in statuses and statuses[0] == 400, statuses
+        answer = client.post(
+            "/login", data={"username": "bs.tuan", "password": "demo-clinician", "csrf_token": token}
+        )
+        assert answer.status_code == 429 and "hub_session" not in answer.headers.get("set-cookie", "")
+        assert answer.headers.get("retry-after")
