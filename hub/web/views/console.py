@@ -34,12 +34,14 @@ Called by: hub.web.app (includes ``router``).
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -52,8 +54,8 @@ from connectors.model import FACILITY_LEVELS, Source
 from connectors.sources import organization_of
 from consent import breakglass
 from hub.api.auth_routes import Bearer, unauthorized
-from hub.audit.events import AccessEvent
-from hub.audit.verify import VerifyReport, head, verify_chain
+from hub.audit.events import HUB_OPERATIONS, AccessEvent
+from hub.audit.verify import Problem, VerifyReport, head, verify_chain
 from hub.auth import users
 from hub.auth.principal import Principal, Role
 from hub.auth.tokens import AuthError
@@ -221,7 +223,7 @@ def overview(page: Page = Depends(console_page)) -> HTMLResponse:
         alerts = breakglass.list_alerts(conn, principal, open_only=True)
     cards["open_alerts"] = len(alerts)
     seq, chain = head(state.engine)
-    cards["audit"] = {"seq": seq, "head": chain, "last": _last_verify}
+    cards["audit"] = {"seq": seq, "head": chain, "last": _last_result(page)}
     if principal.role in (Role.ADMIN, Role.FACILITY_ADMIN):
         statuses = statuses_visible_to(state.router.ctx.store, principal)
         cards["connectors"] = {
@@ -602,17 +604,104 @@ def audit(page: Page = Depends(console_page)) -> HTMLResponse:
     return _audit_page(page)
 
 
+@dataclass(frozen=True)
+class VerifyResult:
+    """The last verification as the pages show it: this process's own run (with its problems)
+    or, from another worker or before a restart, the one its AuditEvent records."""
+
+    at: datetime
+    by: str
+    ok: bool
+    verified: int
+    head: str
+    head_seq: int
+    problem_count: int
+    seconds: float | None
+    problems: tuple[Problem, ...] = ()
+
+
+def _from_run(run: VerifyRun) -> VerifyResult:
+    report = run.report
+    problems = sorted(report.problems, key=lambda p: (p.seq is None, p.seq or 0))[:50]
+    return VerifyResult(
+        run.at,
+        run.by,
+        report.ok,
+        report.verified,
+        report.head,
+        report.head_seq,
+        report.problem_count,
+        run.seconds,
+        tuple(problems),
+    )
+
+
+def _verify_detail(run: VerifyRun) -> str:
+    """What the audit-verify AuditEvent records of the result (its query), read back by
+    ``_recorded_verify``."""
+    report = run.report
+    return urlencode(
+        {
+            "result": "intact" if report.ok else "broken",
+            "verified": report.verified,
+            "head_seq": report.head_seq,
+            "head": report.head,
+            "problems": report.problem_count,
+            "seconds": f"{run.seconds:.3f}",
+            "started": run.at.isoformat(),
+        }
+    )
+
+
+def _recorded_verify(page: Page) -> VerifyResult | None:
+    """The newest audit-verify AuditEvent, read as the person (auditors and hub admins read
+    AuditEvents; for anyone else, or without one, None)."""
+    try:
+        events = page.fhir.search_resources(
+            "AuditEvent",
+            [("subtype", f"{HUB_OPERATIONS}|audit-verify"), ("_sort", "-date"), ("_count", "1")],
+        )
+    except PageFhirError:
+        return None
+    for event in events:
+        query = next((e["query"] for e in event.get("entity", []) if e.get("query")), None)
+        if not query:
+            continue
+        try:
+            # The recorded query is "<operation>?<detail>".
+            fields = dict(parse_qsl(base64.b64decode(query).decode().partition("?")[2]))
+            return VerifyResult(
+                datetime.fromisoformat(fields["started"]),
+                str(event["agent"][0].get("name") or ""),
+                fields["result"] == "intact",
+                int(fields["verified"]),
+                fields["head"],
+                int(fields["head_seq"]),
+                int(fields["problems"]),
+                float(fields["seconds"]),
+            )
+        except (KeyError, ValueError, IndexError, UnicodeDecodeError):
+            continue  # an older or foreign record: not ours to read
+    return None
+
+
+def _last_result(page: Page) -> VerifyResult | None:
+    """This process's last run, unless the trail records a newer one (another worker's)."""
+    local = _last_verify
+    recorded = _recorded_verify(page) if page.user.role in (ADMIN, AUDITOR) else None
+    if local is not None and (recorded is None or recorded.at <= local.at):
+        return _from_run(local)
+    return recorded
+
+
 def _audit_page(page: Page, status: int = 200, *, error: str | None = None) -> HTMLResponse:
     seq, chain = head(_state(page.request).engine)
-    last = _last_verify
-    problems = sorted(last.report.problems, key=lambda p: (p.seq is None, p.seq or 0))[:50] if last else []
     return page.render(
         "console/audit.html",
         status,
         head_seq=seq,
         head=chain,
-        last=last,
-        problems=problems,
+        last=_last_result(page),
         may_verify=page.user.role in (ADMIN, AUDITOR),
         running=_running_verify,
         error=error,
@@ -637,22 +726,23 @@ def _start_verify(page: Page) -> VerifyJob:
 
     def run() -> None:
         global _last_verify, _running_verify
-        status = 500
+        status, detail = 500, None
         try:
             report = verify_chain(engine)
-            status = 200
             elapsed = (datetime.now(UTC) - job.started).total_seconds()
-            _last_verify = VerifyRun(job.started, job.by, report, elapsed)
+            finished = VerifyRun(job.started, job.by, report, elapsed)
+            status, detail = 200, _verify_detail(finished)
+            _last_verify = finished
         except Exception:  # noqa: BLE001  (logged; the page shows no new result)
             log.exception("audit chain verification failed")
         finally:
+            try:  # recorded before the waiting page reads the result back
+                _audit(page, "audit-verify", "E", detail, status)
+            except Exception:  # noqa: BLE001  (the audit writer's own failure is logged there)
+                log.exception("the audit-verify run could not be audited")
             with _verify_lock:
                 _running_verify = None
             job.done.set()
-            try:
-                _audit(page, "audit-verify", "E", None, status)
-            except Exception:  # noqa: BLE001  (the audit writer's own failure is logged there)
-                log.exception("the audit-verify run could not be audited")
 
     _running_verify = job
     threading.Thread(target=run, name="console-audit-verify", daemon=True).start()
