@@ -126,8 +126,18 @@ def test_facility_admin_manages_own_organizations_only(live_server: LiveServer, 
     own, other = f"org-own-{uid}", f"org-other-{uid}"
     qtv = _principal(Role.FACILITY_ADMIN, f"qtv-{uid}", (own,))
     users.manage_add(engine, root, f"qtv-{uid}", "facility-admin", organizations=[own], password="p")
+    # Where each practitioner holds PractitionerRoles (the console reads them through the FHIR
+    # router; the page tests use the demo directory's).
+    directory = {"x": {own}, "y": {other}, "shared": {own, other}}
     ours = users.manage_add(
-        engine, qtv, f"ours-{uid}", "clinician", fhir_user="Practitioner/x", organizations=[own], password="p"
+        engine,
+        qtv,
+        f"ours-{uid}",
+        "clinician",
+        fhir_user="Practitioner/x",
+        organizations=[own],
+        password="p",
+        practitioner_organizations=directory.get,
     )
     assert ours.organizations == (own,)
     theirs = f"theirs-{uid}"
@@ -148,11 +158,48 @@ def test_facility_admin_manages_own_organizations_only(live_server: LiveServer, 
     }
     assert f"qtv-{uid}" not in {u.username for u in users.visible_accounts(engine, qtv, role="clinician")}
 
+    # Accounts out of their view are answered as missing ones: no oracle of who exists.
+    for hidden in (theirs, "test-admin", f"nobody-{uid}"):
+        with pytest.raises(UserError, match="No user"):
+            users.manage_disable(engine, qtv, hidden, trail=trail)
+
+    def doctor(name: str, practitioner: str, lookup: Any = directory.get) -> Any:
+        return lambda: users.manage_add(
+            engine,
+            qtv,
+            f"{name}-{uid}",
+            "clinician",
+            fhir_user=f"Practitioner/{practitioner}",
+            organizations=[own],
+            password="p",
+            practitioner_organizations=lookup,
+        )
+
     refusals: list[tuple[str, Any]] = [
-        ("another organization's account", lambda: users.manage_disable(engine, qtv, theirs, trail=trail)),
         ("an account shared with another", lambda: users.manage_disable(engine, qtv, both, trail=trail)),
         ("their own account", lambda: users.manage_disable(engine, qtv, f"qtv-{uid}", trail=trail)),
-        ("a hub admin", lambda: users.manage_disable(engine, qtv, "test-admin", trail=trail)),
+        ("another facility's doctor", doctor("d1", "y")),
+        ("a doctor also of another facility", doctor("d2", "shared")),
+        ("a practitioner of no facility", doctor("d3", "unknown")),
+        ("a doctor when the directory cannot be read", doctor("d4", "x", None)),
+        (
+            "a patient account (a citizen's record, their password)",
+            lambda: users.manage_add(
+                engine, qtv, f"p-{uid}", "patient", fhir_user="Patient/p", organizations=[own], password="p"
+            ),
+        ),
+        (
+            "a proxy account",
+            lambda: users.manage_add(
+                engine,
+                qtv,
+                f"r-{uid}",
+                "proxy",
+                fhir_user="RelatedPerson/r",
+                organizations=[own],
+                password="p",
+            ),
+        ),
         (
             "a hub-admin account",
             lambda: users.manage_add(
@@ -211,6 +258,7 @@ def test_facility_admin_manages_own_organizations_only(live_server: LiveServer, 
     assert moved.role is Role.INSPECTOR
     refused = [e for e in _audits(live_server, "users-disable", theirs) if _agent(e) == f"qtv-{uid}"]
     assert refused and refused[0]["outcome"] == "4"  # the refusal is audited too
+    assert all(users.get_user(engine, f"{n}-{uid}") is None for n in ("d1", "d2", "d3", "d4", "p", "r"))
 
 
 def test_other_roles_read_or_change_nothing(live_server: LiveServer, uid: str) -> None:
@@ -270,7 +318,7 @@ def test_accounts_json_api(live_server: LiveServer, uid: str) -> None:
         assert changed.status_code == 200 and changed.json()["role"] == "food-safety-inspector"
         assert facility.patch(f"/admin/users/api-{uid}", json={"role": "hub-admin"}).status_code == 403
         assert facility.post(f"/admin/users/api-{uid}/disable").json()["disabled"] is True
-        assert facility.post("/admin/users/test-admin/disable").status_code == 403
+        assert facility.post("/admin/users/test-admin/disable").status_code == 404  # out of view
         assert [u["username"] for u in facility.get("/admin/users").json()] == [
             f"api-{uid}",
             f"qtv-api-{uid}",
@@ -363,7 +411,7 @@ def test_facility_admin_lists_and_disables_only_their_organizations_accounts(
         assert theirs.username not in listed and "hoa.nguyen" not in listed and "test-admin" not in listed
         assert client.get(f"/console/users/{theirs.username}").status_code == 404
         refused = client.post(f"/console/users/{theirs.username}/disable")
-        assert refused.status_code == 403
+        assert refused.status_code == 404  # as a missing account: out of view
         assert not users.get_user(engine, theirs.username).disabled  # type: ignore[union-attr]
         # htmx: the row's cells come back, disabled, with a text for the live region.
         done = client.post(f"/console/users/{ours.username}/disable", headers={"HX-Request": "true"})
@@ -378,9 +426,11 @@ def test_facility_admin_lists_and_disables_only_their_organizations_accounts(
         form = {
             "username": f"new-{uid}",
             "role": "clinician",
-            "fhir_user": "Practitioner/n",
+            "fhir_user": "Practitioner/vn-demo-practitioner-1",  # the station's doctor in the demo directory
             "password": "pw-2",
         }
+        other_doctor = {**form, "fhir_user": "Practitioner/vn-demo-practitioner-2", "organizations": IAKRAI}
+        assert client.post("/console/users", data=other_doctor).status_code == 403  # the province's doctor
         assert client.post("/console/users", data={**form, "organizations": f"org-{uid}"}).status_code == 403
         assert (
             client.post("/console/users", data={**form, "role": "auditor", "fhir_user": ""}).status_code

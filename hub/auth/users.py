@@ -268,10 +268,15 @@ def _from_row(row: sa.Row) -> User:  # type: ignore[type-arg]
 # Roles whose accounts act beyond one facility (or are services): only a hub admin gives,
 # changes or takes them.
 HUB_ONLY_ROLES = frozenset({Role.ADMIN, Role.AUDITOR, Role.SERVICE})
-# A facility admin may create accounts of these roles; changing an existing account's role,
-# they may not make it a facility admin (that would raise its power: an escalation).
-FACILITY_CREATABLE_ROLES = frozenset(Role) - HUB_ONLY_ROLES
+# A facility admin may create accounts of these roles: their staff. Never patient or proxy
+# accounts: bound to a citizen, with a password the admin chose, they would read that
+# citizen's record. Changing an existing account's role, they may not make it a facility
+# admin (that would raise its power: an escalation).
+FACILITY_CREATABLE_ROLES = frozenset({Role.CLINICIAN, Role.FACILITY_ADMIN, Role.INSPECTOR})
 FACILITY_ASSIGNABLE_ROLES = FACILITY_CREATABLE_ROLES - {Role.FACILITY_ADMIN}
+# The organizations a Practitioner holds PractitionerRoles at (None: not known), read by the
+# caller through the FHIR router as the actor: this module does not read FHIR data.
+PractitionerOrganizations = Callable[[str], "set[str] | None"]
 # Who reads the account list: the two administering roles, and auditors (read only).
 ACCOUNT_READER_ROLES = frozenset({Role.ADMIN, Role.FACILITY_ADMIN, Role.AUDITOR})
 AUDIT_PURPOSE = "HSYSADMIN"
@@ -340,10 +345,14 @@ def manage_add(
     password: str | None = None,
     trail: AuditTrail | None = None,
     client_address: str | None = None,
+    practitioner_organizations: PractitionerOrganizations | None = None,
 ) -> User:
     """Add an account on ``actor``'s authority, with the checks of ``hub users add`` (a
     person needs a password; only integration-service accounts may have none) and the
-    role's default scopes. Raises AccountForbidden or UserError; audited either way."""
+    role's default scopes. A facility admin binds an account only to a Practitioner of their
+    own organizations: every PractitionerRole it holds (at least one) is at one of them,
+    as ``practitioner_organizations`` reads them (without it, no fhirUser at all). Raises
+    AccountForbidden or UserError; audited either way."""
     orgs = tuple(organizations)
     detail = _detail(username, role=str(role), fhir_user=fhir_user, organizations=orgs)
 
@@ -356,6 +365,8 @@ def manage_add(
                 raise AccountForbidden(f"A facility admin cannot create {checked_role.value} accounts")
             if not checked_orgs or not set(checked_orgs) <= set(actor.organizations):
                 raise AccountForbidden("A facility admin adds accounts of their own organizations only")
+            if fhir_user is not None:
+                _own_practitioner(actor, fhir_user, practitioner_organizations)
         if not password and checked_role is not Role.SERVICE:
             raise UserError("A person's account needs a password")
         return add_user(
@@ -453,10 +464,31 @@ def _existing(engine: sa.Engine, username: str) -> User:
     return user
 
 
+def _own_practitioner(
+    actor: Principal, fhir_user: str, practitioner_organizations: PractitionerOrganizations | None
+) -> None:
+    """A facility admin's account binds a Practitioner of their organizations only, so they
+    cannot mint themselves another facility's doctor (and the grants naming that doctor)."""
+    kind, _, practitioner = fhir_user.partition("/")
+    held = (
+        practitioner_organizations(practitioner)
+        if practitioner_organizations and kind == "Practitioner"
+        else None
+    )
+    if not held or not held <= set(actor.organizations):
+        raise AccountForbidden(
+            f"{fhir_user} is not a practitioner of your organizations (a PractitionerRole there, none elsewhere)"
+        )
+
+
 def _manageable(engine: sa.Engine, actor: Principal, username: str) -> User:
     if actor.role not in (Role.ADMIN, Role.FACILITY_ADMIN):
         raise AccountForbidden("Only hub admins and facility admins change accounts")
     user = _existing(engine, username)
+    if not account_in_view(actor, user):
+        # Out of the actor's view is the same answer as no such account: no oracle of which
+        # accounts (citizens' portal accounts among them) exist.
+        raise UserError(f"No user {username!r}")
     if user.username == actor.subject:
         raise AccountForbidden("Your own account is changed by another administrator")
     if not may_manage(actor, user):

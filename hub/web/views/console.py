@@ -64,7 +64,7 @@ from hub.ops.health import Check, HealthReport, health_report
 from hub.rest.messages import FHIR_JSON
 from hub.web import i18n, render
 from hub.web.context import Page, base_context, page_for
-from hub.web.fhir_handle import PageFhirError
+from hub.web.fhir_handle import FhirHandle, PageFhirError
 from hub.web.i18n import N_
 from hub.web.session import COOKIE
 
@@ -80,6 +80,7 @@ admin_page = page_for(ADMIN)
 DEAD_LETTERS_SHOWN = 20  # per source; the rest through `hub connectors messages`
 FACILITIES_SHOWN = 200
 _FACILITY_CODE = re.compile(r"^[0-9A-Za-z]{5}$")
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _ALERT_VERDICTS = ("justified", "not-justified")
 # The role names as the pages show them (message ids; translated in console.po).
 ROLE_LABELS = {
@@ -204,6 +205,28 @@ def _one(fields: dict[str, list[str]], name: str) -> str:
     return values[0].strip()
 
 
+def practitioner_organizations(handle: FhirHandle) -> users.PractitionerOrganizations:
+    """The organizations of a Practitioner's PractitionerRoles, read through the FHIR router
+    as the person (``hub.auth.users.manage_add`` checks a facility admin's fhirUser with it)."""
+
+    def held(practitioner_id: str) -> set[str] | None:
+        if not _FHIR_ID.fullmatch(practitioner_id):
+            return None
+        try:
+            roles = handle.search_resources(
+                "PractitionerRole", [("practitioner", f"Practitioner/{practitioner_id}"), ("_count", "100")]
+            )
+        except PageFhirError:
+            return None
+        return {
+            str(reference).removeprefix("Organization/")
+            for role in roles
+            if (reference := (role.get("organization") or {}).get("reference"))
+        }
+
+    return held
+
+
 def _split(text: str) -> list[str]:
     """Organization ids typed in one field, separated by commas or spaces."""
     return [part for part in re.split(r"[\s,]+", text.strip()) if part]
@@ -324,6 +347,7 @@ def _add_account(page: Page, fields: dict[str, list[str]]) -> HTMLResponse:
             password=password or None,
             trail=state.router.gate.trail,
             client_address=_client(page),
+            practitioner_organizations=practitioner_organizations(page.fhir),
         )
     except users.AccountForbidden as error:
         return _users_page(page, 403, error=str(error), form=shown)
@@ -995,6 +1019,9 @@ async def api_users_add(request: Request) -> Response:
             password=_string(body, "password"),
             trail=state.router.gate.trail,
             client_address=state.pages.client_address(request),
+            practitioner_organizations=practitioner_organizations(
+                FhirHandle(state.pages.answer, actor, client_address=state.pages.client_address(request))
+            ),
         )
         return account_json(user, actor)
 
