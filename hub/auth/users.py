@@ -3,9 +3,10 @@
 Owns: adding, reading, listing, disabling accounts and setting their passwords; the
 default scopes of each role; checking that an account's fhirUser fits its role; and the
 administration of accounts by people (``manage_*``, ``visible_accounts``): who may list,
-add, disable or change which account (hub admins all; a facility admin only accounts of
-their own organizations, never hub-admin, auditor or integration-service ones), each change
-or refused attempt audited as an AuditEvent naming the actor.
+add, disable or change which account (hub admins all; a facility admin only their staff's:
+clinician, facility-admin and inspector accounts of their own organizations, bound to their
+own Practitioners; auditors read), each change or refused attempt audited as an AuditEvent
+naming the actor.
 Calls: passwords, principal, scopes, the schema, the audit trail (``AccessEvent``).
 Called by: the token service and ``/auth/token`` (authenticate, re-check on verify), the
 CLI (``hub users``, ``hub demo``), the operator console (``hub.web.views.console``), tests.
