@@ -26,7 +26,7 @@ from hub.web.finder import find_patients
 from hub.web.record import Fetched, build_record, consent_lines, fetch_record, human_name, ref_key
 from hub.web.render import parse_fhir_moment
 
-router = APIRouter()
+router = APIRouter(include_in_schema=False)  # pages, not API: kept out of the OpenAPI document
 clinician_page = page_for("clinician")
 
 BREAK_GLASS_HEADER = "x-break-glass-reason"

@@ -38,7 +38,7 @@ from hub.web.fhir_handle import PageFhirError
 from hub.web.record import build_record, concept_text, fetch_record, human_name
 from hub.web.render import parse_fhir_moment
 
-router = APIRouter()
+router = APIRouter(include_in_schema=False)  # pages, not API: kept out of the OpenAPI document
 portal_page = page_for("patient", "proxy")
 
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
