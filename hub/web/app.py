@@ -144,6 +144,9 @@ def mount_pages(
         cookie = await run_in_threadpool(sessions.login, username, fields.get("password", ""))
         if cookie is None:
             return login_form(request, 400, "credentials", username)
+        # The session this browser had (another account, or a cookie planted before login)
+        # ends here: one browser, one live session, and nothing left behind to replay.
+        await run_in_threadpool(sessions.end, request.cookies.get(COOKIE))
         user = await run_in_threadpool(sessions.load, cookie)
         target = local_path(fields.get("next"), home_of(user.role) if user else "/")
         response = RedirectResponse(target, 303)
