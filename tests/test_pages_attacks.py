@@ -1388,3 +1388,40 @@ def test_a_break_glass_reason_with_markup_is_text_wherever_the_trail_shows_it(we
         page = admin.get("/console/break-glass")
         assert page.status_code == 200 and ESCAPED in page.text and uid in page.text
         _no_raw_markup(page.text, "console break-glass")
+
+
+def test_no_other_origin_may_read_a_page_or_the_static_tree_outside_its_folder(
+    web_hub: WebHub, sessions: dict[str, httpx.Client]
+) -> None:
+    """No CORS grant (an attacker's page cannot read a page with the visitor's cookie), no
+    framing, and the static routes serve their folders only."""
+    hoa = sessions["hoa.nguyen"]
+    for method in ("GET", "OPTIONS"):
+        answer = hoa.request(
+            method,
+            "/portal",
+            headers={
+                "Origin": "https://evil.example",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "x-csrf-token",
+            },
+        )
+        assert "access-control-allow-origin" not in answer.headers, method
+        assert "access-control-allow-credentials" not in answer.headers, method
+    page = hoa.get("/portal")
+    assert (
+        page.headers["x-frame-options"] == "DENY"
+        and "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    )
+    with httpx.Client(base_url=web_hub.url) as anonymous:
+        for path in (
+            "/static/../hub/settings.py",
+            "/static/%2e%2e/%2e%2e/hub/settings.py",
+            "/static/..%2f..%2fpyproject.toml",
+            "/static/vendor/..%2f..%2fpackage.json",
+            "/static/vendor/%2e%2e%2fhtmx.org%2fpackage.json",
+            "/static/app.js%00.html",
+        ):
+            answer = anonymous.get(path)
+            assert answer.status_code in (400, 404), (path, answer.status_code)
+            assert "database_url" not in answer.text and '"name"' not in answer.text, path
