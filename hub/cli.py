@@ -359,12 +359,15 @@ def users_disable(
     username: str,
     enable: bool = typer.Option(False, "--enable", help="Enable the account again instead"),
 ) -> None:
-    """Disable an account: its tokens stop working within 30 seconds, its logins at once."""
+    """Disable an account: its tokens stop working within 30 seconds, its logins and page sessions at once."""
     from hub.auth import users
+    from hub.web.session import end_sessions_of
 
     engine = _engine()
     try:
         users.disable_user(engine, username, disabled=not enable)
+        if not enable:
+            end_sessions_of(engine, username)  # its page sessions stop now, not at the token re-check
     except users.UserError as error:
         console.print(f"[red]{error}[/]")
         raise typer.Exit(code=1) from None
@@ -381,13 +384,15 @@ def users_passwd(
     ),
     remove: bool = typer.Option(False, "--remove", help="Remove the password (a service account again)"),
 ) -> None:
-    """Set (or remove) an account's password."""
+    """Set (or remove) an account's password; its page sessions end."""
     from hub.auth import users
+    from hub.web.session import end_sessions_of
 
     secret = None if remove else _read_password(None, password_stdin, username)
     engine = _engine()
     try:
         users.set_password(engine, username, secret)
+        end_sessions_of(engine, username)  # a new password is the answer to a stolen session
     except users.UserError as error:
         console.print(f"[red]{error}[/]")
         raise typer.Exit(code=1) from None

@@ -20,17 +20,21 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import ADMIN_AUTH, DEMO_DIR, LiveServer, WebHub, web_login
+from conftest import ADMIN_AUTH, DEMO_DIR, LiveServer, WebHub, auth_env, web_login
 from fastapi.routing import APIRoute
 
 from hub.auth import users
@@ -1425,3 +1429,31 @@ def test_no_other_origin_may_read_a_page_or_the_static_tree_outside_its_folder(
             answer = anonymous.get(path)
             assert answer.status_code in (400, 404), (path, answer.status_code)
             assert "database_url" not in answer.text and '"name"' not in answer.text, path
+
+
+def _hub_cli(hub: WebHub, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": hub.settings.database_url, "COLUMNS": "300", **auth_env()}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "hub"), *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_password_reset_or_disable_from_the_cli_ends_the_accounts_page_sessions(web_hub: WebHub) -> None:
+    """The answer to a stolen session is a new password: the old sessions must not outlive it."""
+    name = f"reset-{_uid()}"
+    users.add_user(web_hub.engine, name, "auditor", password="pw-old-123")
+    with _login(web_hub, name, "pw-old-123") as stolen:
+        assert stolen.get("/account").status_code == 200
+        done = _hub_cli(web_hub, "users", "passwd", name, "--password-stdin", stdin="pw-new-456\n")
+        assert done.returncode == 0, done.stderr + done.stdout
+        assert stolen.get("/account").status_code == 303, "the session outlived the password reset"
+    with _login(web_hub, name, "pw-new-456") as again:
+        assert again.get("/account").status_code == 200
+        done = _hub_cli(web_hub, "users", "disable", name)
+        assert done.returncode == 0, done.stderr + done.stdout
+        assert again.get("/account").status_code == 303

@@ -9,7 +9,8 @@ and verifies its token with the bearer verifier, so a disabled account or a chan
 stops the session as it stops the account's API tokens. A session ends at logout, after
 ``WEB_SESSION_IDLE_MINUTES`` unused, or ``WEB_SESSION_HOURS`` after login.
 Calls: ``hub.auth.users``, ``hub.auth.tokens.TokenService``, the database.
-Called by: ``hub.web.app`` (login, logout), ``hub.web.context`` (every page request).
+Called by: ``hub.web.app`` (login, logout), ``hub.web.context`` (every page request),
+``hub.cli`` (``end_sessions_of`` after ``hub users passwd`` and ``disable``).
 """
 
 from __future__ import annotations
@@ -154,8 +155,14 @@ class Sessions:
 
     def end_all(self, username: str) -> int:
         """Log an account out everywhere (an admin disabled it, or its password changed)."""
-        with self.engine.begin() as conn:
-            return conn.execute(sa.delete(web_session).where(web_session.c.username == username)).rowcount
+        return end_sessions_of(self.engine, username)
+
+
+def end_sessions_of(engine: sa.Engine, username: str) -> int:
+    """Every page session of an account ends (the console, and ``hub users passwd|disable``:
+    a new password is the answer to a stolen session, so no session outlives it)."""
+    with engine.begin() as conn:
+        return conn.execute(sa.delete(web_session).where(web_session.c.username == username)).rowcount
 
 
 def _aware(moment: datetime) -> datetime:
