@@ -683,7 +683,7 @@ ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"  # how the payload must appear
 class World:
     """A citizen (managed by bs.tuan's station) whose every field carries markup, with an
     Organization, a Practitioner, an Encounter, a Condition, an Observation, a CarePlan, a
-    Composition (its narrative shown through the sanitiser); a patient account."""
+    Composition (its narrative shown through the sanitiser), a Consent to the Organization; a patient account."""
 
     def __init__(self, hub: WebHub) -> None:
         uid = _uid()
@@ -808,6 +808,40 @@ class World:
                 "date": "2026-01-05T09:00:00+07:00",
                 "author": [{"reference": f"Practitioner/{self.practitioner}"}],
                 "title": f"Tóm tắt {p}",
+            },
+            {
+                "resourceType": "Consent",
+                "id": f"atk-consent-{uid}",
+                "status": "active",
+                "scope": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                            "code": "patient-privacy",
+                        }
+                    ]
+                },
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}], "text": p}],
+                "patient": {"reference": f"Patient/{self.patient}"},
+                "dateTime": "2026-01-05T09:00:00+07:00",
+                "policyRule": {"text": p},
+                "provision": {
+                    "type": "permit",
+                    "period": {"start": "2026-01-05", "end": "2027-12-31"},
+                    "actor": [
+                        {
+                            "role": {"text": p},
+                            "reference": {"reference": f"Organization/{self.org}", "display": p},
+                        }
+                    ],
+                    "purpose": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                            "code": "TREAT",
+                            "display": p,
+                        }
+                    ],
+                },
             },
         ]
         with _fhir(hub) as api:
