@@ -182,3 +182,18 @@ def test_the_narrative_filter_sanitises_and_everything_else_is_escaped() -> None
         n=[{"family": "<script>", "given": ["<img src=x onerror=alert(1)>"]}], c={"text": "<svg>"}
     )
     assert "<script>" not in html and "<img" not in html and "<svg>" not in html and "&lt;svg&gt;" in html
+
+
+def test_no_template_or_page_module_turns_escaping_off() -> None:
+    """Escaping holds only while nothing opts out: no ``|safe``, no ``autoescape false``, no
+    ``Markup`` built outside the sanitiser and the CSRF field."""
+    web = render.TEMPLATE_DIR.parent
+    for template in sorted(render.TEMPLATE_DIR.rglob("*.html")):
+        text = template.read_text(encoding="utf-8")
+        assert not re.search(r"\|\s*safe\b", text), template
+        assert not re.search(r"autoescape\s+(false|off)", text, re.I), template
+    allowed = {"render.py", "context.py"}  # the narrative filter; csrf_field (an escaped token)
+    for module in sorted(web.rglob("*.py")):
+        text = module.read_text(encoding="utf-8")
+        if module.name not in allowed:
+            assert "Markup(" not in text and "autoescape=False" not in text, module

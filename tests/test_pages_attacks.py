@@ -1491,3 +1491,26 @@ def test_a_password_reset_or_disable_from_the_cli_ends_the_accounts_page_session
         done = _hub_cli(web_hub, "users", "disable", name)
         assert done.returncode == 0, done.stderr + done.stdout
         assert again.get("/account").status_code == 303
+
+
+def test_an_auditor_reads_accounts_but_changes_none(web_hub: WebHub) -> None:
+    name = f"aud-target-{_uid()}"
+    users.add_user(
+        web_hub.engine,
+        name,
+        "clinician",
+        fhir_user="Practitioner/x",
+        organizations=["o1"],
+        password="pw-123456",
+    )
+    with _login(web_hub, "auditor") as auditor:
+        assert auditor.get("/console/users").status_code == 200
+        for path, data in (
+            (f"/console/users/{name}/disable", {}),
+            (f"/console/users/{name}", {"role": "facility-admin", "organizations": "o1"}),
+            ("/console/users", {"username": f"aud-new-{_uid()}", "role": "auditor", "password": "pw-123456"}),
+        ):
+            answer = auditor.post(path, data=data)
+            assert answer.status_code == 403, (path, answer.status_code)
+    account = users.get_user(web_hub.engine, name)
+    assert account is not None and not account.disabled and account.role.value == "clinician"
