@@ -36,6 +36,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from consent.context import report, visible_clause
 from hub.crypto.envelope import open_content
@@ -205,7 +206,7 @@ def _page(
     report(pids)
     rows = conn.execute(
         sa.select(resource.c.pid, resource.c.res_type, resource.c.res_id, resource.c.content).where(
-            resource.c.pid.in_(pids)
+            pid_in(conn, pids)
         )
     )
     by_pid = {
@@ -214,6 +215,17 @@ def _page(
         if r.content is not None  # deleted by a commit between the two statements
     }
     return page[0].total, [by_pid[pid] for pid in pids if pid in by_pid]
+
+
+def pid_in(conn: sa.Connection, pids: list[int]) -> sa.ColumnElement[bool]:
+    """``resource.pid`` among ``pids``. On PostgreSQL one array parameter (``= ANY(%s)``):
+    an IN list of a record page's 200-1,000 pids is expanded, compiled and parsed by
+    SQLAlchemy and psycopg on every request (bench/pages.py: ~5 % of the record page's server
+    time; 25 -> 20 ms for 600 rows). SQLite has no arrays: the IN list stays (its limit of
+    bound parameters is far above ``max_count``)."""
+    if conn.dialect.name == "postgresql":
+        return resource.c.pid == sa.any_(sa.literal(pids, ARRAY(sa.BigInteger)))
+    return resource.c.pid.in_(pids)
 
 
 def _bytes(content: str | bytes) -> bytes:
