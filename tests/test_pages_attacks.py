@@ -1422,10 +1422,18 @@ def test_a_break_glass_reason_with_markup_is_text_wherever_the_trail_shows_it(we
         log = owner.get("/portal/access-log")
         assert log.status_code == 200 and ESCAPED in log.text and uid in log.text
         _no_raw_markup(log.text, "portal access log")
+    (alert,) = _alerts_for(web_hub, patient)
     with _login(web_hub, "admin") as admin:
+        review = admin.post(
+            f"/console/break-glass/{alert['id']}/review",
+            data={"verdict": "justified", "note": f"{XSS} note-{uid}"},
+        )
+        assert review.status_code == 200
         page = admin.get("/console/break-glass")
-        assert page.status_code == 200 and ESCAPED in page.text and uid in page.text
+        assert page.status_code == 200 and ESCAPED in page.text and f"note-{uid}" in page.text
         _no_raw_markup(page.text, "console break-glass")
+    with _login(web_hub, f"bg3-{uid}", "pw-123456") as owner:
+        _no_raw_markup(owner.get("/portal/access-log").text, "portal access log after the review")
 
 
 def test_no_other_origin_may_read_a_page_or_the_static_tree_outside_its_folder(
