@@ -6,7 +6,7 @@ and the shared resources those reference), its parameters (``_type``, ``_since``
 parsers that ``$export`` shares.
 Calls: ``hub.ops.compartment``, the schema, ``hub.rest.bundles``, ``consent.context`` (the
 rows the request may see; what was returned is reported), ``hub.crypto.envelope`` (opening
-sealed content).  Called by: the router
+sealed content), ``hub.store.pids`` (the page's rows by one pid array).  Called by: the router
 (registered by ``hub.app_factory``), ``hub.ops.export`` (parameter parsing).
 
 The member set is one SQL statement, so paging is plain offset paging over one stable
@@ -36,7 +36,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
 
 from consent.context import report, visible_clause
 from hub.crypto.envelope import open_content
@@ -47,6 +46,7 @@ from hub.rest import bundles
 from hub.rest.interactions import link_base
 from hub.rest.messages import FhirRequest, FhirResponse
 from hub.search.dates import DateFormatError, date_range, from_micros
+from hub.store.pids import pid_in
 from hub.validation import is_resource_type
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def _page(
     report(pids)
     rows = conn.execute(
         sa.select(resource.c.pid, resource.c.res_type, resource.c.res_id, resource.c.content).where(
-            pid_in(conn, pids)
+            pid_in(conn, resource.c.pid, pids)  # one array parameter on PostgreSQL
         )
     )
     by_pid = {
@@ -215,17 +215,6 @@ def _page(
         if r.content is not None  # deleted by a commit between the two statements
     }
     return page[0].total, [by_pid[pid] for pid in pids if pid in by_pid]
-
-
-def pid_in(conn: sa.Connection, pids: list[int]) -> sa.ColumnElement[bool]:
-    """``resource.pid`` among ``pids``. On PostgreSQL one array parameter (``= ANY(%s)``):
-    an IN list of a record page's 200-1,000 pids is expanded, compiled and parsed by
-    SQLAlchemy and psycopg on every request (bench/pages.py: ~5 % of the record page's server
-    time; 25 -> 20 ms for 600 rows). SQLite has no arrays: the IN list stays (its limit of
-    bound parameters is far above ``max_count``)."""
-    if conn.dialect.name == "postgresql":
-        return resource.c.pid == sa.any_(sa.literal(pids, ARRAY(sa.BigInteger)))
-    return resource.c.pid.in_(pids)
 
 
 def _bytes(content: str | bytes) -> bytes:
