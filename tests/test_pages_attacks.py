@@ -1601,3 +1601,65 @@ def test_a_proxy_cannot_withdraw_the_patients_sensitive_sharing(web_hub: WebHub,
         assert answer.status_code in (403, 404), answer.status_code
     with _fhir(web_hub) as api:
         assert api.get(f"Consent/{family.psy_consent}").json()["status"] == "active"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="access layer: a facility admin writes (PUT, DELETE) directory resources of any organization, so "
+    "they can move another facility's PractitionerRole to their own and then mint that doctor's account in "
+    "the console (the d569fc2 check reads those roles)",
+)
+def test_a_facility_admin_cannot_rewrite_another_facilitys_doctor_to_mint_their_account(
+    web_hub: WebHub,
+) -> None:
+    uid = _uid()
+    org, doctor, role = f"atk-far-org-{uid}", f"atk-far-pr-{uid}", f"atk-far-role-{uid}"
+    with _fhir(web_hub) as api:
+        for resource in (
+            {"resourceType": "Organization", "id": org, "name": f"Bệnh viện khác {uid}"},
+            {"resourceType": "Practitioner", "id": doctor, "name": [{"family": "Khác", "given": [uid]}]},
+            {
+                "resourceType": "PractitionerRole",
+                "id": role,
+                "active": True,
+                "practitioner": {"reference": f"Practitioner/{doctor}"},
+                "organization": {"reference": f"Organization/{org}"},
+            },
+        ):
+            assert api.put(f"{resource['resourceType']}/{resource['id']}", json=resource).status_code in (
+                200,
+                201,
+            )
+    account = f"far-{uid}"
+    try:
+        with _fhir(web_hub, _token_of(web_hub, "qtv.iakrai")) as facility_api:
+            moved = facility_api.put(
+                f"PractitionerRole/{role}",
+                json={
+                    "resourceType": "PractitionerRole",
+                    "id": role,
+                    "active": True,
+                    "practitioner": {"reference": f"Practitioner/{doctor}"},
+                    "organization": {"reference": "Organization/vn-demo-org-tyt-iakrai"},
+                },
+            )
+            renamed = facility_api.put(
+                f"Organization/{org}", json={"resourceType": "Organization", "id": org, "name": "renamed"}
+            )
+        with _login(web_hub, "qtv.iakrai") as facility:
+            facility.post(
+                "/console/users",
+                data={
+                    "username": account,
+                    "role": "clinician",
+                    "fhir_user": f"Practitioner/{doctor}",
+                    "organizations": "vn-demo-org-tyt-iakrai",
+                    "password": "pw-chosen-by-attacker",
+                },
+            )
+        assert users.get_user(web_hub.engine, account) is None, "the other facility's doctor was minted"
+        assert moved.status_code in (403, 404), moved.status_code
+        assert renamed.status_code in (403, 404), renamed.status_code
+    finally:
+        if users.get_user(web_hub.engine, account) is not None:
+            users.disable_user(web_hub.engine, account)
