@@ -70,7 +70,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +168,7 @@ def consent(patient_id: str) -> dict[str, Any]:
 
 async def record_consents(base: str, token: str, patient_ids: list[str], clients: int = 2) -> None:
     """The clinician's Organization and Practitioner, then a Consent per patient (transactions of 50)."""
-    directory = [
+    directory: list[dict[str, Any]] = [
         {"resourceType": "Organization", "id": ORG, "name": "Bệnh viện Đa khoa tỉnh Gia Lai (bench)"},
         {
             "resourceType": "Practitioner",
@@ -176,7 +176,7 @@ async def record_consents(base: str, token: str, patient_ids: list[str], clients
             "name": [{"family": "Trần", "given": ["Thị", "Hoa"], "text": "BS. Trần Thị Hoa"}],
         },
     ]
-    entries = [
+    entries: list[dict[str, Any]] = [
         {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
         for r in directory
     ]
@@ -290,7 +290,7 @@ class Stats:
         return len(self.samples) / self.seconds if self.seconds else 0.0
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -409,7 +409,8 @@ async def weigh(root: str, pages: dict[str, bytes]) -> list[str]:
             assets[path].add(name)
     for path in sorted((REPO / "hub" / "web" / "static").glob("*.*")):
         assets.setdefault(f"/static/{path.name}", set())
-    rows, totals = [], collections.defaultdict(lambda: [0, 0])
+    rows: list[str] = []
+    totals: collections.defaultdict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     async with aiohttp.ClientSession() as session:
         for path in sorted(assets, key=lambda p: ("/vendor/" in p, p)):
             async with session.get(root + path) as response:
