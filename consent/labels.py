@@ -8,7 +8,8 @@ A resource is labelled by its own ``meta.security``, by any Coding in it whose c
 a list (systems resolved through the alias table, codes compared upper-case and, for ICD-10
 and ATC, without dots), and - unless its type is exempt (Patient, Practitioner...) - by
 keywords found in its free text (Coding.display, CodeableConcept.text, notes, narrative,
-valueString, conclusion...: see docs/access.md, "Sensitive categories"). A resource with no
+valueString, conclusion...: see docs/access.md, "Sensitive categories"); a Consent also by
+the classes its provisions name (``provision.securityLabel`` at any level). A resource with no
 sensitive class is ``NORMAL``. Grants carry masks of the same bits, so "may this grant see
 that resource" is ``resource_labels & grant_labels == resource_labels`` in SQL.
 Calls: nothing of the hub.  Called by: ``consent.derive`` (write time), ``hub.crypto``.
@@ -343,8 +344,36 @@ def _security_bits(resource: dict[str, Any]) -> int:
     return mask
 
 
+def _provision_bits(provision: Any) -> int:
+    """The sensitive classes a Consent's provisions name (``securityLabel``, nested provisions
+    too, permit or deny alike): that a patient shares - or refuses - their HIV or mental-health
+    data is itself that class of data. Codes are read whatever their system, as
+    ``consent.derive`` reads them for the grants, so the Consent is labelled with every class a
+    grant of it may carry (fail closed)."""
+    mask = 0
+    stack: list[Any] = [provision]
+    while stack:
+        value = stack.pop()
+        if not isinstance(value, dict):
+            continue
+        security = value.get("securityLabel")
+        for label in security if isinstance(security, list) else ():
+            code = label.get("code") if isinstance(label, dict) else None
+            if isinstance(code, str):
+                mask |= BITS.get(code, 0) & SENSITIVE
+        children = value.get("provision")
+        if isinstance(children, list):
+            stack.extend(children)
+    return mask
+
+
 def labels_of(resource: dict[str, Any]) -> int:
-    """The label mask of a resource: its sensitive classes, or NORMAL when it has none."""
-    if resource.get("resourceType") == "AuditEvent":
+    """The label mask of a resource: its sensitive classes, or NORMAL when it has none. A
+    Consent also carries the classes its provisions name (``_provision_bits``)."""
+    kind = resource.get("resourceType")
+    if kind == "AuditEvent":
         return AUDIT
-    return (_security_bits(resource) | _content_bits(resource, rules())) or NORMAL
+    mask = _security_bits(resource) | _content_bits(resource, rules())
+    if kind == "Consent":
+        mask |= _provision_bits(resource.get("provision"))
+    return mask or NORMAL

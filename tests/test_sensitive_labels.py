@@ -20,10 +20,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import sqlalchemy as sa
 from conftest import LiveServer, make_token
 
 from consent import labels
+from consent.context import system_access
 from hub.auth.principal import Role
+from hub.db.schema import compartment, resource
+from hub.store.reindex import reindex
 
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
 ICD10_CM = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -268,6 +272,46 @@ def test_identity_resources_and_security_label_displays_are_not_scanned() -> Non
     assert names(consent) == {"NORMAL"}
 
 
+def _consent(provision: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Consent", "status": "active", "patient": {"reference": "Patient/p"},
+            "provision": provision}  # fmt: skip
+
+
+def _label(*codes: str, system: str = labels.ACT_CODE) -> list[dict[str, str]]:
+    return [{"system": system, "code": code} for code in codes]
+
+
+def test_a_consent_carries_the_sensitive_classes_its_provisions_name() -> None:
+    """That a patient shares (or refuses) mental-health data is itself mental-health data."""
+    dr = [{"reference": {"reference": "Practitioner/dr"}}]
+    assert names(_consent({"type": "permit", "actor": dr, "securityLabel": _label("PSY")})) == {"PSY"}
+    assert names(_consent({"type": "deny", "actor": dr, "securityLabel": _label("HIV", "SEX")})) == {
+        "HIV",
+        "SEX",
+    }
+    nested = {"type": "permit", "actor": dr,
+              "provision": [{"type": "deny", "provision": [{"securityLabel": _label("GDIS", "ETH")}]}]}  # fmt: skip
+    assert names(_consent(nested)) == {"GDIS", "ETH"}
+    restricted = {"type": "permit", "securityLabel": _label("V", system=labels.CONFIDENTIALITY)}
+    assert names(_consent(restricted)) == {"V"}
+    # Ordinary data, no labels, or codes that name no class: the Consent stays ordinary.
+    for plain in (
+        {"type": "permit", "actor": dr},
+        {"type": "permit", "securityLabel": _label("N", system=labels.CONFIDENTIALITY)},
+        {"type": "deny", "securityLabel": _label("AUDIT", "NORMAL", "XYZ")},
+        {"type": "permit", "securityLabel": "PSY", "provision": "HIV"},  # malformed: read nothing
+    ):
+        assert names(_consent(plain)) == {"NORMAL"}, plain
+    # The same bits as the grants the Consent derives (consent.derive reads the same codes).
+    from consent.derive import grant_rows
+
+    body = _consent({"type": "permit", "actor": dr, "securityLabel": _label("PSY", "STD")})
+    (grant,) = grant_rows("Consent", "c", body)
+    assert labels.labels_of(body) == grant[4]
+    # Only Consents: a securityLabel element elsewhere is no provision.
+    assert names({**observation(LOINC, "718-7"), "securityLabel": _label("PSY")}) == {"NORMAL"}
+
+
 def test_codes_of_other_systems_and_plain_resources_stay_ordinary() -> None:
     assert names(condition(ICD10, "I10")) == {"NORMAL"}
     assert names(condition("http://hl7.org/fhir/sid/icd-10-pcs", "B20ZZZZ")) == {"NORMAL"}  # a procedure
@@ -351,3 +395,57 @@ def test_clinician_with_an_ordinary_grant_cannot_read_the_newly_listed_data(
         assert {e["resource"]["id"] for e in all_mine.json().get("entry", [])} == {
             b["id"] for b in [ordinary, *sensitive] if b["resourceType"] == res_type
         }
+
+
+def test_reindex_labels_consents_stored_before_their_provisions_counted(
+    live_server: LiveServer, admin: httpx.Client, client_for: Callable[[str | None], httpx.Client], uid: str
+) -> None:
+    """A PSY-sharing Consent stored with the NORMAL label (as before the provisions counted) is
+    seen by the patient's care team until ``hub reindex`` labels it PSY."""
+    org, pid, cid = f"org-rx-{uid}", f"p-rx-{uid}", f"c-rx-{uid}"
+    role = {
+        "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]
+    }
+    grant = {"type": "permit", "securityLabel": _label("PSY"),
+             "actor": [{"role": role, "reference": {"reference": f"Practitioner/x-{uid}"}}]}  # fmt: skip
+    consent = {
+        **_consent(grant),
+        "id": cid,
+        "patient": {"reference": f"Patient/{pid}"},
+        "scope": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
+            ]
+        },
+        "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+    }
+    bodies: list[dict[str, Any]] = [
+        {"resourceType": "Organization", "id": org, "name": org},
+        {"resourceType": "Patient", "id": pid, "managingOrganization": {"reference": f"Organization/{org}"}},
+        consent,
+    ]
+    for body in bodies:
+        put = admin.put(f"{body['resourceType']}/{body['id']}", json=body)
+        assert put.status_code in (200, 201), put.text
+    clinician = client_for(
+        make_token(
+            live_server, role=Role.CLINICIAN, fhir_user=f"Practitioner/dr-rx-{uid}", organizations=[org]
+        )
+    )
+
+    def stored(conn: sa.Connection) -> list[int]:
+        rows = sa.select(compartment.c.labels).join(resource, resource.c.pid == compartment.c.pid)
+        return [
+            r[0] for r in conn.execute(rows.where(resource.c.res_type == "Consent", resource.c.res_id == cid))
+        ]
+
+    with live_server.engine.begin() as conn:
+        assert stored(conn) == [labels.PSY]
+        mine = sa.select(resource.c.pid).where(resource.c.res_type == "Consent", resource.c.res_id == cid)
+        conn.execute(compartment.update().where(compartment.c.pid.in_(mine)).values(labels=labels.NORMAL))
+    assert clinician.get(f"Consent/{cid}").status_code == 200  # the old label: the care team learns of it
+    with system_access("test-consent-reindex"):
+        reindex(live_server.app.state.router.ctx.store, "Consent")
+    with live_server.engine.begin() as conn:
+        assert stored(conn) == [labels.PSY]
+    assert clinician.get(f"Consent/{cid}").status_code == 404
