@@ -11,7 +11,9 @@ version) with those of the version it replaces (its ``access_grant`` rows):
 
 - a patient writes Consents for themselves only;
 - a proxy (RelatedPerson) may add denies and grant or withdraw permits of NORMAL data only:
-  no permit of a sensitive class that the replaced version did not already hold;
+  no permit of a sensitive class that the replaced version did not already hold, and no
+  write (status no longer active, delete, an update that drops or narrows it) that leaves a
+  sensitive permit of the replaced version uncovered;
 - a clinician records a patient's signed consent only with its evidence
   (``sourceAttachment`` or ``sourceReference``) and a witnessing staff member (extension
   ``WITNESS_EXTENSION``, a Practitioner or PractitionerRole other than themselves), and
@@ -179,9 +181,10 @@ def check_write(
     if role == Role.PROXY and sensitive:
         raise _forbidden(
             "A proxy may grant access to ordinary data only: sensitive categories"
-            f" ({', '.join(sorted({n for g in sensitive for n in labels.names(g[4] & labels.SENSITIVE)}))})"
-            " need the patient's own consent"
+            f" ({_sensitive_names(sensitive)}) need the patient's own consent"
         )
+    if role == Role.PROXY:
+        _proxy_keeps_sensitive_permits(old, _of(new_grants, "permit"))
     if role == Role.CLINICIAN:
         witness = _evidence(conn, principal, body)
         selves = _selves(conn, access)
@@ -224,6 +227,8 @@ def check_delete(conn: sa.Connection, access: Access, pid: int) -> None:
     ]
     if principal.role == Role.PATIENT and set(patients) - {principal.fhir_user_id}:
         raise _forbidden("A patient deletes their own Consents only")
+    if principal.role == Role.PROXY:
+        _proxy_keeps_sensitive_permits(old, [])
     removed = _of(old, "deny")
     _may_remove_denies(access, removed)
     if patients and all(_is_patient(principal, p) for p in patients):
@@ -231,6 +236,23 @@ def check_delete(conn: sa.Connection, access: Access, pid: int) -> None:
     res_id = conn.execute(sa.select(resource.c.res_id).where(resource.c.pid == pid)).scalar_one_or_none()
     detail = _describe(removed, "removes deny of") + _describe(_of(old, "permit"), "withdraws permit of")
     _alert(conn, access, str(res_id or ""), patients, "delete", None, detail)
+
+
+def _sensitive_names(grants: Iterable[GrantRow]) -> str:
+    return ", ".join(sorted({n for g in grants for n in labels.names(g[4] & labels.SENSITIVE)}))
+
+
+def _proxy_keeps_sensitive_permits(old: list[GrantRow], new_permits: list[GrantRow]) -> None:
+    """403 when a proxy's write withdraws or narrows what a permit of a sensitive class said:
+    the patient alone decides who sees those classes, both ways. Only the sensitive part of
+    each old permit must stay covered; its NORMAL part the proxy may withdraw."""
+    held = [(g[0], g[1], g[2], g[3], g[4] & labels.SENSITIVE, *g[5:]) for g in _of(old, "permit")]
+    dropped = _uncovered([g for g in held if g[4]], new_permits)
+    if dropped:
+        raise _forbidden(
+            "A proxy may withdraw access to ordinary data only: a permit of sensitive categories"
+            f" ({_sensitive_names(dropped)}) is withdrawn or narrowed by the patient alone"
+        )
 
 
 def _is_patient(principal: Principal, patient: str) -> bool:

@@ -319,3 +319,114 @@ def test_an_integration_service_imports_consents_validated_and_alerted(world: Wo
     key = f"Consent/{stored['id']}"
     assert feed.put(key, json={**stored, "status": "inactive"}).status_code == 403
     assert feed.delete(key).status_code == 403
+
+
+def _ids(client: httpx.Client, world: World) -> set[str]:
+    answer = client.get("Consent", params={"patient": world.patient})
+    assert answer.status_code == 200, answer.text
+    return {e["resource"]["id"] for e in answer.json().get("entry", [])}
+
+
+def test_a_consent_naming_a_sensitive_class_is_seen_only_with_that_class(world: World) -> None:
+    """A Consent is labelled with the classes its provisions name (permit or deny, nested too):
+    that the patient shares mental-health data is itself mental-health data."""
+    me = world.me
+    psy = me.post("Consent", json=consent(world, permit(world.dr("b"), "PSY"))).json()["id"]
+    plain = me.post("Consent", json=consent(world, permit(world.dr("b")))).json()["id"]
+    nested = {**permit(world.dr("b")), "provision": [{"type": "deny", "securityLabel": permit("x", "HIV")["securityLabel"]}]}  # fmt: skip
+    hiv = me.post("Consent", json=consent(world, nested)).json()["id"]
+    everything = {psy, plain, hiv}
+    assert _ids(me, world) == everything  # the patient sees all her Consents
+    assert _ids(world.admin, world) == everything
+    assert _ids(world.as_(Role.AUDITOR), world) == everything
+    # The proxy and a clinician with the ordinary policy grant: only the ordinary one.
+    for client in (world.husband, world.clinician("a")):
+        assert _ids(client, world) == {plain}
+        assert client.get(f"Consent/{psy}").status_code == 404
+        assert client.get(f"Consent/{hiv}").status_code == 404
+    # The grantee holds PSY through the Consent: he sees it (and the data), not the HIV one.
+    dr_b = world.clinician("b")
+    assert dr_b.get(f"Condition/dep-{world.uid}").status_code == 200
+    assert _ids(dr_b, world) == {psy, plain}
+    assert dr_b.get(f"Consent/{hiv}").status_code == 404
+    # Governance and grants keep working on labelled Consents: the patient withdraws it.
+    stored = me.get(f"Consent/{psy}").json()
+    assert me.put(f"Consent/{psy}", json={**stored, "status": "inactive"}).status_code == 200
+    assert dr_b.get(f"Condition/dep-{world.uid}").status_code == 404
+    assert dr_b.get(f"Consent/{psy}").status_code == 404
+    assert me.get(f"Consent/{psy}").json()["status"] == "inactive"
+    # A clinician records a signed PSY consent for a colleague he cannot read himself.
+    recorded = world.clinician("a").post(
+        "Consent", json=consent(world, permit(world.dr("b"), "PSY"), **signed(world))
+    )
+    assert recorded.status_code == 201, recorded.text
+    assert dr_b.get(f"Condition/dep-{world.uid}").status_code == 200
+    assert world.clinician("a").get(f"Consent/{recorded.json()['id']}").status_code == 404
+    assert f"Consent/{recorded.json()['id']}" in {a["consent"] for a in world.alerts(me)}
+
+
+def test_a_proxy_cannot_withdraw_a_sensitive_permit(world: World) -> None:
+    """docs/access.md: proxies grant or withdraw permits of ordinary data only. Hidden from him,
+    the Consent is unknown (404); seen (the patient shares PSY with him too), governance refuses
+    (403) every way of withdrawing or narrowing it, and lets him withdraw ordinary permits."""
+    me, husband, base = world.me, world.husband, world.server.base
+    body = consent(world, {**permit(world.dr("b"), "PSY", "N"), "period": {"start": "2020-01-01"}})
+    created = me.post("Consent", json=body)
+    assert created.status_code == 201, created.text
+    stored = created.json()
+    key = f"Consent/{stored['id']}"
+    inactive = {**stored, "status": "inactive"}
+    assert husband.put(key, json=inactive).status_code in (403, 404)
+    assert husband.delete(key).status_code in (403, 404)
+    # The patient shares PSY with her husband as well: he now sees the Consent.
+    to_him = me.post("Consent", json=consent(world, permit(world.rp, "PSY")))
+    assert to_him.status_code == 201, to_him.text
+    assert husband.get(key).status_code == 200
+    narrowed = [
+        inactive,
+        {**stored, "status": "rejected"},
+        {**stored, "provision": {**stored["provision"], "securityLabel": [{"system": ACT_CODE, "code": "N"}]}},
+        {**stored, "provision": {**stored["provision"], "actor": [actor(world.dr("a"))]}},
+        {**stored, "provision": {**stored["provision"], "purpose": [{"system": ACT_CODE, "code": "HRESCH"}]}},
+        {**stored, "provision": {**stored["provision"], "period": {"start": "2020-01-01", "end": "2020-12-31"}}},
+        {**stored, "provision": {**stored["provision"], "type": "deny"}},
+    ]  # fmt: skip
+    for version in narrowed:
+        answer = husband.put(key, json=version)
+        assert answer.status_code == 403, (version, answer.text)
+        assert "sensitive" in _diagnostics(answer) and "PSY" in _diagnostics(answer)
+    deleted = husband.delete(key)
+    assert deleted.status_code == 403 and "PSY" in _diagnostics(deleted), deleted.text
+    conditional = husband.put("Consent", params={"_id": stored["id"]}, json=inactive)
+    assert conditional.status_code == 403 and "PSY" in _diagnostics(conditional), conditional.text
+    transaction = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": inactive, "request": {"method": "PUT", "url": key}},
+            {"request": {"method": "DELETE", "url": f"Consent/{to_him.json()['id']}"}},
+        ],
+    }
+    answer = husband.post(base, json=transaction)
+    assert answer.status_code == 403 and "PSY" in _diagnostics(answer), answer.text
+    patched = husband.patch(
+        key,
+        json=[{"op": "replace", "path": "/status", "value": "inactive"}],
+        headers={"Content-Type": "application/json-patch+json"},
+    )
+    assert patched.status_code >= 400
+    # His own PSY permit he cannot withdraw either: the patient gave it.
+    assert husband.delete(f"Consent/{to_him.json()['id']}").status_code == 403
+    # Unchanged: still active, Dr B still reads the PSY data.
+    assert me.get(key).json()["status"] == "active"
+    assert world.clinician("b").get(f"Condition/dep-{world.uid}").status_code == 200
+    # The ordinary part of it he may withdraw, and an ordinary permit altogether.
+    psy_only = {**stored, "provision": {**stored["provision"], "securityLabel": [{"system": ACT_CODE, "code": "PSY"}]}}  # fmt: skip
+    answer = husband.put(key, json=psy_only)
+    assert answer.status_code == 200, answer.text
+    ordinary = me.post("Consent", json=consent(world, permit(world.dr("b")))).json()
+    assert (
+        husband.put(f"Consent/{ordinary['id']}", json={**ordinary, "status": "inactive"}).status_code == 200
+    )
+    assert husband.delete(f"Consent/{ordinary['id']}").status_code == 204
+    assert {a["consent"] for a in world.alerts(me) if a["recordedBy"] == world.rp} >= {key}

@@ -192,7 +192,8 @@ def codings(value: Any) -> Iterable[tuple[str, str]]:
 
 
 def labels_of(body: dict[str, Any]) -> frozenset[str]:
-    """Issue 4's labels: AUDIT for AuditEvents; else meta.security and coded categories; else NORMAL."""
+    """Issue 4's labels: AUDIT for AuditEvents; else meta.security, coded categories and a Consent's
+    provision.securityLabel; else NORMAL."""
     if body["resourceType"] == "AuditEvent":
         return frozenset({AUDIT})
     found: set[str] = set()
@@ -203,6 +204,14 @@ def labels_of(body: dict[str, Any]) -> frozenset[str]:
             found.add("V")
     for pair in codings(body):
         found |= CODE_LABELS.get(pair, frozenset())
+    if body["resourceType"] == "Consent":  # and the sensitive classes its provisions name, at any level
+        provisions = [body.get("provision") or {}]
+        while provisions:
+            provision = provisions.pop()
+            found |= {
+                lab["code"] for lab in provision.get("securityLabel", []) if lab["code"] in (*SENSITIVE, "V")
+            }
+            provisions += provision.get("provision", [])
     return frozenset(found) or frozenset({NORMAL})
 
 
