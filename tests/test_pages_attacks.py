@@ -1570,11 +1570,6 @@ def family(web_hub: WebHub, world: World) -> Family:
     return Family(web_hub, world)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consent/labels.py labels a Consent by its codes, not by the classes its provisions permit: "
-    "a proxy reads (API and /portal/consents) that the patient shares mental-health (PSY) data",
-)
 def test_a_proxy_does_not_learn_that_the_patient_shares_sensitive_data(
     web_hub: WebHub, family: Family
 ) -> None:
@@ -1588,11 +1583,6 @@ def test_a_proxy_does_not_learn_that_the_patient_shares_sensitive_data(
         assert api.get(f"Consent/{family.psy_consent}").status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consent/governance.py: a proxy withdraws the patient's permit of a sensitive class (docs/access.md: "
-    "proxies grant or withdraw permits of ordinary data only); the portal offers the button and the hub accepts",
-)
 def test_a_proxy_cannot_withdraw_the_patients_sensitive_sharing(web_hub: WebHub, family: Family) -> None:
     with _login(web_hub, family.proxy, "pw-123456") as proxy:
         answer = proxy.post(
