@@ -25,6 +25,7 @@ from hub.db.schema import compartment, resource
 from hub.errors import FhirError, Issue
 from hub.rest.messages import FhirRequest
 from hub.store import Store
+from hub.store.pids import pid_in
 
 log = logging.getLogger(__name__)
 PURPOSE_HEADER = "x-purpose-of-use"
@@ -184,7 +185,7 @@ class Gate:
             rows = conn.execute(
                 sa.select(resource.c.res_type, resource.c.res_id, compartment.c.patient_id)
                 .select_from(resource.outerjoin(compartment, compartment.c.pid == resource.c.pid))
-                .where(resource.c.pid.in_(chunk))
+                .where(pid_in(conn, resource.c.pid, chunk))  # one array parameter on PostgreSQL
             )
             for res_type, res_id, patient in rows:
                 group = shared if not patient else by_patient.setdefault(patient, [])

@@ -7,7 +7,7 @@ documents, imaging studies), ``consent_lines`` (why THIS clinician may see the r
 structured lines the templates turn into words) and ``fetch_record`` (the requests a page
 makes through its ``FhirHandle``: one ``$everything`` of the page's types; for a record too big
 for one page, the types without Observations plus the newest Observations, capped).
-Calls: nothing but the standard library; ``fetch_record`` calls the page's FHIR handle (the
+Calls: the standard library and orjson; ``fetch_record`` calls the page's FHIR handle (the
 router: access decision, consent filter, audit).
 Called by: ``hub.web.views.clinician`` (record page) and the portal's pages.
 
@@ -19,11 +19,12 @@ Every builder tolerates missing or odd fields (Synthea, the QĐ 130 and HL7 v2 c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Protocol
+
+import orjson
 
 CCCD_SYSTEM = "https://ehealth-hub.vn/sid/cccd"
 BHYT_SYSTEM = "https://ehealth-hub.vn/sid/bhyt"
@@ -1007,7 +1008,7 @@ def fetch_record(fhir: FhirReader, patient_id: str, headers: dict[str, str] | No
         )
         capped = True
         if observations.status == 200:
-            obs_bundle = json.loads(observations.body)
+            obs_bundle = orjson.loads(observations.body)
             resources.extend(
                 e["resource"]
                 for e in _dicts(obs_bundle.get("entry"))
@@ -1048,7 +1049,7 @@ def _everything(
     )
     if answer.status != 200:
         return None
-    bundle = json.loads(answer.body)
+    bundle = orjson.loads(answer.body)  # the router's bytes: orjson parses a record 2-3x faster than json
     resources = [e["resource"] for e in _dicts(bundle.get("entry")) if isinstance(e.get("resource"), dict)]
     more = any(_str(link.get("relation")) == "next" for link in _dicts(bundle.get("link")))
     return resources, more
