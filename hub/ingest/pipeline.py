@@ -49,6 +49,10 @@ FLUSH_RESOURCES = 5000
 IN_FLIGHT_PER_WORKER = 4
 
 
+# A load at least this large refreshes the planner's statistics when it ends.
+ANALYZE_AFTER = 5000
+
+
 @dataclass
 class ImportReport:
     files: int = 0
@@ -97,8 +101,18 @@ class Importer:
             if progress is not None:
                 progress(prepared)
         self._flush()
+        self._analyze()
         self.report.seconds = time.perf_counter() - started
         return self.report
+
+    def _analyze(self) -> None:
+        """After a bulk load, PostgreSQL's planner statistics: without them (autovacuum off, or
+        not yet run) the record page's membership query scanned idx_reference whole (324 ms at
+        1,300 patients; 1.8 ms once analysed, bench/pages.py)."""
+        if self.store.engine.dialect.name != "postgresql" or self.report.stored < ANALYZE_AFTER:
+            return
+        with self.store.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE"))
 
     def _prepared(self, work: Iterable[Unit]) -> Iterator[Prepared]:
         if self.workers <= 1:
