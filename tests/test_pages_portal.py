@@ -317,9 +317,23 @@ def test_a_proxy_cannot_lift_a_deny_and_sees_the_hub_s_refusal(
         },
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
         "patient": {"reference": f"Patient/{citizen.patient}"},
+        # A deny of everything to An Khê: one naming a sensitive class (PSY) is itself that class,
+        # hidden from the proxy (tests/test_pages_attacks.py).
         "provision": {
             "type": "deny",
-            "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}],
+            "actor": [
+                {
+                    "role": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                "code": "IRCP",
+                            }
+                        ]
+                    },
+                    "reference": {"reference": ANKHE},
+                }
+            ],
         },
     }
     with web_hub.admin_client() as admin:
@@ -337,7 +351,7 @@ def test_a_proxy_cannot_lift_a_deny_and_sees_the_hub_s_refusal(
     )
     with web_login(web_hub, f"px-{uid}", f"pw-{uid}") as client:
         page = client.get("/portal/consents", params={"patient": citizen.patient})
-        assert "Không ai được xem dữ liệu sức khỏe tâm thần" in plain(page.text)
+        assert "An Khê (demo) không được xem bất kỳ dữ liệu nào" in plain(page.text)
         assert f"/portal/consents/{consent_id}/withdraw" not in page.text  # not offered
         assert "chỉ người bệnh mới rút lại được" in page.text
         answer = client.post(f"/portal/consents/{consent_id}/withdraw", data={"patient": citizen.patient})
