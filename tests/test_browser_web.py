@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from conftest import WebHub, axe_check, login_page, new_page, screenshot
 
 pytestmark = pytest.mark.pages
