@@ -131,7 +131,15 @@ def before_write(body: dict[str, object]) -> None:
     hub records when and how it was given. Staff recording a consent given elsewhere (a
     signed form) carry its own dateTime and sourceAttachment; their content is not touched."""
     access = required()
-    if body.get("resourceType") != "Consent":
+    res_type = body.get("resourceType")
+    if isinstance(res_type, str) and res_type != "Consent":
+        from consent import governance
+
+        if governance.restricts_directory(access, res_type):
+            # Checked by authorize_write once conditional references are resolved (as a Consent).
+            _pending_directory.set((access, body))
+        return
+    if res_type != "Consent":
         return
     # Validated and checked by authorize_write once conditional references are resolved and
     # the id stamped (consent.governance).
@@ -170,6 +178,30 @@ def authorize_write(
             raise forbidden(f"You may not write a {res_type} into the record of a patient you cannot access")
     if res_type == "Consent":
         _govern(conn, access, permission, existing_pid, new_rows is not None)
+    else:
+        _govern_directory(conn, access, res_type, existing_pid, new_rows is not None)
+
+
+def _govern_directory(
+    conn: sa.Connection, access: Access, res_type: str, existing_pid: int | None, new: bool
+) -> None:
+    """consent.governance's rule for facility admins: their own facilities' directory only,
+    checked on the version changed or deleted and on the version written."""
+    from consent import governance
+
+    if not governance.restricts_directory(access, res_type):
+        return
+    if existing_pid is not None:
+        governance.check_directory_stored(conn, access, res_type, existing_pid)
+    if not new:
+        return
+    pending = _pending_directory.get()
+    _pending_directory.set(None)
+    if pending is None or pending[0] is not access or pending[1].get("resourceType") != res_type:
+        raise FhirError(
+            500, [Issue("exception", f"A {res_type} reached the store without its directory check")]
+        )
+    governance.check_directory_new(conn, access, res_type, pending[1])
 
 
 # A Consent write passes here twice or three times: (update: authorize_write with the
@@ -177,6 +209,10 @@ def authorize_write(
 # These remember the first steps for the last, tagged with the Access of the request.
 _pending: ContextVar[tuple[object, dict[str, object]] | None] = ContextVar("hub_consent_body", default=None)
 _replacing: ContextVar[tuple[object, int] | None] = ContextVar("hub_consent_replaced", default=None)
+# A facility admin's directory write: its body, from before_write to its authorize_write.
+_pending_directory: ContextVar[tuple[object, dict[str, object]] | None] = ContextVar(
+    "hub_directory_body", default=None
+)
 
 
 def _govern(

@@ -424,3 +424,150 @@ def list_alerts(
         }
         for r in conn.execute(query)
     ]
+
+
+# --- directory writes by facility admins ---------------------------------------------------------
+
+# How far up an Organization's partOf chain (or into a Schedule's actors) ownership is
+# followed: a facility's tree is a few levels deep; a longer (or cyclic) chain is not theirs.
+_MAX_PART_OF_DEPTH = 8
+# The element of each directory type that says which organization it belongs to.
+_ORGANIZATION_ELEMENT = {
+    "PractitionerRole": "organization",
+    "Location": "managingOrganization",
+    "HealthcareService": "providedBy",
+    "Endpoint": "managingOrganization",
+}
+_SCHEDULE_ACTORS = ("PractitionerRole", "Location", "HealthcareService", "Practitioner")
+
+
+def restricts_directory(access: Access, res_type: str) -> bool:
+    """Whether ``check_directory_*`` applies: a facility admin writing a directory resource
+    (hub admins and integration services write any facility's directory)."""
+    from consent.decision import ROLE_TYPES
+
+    role = access.principal.role
+    allowed = ROLE_TYPES.get(role)
+    return role == Role.FACILITY_ADMIN and allowed is not None and res_type in allowed
+
+
+def check_directory_stored(conn: sa.Connection, access: Access, res_type: str, pid: int) -> None:
+    """403 unless the stored version a facility admin changes or deletes is their facilities'."""
+    row = conn.execute(sa.select(resource.c.res_id, resource.c.deleted).where(resource.c.pid == pid)).first()
+    if row is None:
+        return
+    if row.deleted:
+        # Restoring a deleted entry is choosing an id whose last owner the admin cannot show.
+        raise _forbidden(f"{res_type}/{row.res_id} was deleted: a hub admin restores it")
+    owner = _Ownership(conn, access.principal.organizations)
+    why = owner.refusal(res_type, str(row.res_id), owner.body(res_type, str(row.res_id)), stored=True)
+    if why:
+        raise _forbidden(f"A facility admin changes or deletes their own facilities' directory only: {why}")
+
+
+def check_directory_new(conn: sa.Connection, access: Access, res_type: str, body: dict[str, Any]) -> None:
+    """403 unless the version a facility admin writes (create or update) is their facilities'."""
+    owner = _Ownership(conn, access.principal.organizations)
+    why = owner.refusal(res_type, str(body.get("id", "")), body, stored=False)
+    if why:
+        raise _forbidden(f"A facility admin writes their own facilities' directory only: {why}")
+
+
+def _local(reference: Any, res_type: str) -> str | None:
+    """The id of a literal relative reference ``res_type/id`` (or ``.../_history/n``); None
+    for any other form (absolute, conditional, contained): such a reference is never theirs."""
+    ref = reference.get("reference") if isinstance(reference, dict) else None
+    if not isinstance(ref, str):
+        return None
+    parts = ref.split("/")
+    if parts[0] != res_type or len(parts) not in (2, 4) or (len(parts) == 4 and parts[2] != "_history"):
+        return None
+    return parts[1] or None
+
+
+class _Ownership:
+    """Whether directory resources belong to a facility admin's organizations (or to
+    organizations part of theirs), reading the stored versions they reference."""
+
+    def __init__(self, conn: sa.Connection, organizations: Iterable[str]) -> None:
+        self.conn = conn
+        self.organizations = frozenset(organizations)
+        self._bodies: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def body(self, res_type: str, res_id: str) -> dict[str, Any] | None:
+        key = (res_type, res_id)
+        if key not in self._bodies:
+            from hub.store import reader  # the store imports this package's users
+
+            row = reader.current_row(self.conn, res_type, res_id)
+            stored = reader.to_stored(row) if row is not None else None
+            self._bodies[key] = stored.parsed() if stored is not None and not stored.deleted else None
+        return self._bodies[key]
+
+    def organization(self, org_id: str | None, depth: int = 0) -> bool:
+        """One of theirs, or (stored) part of one of theirs, up the partOf chain."""
+        if org_id is None or depth > _MAX_PART_OF_DEPTH:
+            return False
+        if org_id in self.organizations:
+            return True
+        body = self.body("Organization", org_id)
+        return body is not None and self.organization(_local(body.get("partOf"), "Organization"), depth + 1)
+
+    def practitioner(self, practitioner_id: str) -> bool:
+        """Every PractitionerRole naming this Practitioner (at least one) is at theirs."""
+        roles = self.conn.execute(
+            sa.select(resource.c.res_id)
+            .join(idx_reference, idx_reference.c.pid == resource.c.pid)
+            .where(
+                resource.c.res_type == "PractitionerRole",
+                resource.c.deleted.is_(False),
+                idx_reference.c.target_type == "Practitioner",
+                idx_reference.c.target_id == practitioner_id,
+            )
+            .distinct()
+        ).all()
+        return bool(roles) and all(self.owned("PractitionerRole", str(r[0])) for r in roles)
+
+    def owned(self, res_type: str, res_id: str) -> bool:
+        """A stored directory resource of theirs."""
+        if res_type == "Practitioner":
+            return self.practitioner(res_id)
+        body = self.body(res_type, res_id)
+        return body is not None and not self.refusal(res_type, res_id, body, stored=True)
+
+    def refusal(self, res_type: str, res_id: str, body: dict[str, Any] | None, *, stored: bool) -> str | None:
+        """Why this version is not theirs (None: it is)."""
+        name = f"{res_type}/{res_id}" if res_id else f"the new {res_type}"
+        if body is None:
+            return f"{name} is not known"
+        if res_type == "Organization":
+            if res_id in self.organizations or self.organization(_local(body.get("partOf"), "Organization")):
+                return None
+            return f"{name} is neither one of your organizations nor part of one"
+        if res_type in _ORGANIZATION_ELEMENT:
+            element = _ORGANIZATION_ELEMENT[res_type]
+            if self.organization(_local(body.get(element), "Organization")):
+                return None
+            return f"{name}.{element} is not one of your organizations"
+        if res_type == "Practitioner":
+            # A new person has no roles yet; an existing one is theirs when all their roles are.
+            if not stored or self.practitioner(res_id):
+                return None
+            return f"{name} holds a PractitionerRole outside your organizations (or none)"
+        if res_type == "Schedule":
+            actors = body.get("actor")
+            refs = [
+                (kind, ident)
+                for actor in (actors if isinstance(actors, list) else [])
+                for kind in _SCHEDULE_ACTORS
+                if (ident := _local(actor, kind))
+            ]
+            if refs and len(refs) == len(actors or []) and all(self.owned(k, i) for k, i in refs):
+                return None
+            return f"{name}.actor is not a PractitionerRole, Location or HealthcareService of yours"
+        if res_type == "Slot":
+            schedule = _local(body.get("schedule"), "Schedule")
+            if schedule is not None and self.owned("Schedule", schedule):
+                return None
+            return f"{name}.schedule is not a Schedule of yours"
+        return f"{res_type} is not a directory type"
