@@ -1593,12 +1593,6 @@ def test_a_proxy_cannot_withdraw_the_patients_sensitive_sharing(web_hub: WebHub,
         assert api.get(f"Consent/{family.psy_consent}").json()["status"] == "active"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="access layer: a facility admin writes (PUT, DELETE) directory resources of any organization, so "
-    "they can move another facility's PractitionerRole to their own and then mint that doctor's account in "
-    "the console (the d569fc2 check reads those roles)",
-)
 def test_a_facility_admin_cannot_rewrite_another_facilitys_doctor_to_mint_their_account(
     web_hub: WebHub,
 ) -> None:
