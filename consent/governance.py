@@ -426,6 +426,35 @@ def list_alerts(
     ]
 
 
+def readable_consents(conn: sa.Connection, access: Access, consent_ids: Iterable[str]) -> set[str]:
+    """The ids among ``consent_ids`` of Consents ``access`` could read in every version that
+    had content (the current one and those in history): an alert describes what a version
+    granted ("permits PSY to ..."), and a deleted Consent has no current version to go by.
+    A Consent naming a sensitive class carries it (consent.labels), so a proxy or an
+    ordinary-grant reader does not get it here; an unknown id is not readable."""
+    from hub.db.schema import resource_history
+
+    wanted = sorted({c for c in consent_ids if c})
+    if not wanted:
+        return set()
+    found: dict[str, list[bool]] = {}
+    r, h = resource, resource_history
+    for start in range(0, len(wanted), 400):  # under SQLite's bound-parameter limit
+        chunk = wanted[start : start + 400]
+        current_visible = access.visible(r)
+        current = sa.select(
+            r.c.res_id, (current_visible if current_visible is not None else sa.true()).label("ok")
+        ).where(r.c.res_type == "Consent", r.c.res_id.in_(chunk), r.c.deleted.is_(False))
+        history_visible = access.visible(h)
+        past = sa.select(
+            h.c.res_id, (history_visible if history_visible is not None else sa.true()).label("ok")
+        ).where(h.c.res_type == "Consent", h.c.res_id.in_(chunk), h.c.content.is_not(None))
+        for query in (current, past):
+            for res_id, ok in conn.execute(query):
+                found.setdefault(str(res_id), []).append(bool(ok))
+    return {res_id for res_id, seen in found.items() if seen and all(seen)}
+
+
 # --- directory writes by facility admins ---------------------------------------------------------
 
 # How far up an Organization's partOf chain (or into a Schedule's actors) ownership is

@@ -368,3 +368,85 @@ def test_hub_admins_and_integration_services_are_not_restricted(
         assert client.put(f"PractitionerRole/{moved['id']}", json=moved).status_code == 200
     with live_server.admin_client() as admin:
         assert admin.delete(f"Location/{world.id('loc-other')}").status_code in (200, 204)
+
+
+# --- consent alerts: a proxy sees only alerts about Consents they could read ---------------------
+
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+
+
+def _consent(patient: str, grantee: str, *classes: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": f"Patient/{patient}"},
+        "provision": {
+            "type": "permit",
+            "actor": [
+                {
+                    "role": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                "code": "IRCP",
+                            }
+                        ]
+                    },
+                    "reference": {"reference": grantee},
+                }
+            ],
+            "securityLabel": [{"system": ACT_CODE, "code": c} for c in classes],
+        },
+    }
+
+
+def test_a_proxy_sees_no_alert_about_a_sensitive_consent(live_server: LiveServer, world: World) -> None:
+    patient, proxy = f"dw-pt-{world.uid}", f"dw-rp-{world.uid}"
+    alerts_url = live_server.base.removesuffix("/fhir") + "/access/consent-alerts"
+    with live_server.admin_client() as admin:
+        for body in (
+            {
+                "resourceType": "Patient",
+                "id": patient,
+                "managingOrganization": {"reference": f"Organization/{world.mine}"},
+            },
+            {
+                "resourceType": "RelatedPerson",
+                "id": proxy,
+                "active": True,
+                "patient": {"reference": f"Patient/{patient}"},
+            },
+        ):
+            assert admin.put(f"{body['resourceType']}/{body['id']}", json=body).status_code in (200, 201)
+        # Written by the hub admin (not the patient), so each is alerted.
+        created = admin.post("Consent", json=_consent(patient, f"Organization/{world.other}"))
+        assert created.status_code == 201, created.text
+        ordinary = created.json()["id"]
+        psy = admin.post("Consent", json=_consent(patient, f"Organization/{world.other}", "PSY")).json()["id"]
+        psy_deleted = admin.post(
+            "Consent", json=_consent(patient, f"Organization/{world.mine}", "PSY")
+        ).json()["id"]
+        assert admin.delete(f"Consent/{psy_deleted}").status_code in (200, 204)
+        everyone = admin.get(alerts_url).json()
+    mine = [a for a in everyone if a["patient"] == f"Patient/{patient}"]
+    assert {a["consent"] for a in mine} == {f"Consent/{c}" for c in (ordinary, psy, psy_deleted)}
+    assert any("PSY" in a["detail"] for a in mine)
+    token = make_token(live_server, role="proxy", fhir_user=f"RelatedPerson/{proxy}")
+    with live_server.client(token) as husband:
+        assert husband.get(f"Consent/{ordinary}").status_code == 200
+        assert husband.get(f"Consent/{psy}").status_code == 404
+        answer = husband.get(alerts_url)
+        assert answer.status_code == 200, answer.text
+        seen = answer.json()
+    assert [a["consent"] for a in seen] == [f"Consent/{ordinary}"]
+    assert not any("PSY" in a["detail"] for a in seen)
+    # The patient sees every alert about their Consents.
+    me = make_token(live_server, role="patient", fhir_user=f"Patient/{patient}")
+    with live_server.client(me) as patient_client:
+        assert {a["consent"] for a in patient_client.get(alerts_url).json()} == {a["consent"] for a in mine}

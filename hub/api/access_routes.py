@@ -4,10 +4,12 @@ Owns: ``GET /access/break-glass`` (alerts the caller may see: a patient their ow
 facility admin those raised by clinicians of their organizations, auditors and hub admins
 all), ``POST /access/break-glass/{id}/review`` (appends a review: ``{"verdict":
 "justified"|"not-justified", "note": ...}``) and ``GET /access/consent-alerts`` (Consents
-written by someone other than the patient: the patient, their proxies, the recorder's
-facility admins, auditors and hub admins). Who sees and who reviews is decided in
+written by someone other than the patient: the patient, their proxies (only alerts about
+Consents the proxy could read, every version: not one naming a sensitive class), the
+recorder's facility admins, auditors and hub admins). Who sees and who reviews is decided in
 ``consent.breakglass`` and ``consent.governance``.
-Calls: consent.breakglass, consent.governance, the bearer verifier.  Called by: ``create_app``.
+Calls: consent.breakglass, consent.governance, consent.decision (a proxy's Access), the bearer
+verifier.  Called by: ``create_app``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from consent import breakglass, governance
-from consent.decision import proxied_patients
+from consent.context import serving
+from consent.decision import decide, proxied_patients
 from hub.api.auth_routes import unauthorized
 from hub.auth.principal import Principal, Role
 from hub.auth.tokens import AuthError
@@ -92,8 +95,17 @@ def mount_access_routes(app: FastAPI, router: FhirRouter, bearer: Any) -> None:
         def run() -> list[dict[str, Any]]:
             principal = principal_of(request)
             with store.read() as conn:
-                proxied = proxied_patients(conn, principal) if principal.role == Role.PROXY else ()
-                return governance.list_alerts(conn, principal, proxied)
+                if principal.role != Role.PROXY:
+                    return governance.list_alerts(conn, principal)
+                alerts = governance.list_alerts(conn, principal, proxied_patients(conn, principal))
+                # An alert says what a Consent grants ("permits PSY to ..."): a proxy sees
+                # only those about Consents they could read (not a sensitive class's).
+                access = decide(conn, principal, store.registry, purpose=None, policy=router.gate.policy)
+                with serving(access):
+                    readable = governance.readable_consents(
+                        conn, access, (a["consent"].split("/", 1)[1] for a in alerts)
+                    )
+                return [a for a in alerts if a["consent"].split("/", 1)[1] in readable]
 
         try:
             return await run_in_threadpool(run)
