@@ -9,7 +9,8 @@ a programming error) instead of reading or writing unfiltered. Work that is not 
 request (CLI import, reindex, demo loading, key rotation, tests) runs inside
 ``system_access(reason)``: an explicit, named, unrestricted Access whose principal is
 ``system:<reason>`` (role hub-admin); the CLI audits each such command.
-Calls: consent.decision (Access), consent.governance (Consent writes), hub.auth.principal,
+Calls: consent.decision (Access), consent.governance (Consent writes; facility admins'
+directory writes, on the version replaced and the one written), hub.auth.principal,
 the search registry.
 Called by: the router, the store, the search engine, the operations, the CLI, bulk import,
 $export jobs.

@@ -24,8 +24,13 @@ version) with those of the version it replaces (its ``access_grant`` rows):
   drops or narrows it) only by the patient, or by a hub admin stating ``X-Access-Reason``
   (kept in the alert), or by the hub's own named system access (CLI);
 - integration services may import Consents: validated and alerted like everyone else.
+
+Also owns the rule that a facility admin creates, changes and deletes only their own
+facilities' directory entries (``check_directory_stored``/``check_directory_new``, see
+docs/access.md §1), and which Consents a reader could read in every version
+(``readable_consents``: the consent alerts a proxy is shown).
 Calls: consent.derive (grant rows, references), consent.labels, consent.decision (the care
-teams of a principal), the schema.
+teams of a principal, role ceilings), hub.store.reader (stored directory entries), the schema.
 Called by: consent.context's write hooks (the store, on every create/update/delete),
 hub.api.access_routes (``GET /access/consent-alerts``).
 """
