@@ -119,6 +119,12 @@ class Access:
     reason: str | None = None  # X-Access-Reason: why a privileged change is made (consent.governance)
     now: int = field(default_factory=lambda: int(time.time()))
     touched: list[int] = field(default_factory=list)  # pids of resources returned
+    # Directory entries this request's writes were allowed to write, by (type, id): a
+    # transaction creating a department and its roles together checks the roles against the
+    # department before it is inserted (consent.governance, facility admins).
+    directory_written: dict[tuple[str, str], dict[str, Any]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
     _clauses: dict[tuple[object, ...], sa.ColumnElement[bool] | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )

@@ -493,7 +493,7 @@ def check_directory_stored(conn: sa.Connection, access: Access, res_type: str, p
     if row.deleted:
         # Restoring a deleted entry is choosing an id whose last owner the admin cannot show.
         raise _forbidden(f"{res_type}/{row.res_id} was deleted: a hub admin restores it")
-    owner = _Ownership(conn, access.principal.organizations)
+    owner = _Ownership(conn, access.principal.organizations, access.directory_written)
     why = owner.refusal(res_type, str(row.res_id), owner.body(res_type, str(row.res_id)), stored=True)
     if why:
         raise _forbidden(f"A facility admin changes or deletes their own facilities' directory only: {why}")
@@ -501,10 +501,13 @@ def check_directory_stored(conn: sa.Connection, access: Access, res_type: str, p
 
 def check_directory_new(conn: sa.Connection, access: Access, res_type: str, body: dict[str, Any]) -> None:
     """403 unless the version a facility admin writes (create or update) is their facilities'."""
-    owner = _Ownership(conn, access.principal.organizations)
-    why = owner.refusal(res_type, str(body.get("id", "")), body, stored=False)
+    owner = _Ownership(conn, access.principal.organizations, access.directory_written)
+    res_id = str(body.get("id", ""))
+    why = owner.refusal(res_type, res_id, body, stored=False)
     if why:
         raise _forbidden(f"A facility admin writes their own facilities' directory only: {why}")
+    if res_id:
+        access.directory_written[(res_type, res_id)] = body
 
 
 def _local(reference: Any, res_type: str) -> str | None:
@@ -523,10 +526,16 @@ class _Ownership:
     """Whether directory resources belong to a facility admin's organizations (or to
     organizations part of theirs), reading the stored versions they reference."""
 
-    def __init__(self, conn: sa.Connection, organizations: Iterable[str]) -> None:
+    def __init__(
+        self,
+        conn: sa.Connection,
+        organizations: Iterable[str],
+        written: dict[tuple[str, str], dict[str, Any]] | None = None,
+    ) -> None:
         self.conn = conn
         self.organizations = frozenset(organizations)
-        self._bodies: dict[tuple[str, str], dict[str, Any] | None] = {}
+        # Versions this request already wrote (and were found theirs), maybe not inserted yet.
+        self._bodies: dict[tuple[str, str], dict[str, Any] | None] = dict(written or {})
 
     def body(self, res_type: str, res_id: str) -> dict[str, Any] | None:
         key = (res_type, res_id)

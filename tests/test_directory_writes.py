@@ -450,3 +450,53 @@ def test_a_proxy_sees_no_alert_about_a_sensitive_consent(live_server: LiveServer
     me = make_token(live_server, role="patient", fhir_user=f"Patient/{patient}")
     with live_server.client(me) as patient_client:
         assert {a["consent"] for a in patient_client.get(alerts_url).json()} == {a["consent"] for a in mine}
+
+
+def test_a_transaction_creates_a_department_with_its_staff_and_schedule(
+    live_server: LiveServer, world: World, fadmin: httpx.Client
+) -> None:
+    # Entries refer to one another before they are stored: each is checked against the
+    # versions the transaction already wrote.
+    dept, doctor, role, schedule = (f"urn:uuid:{n}{world.uid}aaaaaaaaaaaaaaaaaaaa"[:45] for n in "abcd")
+    entries = [
+        (
+            dept,
+            {
+                "resourceType": "Organization",
+                "name": "Khoa mới",
+                "partOf": {"reference": f"Organization/{world.mine}"},
+            },
+        ),
+        (doctor, {"resourceType": "Practitioner", "name": [{"family": "Mới"}]}),
+        (
+            role,
+            {
+                "resourceType": "PractitionerRole",
+                "practitioner": {"reference": doctor},
+                "organization": {"reference": dept},
+            },
+        ),
+        (schedule, {"resourceType": "Schedule", "actor": [{"reference": role}]}),
+    ]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": url, "resource": body, "request": {"method": "POST", "url": body["resourceType"]}}
+            for url, body in entries
+        ],
+    }
+    answer = fadmin.post("", json=bundle)
+    assert answer.status_code == 200, answer.text
+    # "http://host/fhir/Type/id/_history/1" -> "Type/id"
+    refs = [
+        "/".join(e["response"]["location"].split("/_history")[0].split("/")[-2:])
+        for e in answer.json()["entry"]
+    ]
+    assert [r.split("/")[0] for r in refs] == ["Organization", "Practitioner", "PractitionerRole", "Schedule"]
+    stored_role = _current(live_server, refs[2])
+    assert stored_role["organization"]["reference"] == refs[0]
+    assert _current(live_server, refs[3])["actor"] == [{"reference": refs[2]}]
+    # The same with a department under the other facility: the whole transaction is refused.
+    entries[0][1]["partOf"] = {"reference": f"Organization/{world.other}"}
+    _refused(fadmin.post("", json=bundle))
