@@ -134,7 +134,7 @@ def before_write(body: dict[str, object]) -> None:
     access = required()
     res_type = body.get("resourceType")
     if isinstance(res_type, str) and res_type != "Consent":
-        if access.principal.role.value != "facility-admin":  # the common case, without an import
+        if access.principal.role.value not in ("facility-admin", "clinician"):  # the common case
             return
         from consent import governance
 
@@ -188,9 +188,9 @@ def authorize_write(
 def _govern_directory(
     conn: sa.Connection, access: Access, res_type: str, existing_pid: int | None, new: bool
 ) -> None:
-    """consent.governance's rule for facility admins: their own facilities' directory only,
-    checked on the version changed or deleted and on the version written."""
-    if access.principal.role.value != "facility-admin":
+    """consent.governance's rule for facility admins and clinicians: their own facilities'
+    directory only, checked on the version changed or deleted and on the version written."""
+    if access.principal.role.value not in ("facility-admin", "clinician"):
         return
     from consent import governance
 
@@ -214,7 +214,7 @@ def _govern_directory(
 # These remember the first steps for the last, tagged with the Access of the request.
 _pending: ContextVar[tuple[object, dict[str, object]] | None] = ContextVar("hub_consent_body", default=None)
 _replacing: ContextVar[tuple[object, int] | None] = ContextVar("hub_consent_replaced", default=None)
-# A facility admin's directory write: its body, from before_write to its authorize_write.
+# A facility admin's or clinician's directory write: its body, from before_write to its authorize_write.
 _pending_directory: ContextVar[tuple[object, dict[str, object]] | None] = ContextVar(
     "hub_directory_body", default=None
 )

@@ -476,13 +476,15 @@ _SCHEDULE_ACTORS = ("PractitionerRole", "Location", "HealthcareService", "Practi
 
 
 def restricts_directory(access: Access, res_type: str) -> bool:
-    """Whether ``check_directory_*`` applies: a facility admin writing a directory resource
+    """Whether ``check_directory_*`` applies: a facility admin or a clinician writing a
+    directory resource. Clinicians too: a clinician who could move another facility's
+    PractitionerRole to their own organization would take over whatever names that role
     (hub admins and integration services write any facility's directory)."""
     from consent.decision import ROLE_TYPES
 
     role = access.principal.role
-    allowed = ROLE_TYPES.get(role)
-    return role == Role.FACILITY_ADMIN and allowed is not None and res_type in allowed
+    directory = ROLE_TYPES.get(Role.FACILITY_ADMIN)
+    return role in (Role.FACILITY_ADMIN, Role.CLINICIAN) and directory is not None and res_type in directory
 
 
 def check_directory_stored(conn: sa.Connection, access: Access, res_type: str, pid: int) -> None:
@@ -496,7 +498,9 @@ def check_directory_stored(conn: sa.Connection, access: Access, res_type: str, p
     owner = _Ownership(conn, access.principal.organizations, access.directory_written)
     why = owner.refusal(res_type, str(row.res_id), owner.body(res_type, str(row.res_id)), stored=True)
     if why:
-        raise _forbidden(f"A facility admin changes or deletes their own facilities' directory only: {why}")
+        raise _forbidden(
+            f"A facility admin or clinician changes or deletes their own facilities' directory only: {why}"
+        )
 
 
 def check_directory_new(conn: sa.Connection, access: Access, res_type: str, body: dict[str, Any]) -> None:
@@ -505,7 +509,7 @@ def check_directory_new(conn: sa.Connection, access: Access, res_type: str, body
     res_id = str(body.get("id", ""))
     why = owner.refusal(res_type, res_id, body, stored=False)
     if why:
-        raise _forbidden(f"A facility admin writes their own facilities' directory only: {why}")
+        raise _forbidden(f"A facility admin or clinician writes their own facilities' directory only: {why}")
     if res_id:
         access.directory_written[(res_type, res_id)] = body
 

@@ -500,3 +500,34 @@ def test_a_transaction_creates_a_department_with_its_staff_and_schedule(
     # The same with a department under the other facility: the whole transaction is refused.
     entries[0][1]["partOf"] = {"reference": f"Organization/{world.other}"}
     _refused(fadmin.post("", json=bundle))
+
+
+def test_a_clinician_cannot_move_another_facilitys_role_either(live_server: LiveServer, uid: str) -> None:
+    """A clinician (user/*.cruds) is held to the same rule: moving another facility's
+    PractitionerRole to their own organization would take over whatever names that role."""
+    with live_server.admin_client() as admin:
+        for org in (f"cl-mine-{uid}", f"cl-other-{uid}"):
+            assert admin.put(
+                f"/Organization/{org}", json={"resourceType": "Organization", "id": org, "name": org}
+            ).status_code in (200, 201)
+        role = {
+            "resourceType": "PractitionerRole",
+            "id": f"cl-role-{uid}",
+            "organization": {"reference": f"Organization/cl-other-{uid}"},
+        }
+        assert admin.put(f"/PractitionerRole/cl-role-{uid}", json=role).status_code in (200, 201)
+    token = make_token(
+        live_server, role="clinician", fhir_user=f"Practitioner/cl-{uid}", organizations=[f"cl-mine-{uid}"]
+    )
+    with live_server.client(token) as clinician:
+        moved = {**role, "organization": {"reference": f"Organization/cl-mine-{uid}"}}
+        answer = clinician.put(f"/PractitionerRole/cl-role-{uid}", json=moved)
+        assert answer.status_code == 403, answer.text
+        assert "directory only" in answer.json()["issue"][0]["diagnostics"]
+        assert clinician.delete(f"/PractitionerRole/cl-role-{uid}").status_code == 403
+    with live_server.admin_client() as admin:
+        kept = admin.get(f"/PractitionerRole/cl-role-{uid}").json()
+        assert (
+            kept["organization"]["reference"] == f"Organization/cl-other-{uid}"
+            and kept["meta"]["versionId"] == "1"
+        )
