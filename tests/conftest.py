@@ -438,9 +438,13 @@ def _demo_role(username: str) -> str:
     return next((role for name, role, *_ in DEMO_USERS if name == username), "clinician")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Debian's Chromium driven by Playwright (``playwright install`` cannot download here)."""
+    """Debian's Chromium driven by Playwright (``playwright install`` cannot download here).
+
+    Per module, not per session: while Playwright's sync API runs it holds an event loop
+    running in the main thread, and every later ``asyncio.run`` (connector workers, MLLP
+    clients, async tests) would fail with "cannot be called from a running event loop"."""
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM.exists(), f"{CHROMIUM} missing: `make browser` (apt-get install chromium)"
